@@ -1,0 +1,203 @@
+"""The ``hardneg`` command. It only parses arguments and calls the public functions a Python user calls.
+
+Every error a user can fix is a :class:`~retriever.io.HardnegError`, printed as one line
+(``hardneg: error: ...``) with exit status 2; nothing is left half-written because every output is
+written atomically and only after its inputs were read and checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from retriever.io import HardnegError
+
+
+def _data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+    group = parser.add_argument_group("data (a BEIR folder or bundled name, or explicit files)")
+    group.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or a bundled dataset "
+                                      "name such as nfcorpus-demo")
+    group.add_argument("--split", default=split, help=f"qrels split (default: {split})")
+    group.add_argument("--corpus", help="corpus file: BEIR corpus.jsonl[.gz] or MS MARCO collection.tsv")
+    group.add_argument("--queries", help="queries file: BEIR queries.jsonl or MS MARCO queries.*.tsv")
+    group.add_argument("--qrels", help="qrels file: BEIR TSV, MS MARCO TSV or TREC 'qid 0 docid rel'")
+
+
+def _encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("encoder")
+    group.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: 64)")
+    group.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's)")
+
+
+def _dataset(args):
+    from retriever.data import load_dataset
+
+    return load_dataset(args.data, args.split, corpus=args.corpus, queries=args.queries, qrels=args.qrels)
+
+
+def _retriever(spec: str, args):
+    from retriever.protocol import as_retriever
+
+    options = {"batch_size": args.batch_size, "show_progress": not args.quiet}
+    if args.max_length:
+        options["max_length"] = args.max_length
+    return as_retriever(spec, **options) if not spec.lower().startswith("bm25") else as_retriever(spec)
+
+
+def cmd_mine(args) -> None:
+    from mining.filters import make_filter
+    from mining.mine import check_settings, mine
+
+    check_settings(args.depth, args.num_negatives, args.sampling)
+    params = {"topk": {}, "topk-percpos": {"perc": args.perc}, "topk-marginpos": {"margin": args.margin},
+              "topk-abs": {"max_score": args.max_score, "min_score": args.min_score}}.get(args.filter, {})
+    if any(value is None for key, value in params.items() if key != "min_score"):
+        raise HardnegError(f"filter {args.filter} needs " + ", ".join(
+            f"--{k.replace('_', '-')}" for k, v in params.items() if v is None and k != "min_score"))
+    flt = make_filter(args.filter, **params)
+    dataset = _dataset(args)
+    result = mine(dataset, _retriever(args.retriever, args), depth=args.depth, num_negatives=args.num_negatives,
+                  filter=flt, anchor=args.anchor, sampling=args.sampling, seed=args.seed, output_dir=args.output,
+                  config=vars(args) | {"func": None})
+    counts = result.meta["counts"]
+    print(f"mined {counts['queries']} queries -> {args.output}/pools.jsonl: {counts['negatives_written']} negatives, "
+          f"{counts['removed_by_filter']} removed by {flt.name}, {counts['removed_labelled_positives']} labelled "
+          f"positives excluded, {counts['queries_short_of_negatives']} queries short of negatives")
+
+
+def cmd_train(args) -> None:
+    from retriever.data import load_corpus_of, read_pools
+    from retriever.train import TrainConfig, train
+
+    config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.train_batch_size,
+                         learning_rate=args.lr, warmup_ratio=args.warmup_ratio, temperature=args.temperature,
+                         positives_per_query=args.positives_per_query, negatives_per_query=args.negatives_per_query,
+                         max_length=args.max_length, pooling=args.pooling, query_prefix=args.query_prefix,
+                         document_prefix=args.document_prefix, seed=args.seed)
+    config.check()
+    corpus = load_corpus_of(args.data, args.corpus)
+    pools_path = os.path.join(args.pools, "pools.jsonl") if os.path.isdir(args.pools) else args.pools
+    pools = read_pools(pools_path, corpus)
+    summary = train(pools, corpus, config, args.output, show_progress=not args.quiet,
+                    provenance={"pools": pools_path})
+    print(f"trained {summary['steps']} steps in {summary['seconds']}s (loss {summary['first_loss']} -> "
+          f"{summary['final_loss']}); model saved to {args.output}")
+
+
+def cmd_evaluate(args) -> None:
+    from eval.evaluate import evaluate
+    from eval.pipeline import format_metrics
+    from eval.runs import read_run
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    dataset = _dataset(args)
+    if args.run_file:
+        record = evaluate(dataset, args.run_file, run=read_run(args.run_file), metrics=metrics, depth=args.depth,
+                          output_dir=args.output)
+    else:
+        if not args.retriever:
+            raise HardnegError("give --retriever (a model directory or name, or bm25) or --run-file")
+        record = evaluate(dataset, _retriever(args.retriever, args), metrics=metrics, depth=args.depth,
+                          output_dir=args.output)
+    print(f"{record['dataset']}/{record['split']} ({record['queries']} queries), {record['retriever']}:")
+    print(format_metrics(record["metrics"]))
+    if args.output:
+        print(f"wrote {args.output}/metrics.json and {args.output}/run.trec")
+
+
+def cmd_run(args) -> None:
+    from eval.pipeline import load_config, run_pipeline
+
+    overrides = list(args.set or [])
+    for key in ("output_dir", "seed", "model"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    config = load_config(args.config, overrides)
+    run_pipeline(config, show_progress=not args.quiet)
+    print(f"done: outputs in {config['output_dir']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hardneg", description="Mine hard negatives, train dense retrievers, "
+                                     "evaluate them on BEIR and MS MARCO.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("mine", help="mine hard-negative pools for a split")
+    _data_arguments(p, "train")
+    _encoder_arguments(p)
+    p.add_argument("--retriever", default="bm25", help="bm25, bm25:rank-bm25, or a model directory/name "
+                                                        "(default: bm25)")
+    p.add_argument("--depth", type=int, default=100, help="candidates retrieved per query (default: 100)")
+    p.add_argument("--num-negatives", type=int, default=8, help="negatives kept per query (default: 8)")
+    p.add_argument("--filter", default="topk-percpos", help="topk, topk-abs, topk-marginpos, topk-percpos "
+                                                            "(default: topk-percpos)")
+    p.add_argument("--perc", type=float, default=0.95, help="topk-percpos: keep scores <= perc of the anchor")
+    p.add_argument("--margin", type=float, help="topk-marginpos: keep scores <= anchor - margin")
+    p.add_argument("--max-score", type=float, help="topk-abs: keep scores <= this")
+    p.add_argument("--min-score", type=float, help="topk-abs: and >= this")
+    p.add_argument("--anchor", default="min", choices=("min", "mean", "max"),
+                   help="which positive score the filter compares with (default: the lowest)")
+    p.add_argument("--sampling", default="top", choices=("top", "random"), help="take the best survivors or a "
+                                                                                "seeded random sample")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--output", required=True, help="folder for pools.jsonl and pools.meta.json")
+    p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser("train", help="train a dual encoder on mined pools")
+    p.add_argument("--pools", required=True, help="pools.jsonl, or the folder holding it")
+    p.add_argument("--data", help="dataset folder or bundled name whose corpus the pools refer to")
+    p.add_argument("--corpus", help="or the corpus file itself")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="HF or sentence-transformers model name/directory")
+    p.add_argument("--output", required=True, help="folder for the trained model")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--train-batch-size", type=int, default=32, help="queries per step (default: 32)")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--positives-per-query", type=int, default=1, help="examples per query per epoch")
+    p.add_argument("--negatives-per-query", type=int, default=1, help="hard negatives per example")
+    p.add_argument("--max-length", type=int, help="token limit for queries and documents (default: the model's)")
+    p.add_argument("--pooling", choices=("mean", "cls"), help="default: the model's, else mean")
+    p.add_argument("--query-prefix", help="text put before every query, e.g. 'query: '")
+    p.add_argument("--document-prefix", help="text put before every document, e.g. 'passage: '")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a model, BM25 or a run file on a split")
+    _data_arguments(p, "test")
+    _encoder_arguments(p)
+    p.add_argument("--retriever", help="a model directory or name, or bm25 / bm25:rank-bm25")
+    p.add_argument("--run-file", help="evaluate this TREC run instead of retrieving")
+    p.add_argument("--metrics", default="nDCG@10,Recall@100,MRR@10,AUC")
+    p.add_argument("--depth", type=int, default=1000, help="documents retrieved per query (default: 1000)")
+    p.add_argument("--output", help="folder for metrics.json and run.trec")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("run", help="evaluate, mine, train and evaluate again from one config file")
+    p.add_argument("config", help="a YAML file, e.g. configs/nfcorpus-demo.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. "
+                                                                      "train.epochs=2 (repeatable)")
+    p.add_argument("--output-dir", help="override output_dir")
+    p.add_argument("--seed", type=int, help="override seed")
+    p.add_argument("--model", help="override model")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HardnegError as err:
+        print(f"hardneg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hardneg: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

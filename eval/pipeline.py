@@ -1,0 +1,153 @@
+"""``hardneg run CONFIG.yaml``: evaluate the base model, mine, train, evaluate the trained model.
+
+A config is one YAML file (see ``configs/``); ``--set section.key=value`` overrides any key. Every
+key is checked before any work starts, so a typo fails in a second, not after an hour of mining.
+The output folder gets ``config.yaml`` (the resolved config) and ``run.json`` (seed, library
+versions, input checksums, the metrics before and after).
+
+This module lives in ``eval`` because it is the one place that sees all three stages: imports run
+retriever <- mining <- eval.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from eval.evaluate import evaluate
+from eval.metrics import DEFAULT_METRICS
+from mining.filters import make_filter
+from mining.mine import POOLS_FILE, check_settings, mine
+from retriever.data import Dataset, load_dataset, read_pools
+from retriever.io import HardnegError, atomic_write, library_versions, write_json
+from retriever.protocol import as_retriever
+from retriever.train import TrainConfig, train
+
+DEFAULTS: dict = {
+    "name": "run",
+    "seed": 42,
+    "output_dir": "runs/run",
+    "model": "all-MiniLM-L6-v2",
+    "data": {"path": None, "corpus": None, "queries": None, "qrels": None},
+    "encode": {"batch_size": 64, "max_length": None},
+    "mine": {"split": "train", "retriever": "bm25", "depth": 100, "num_negatives": 8,
+             "filter": "topk-percpos", "filter_params": {"perc": 0.95}, "anchor": "min", "sampling": "top"},
+    "train": {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "seed")},
+    "evaluate": {"split": "test", "metrics": list(DEFAULT_METRICS), "depth": 1000, "before": True},
+}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Read a config, apply ``key.sub=value`` overrides, fill defaults, and reject unknown keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise HardnegError(f"config file '{path}' not found")
+    try:
+        given = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise HardnegError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(given, dict):
+        raise HardnegError(f"{path}: expected a mapping of settings at the top level")
+    for override in overrides or []:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise HardnegError(f"--set {override!r}: expected key=value, e.g. train.epochs=2")
+        target = given
+        *parents, leaf = key.strip().split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(value)
+    return _merge(DEFAULTS, given, str(path), "")
+
+
+def _merge(defaults: dict, given: dict, source: str, prefix: str) -> dict:
+    merged = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            raise HardnegError(f"{source}: unknown setting '{prefix}{key}'; known: {', '.join(defaults)}")
+        if isinstance(defaults[key], dict) and key != "filter_params":
+            if not isinstance(value, dict):
+                raise HardnegError(f"{source}: '{prefix}{key}' must be a mapping")
+            merged[key] = _merge(defaults[key], value, source, f"{prefix}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _datasets(config: dict) -> tuple[Dataset, Dataset]:
+    data = config["data"]
+    if not (data["path"] or (data["corpus"] and data["queries"])):
+        raise HardnegError("config: set data.path (a BEIR folder or bundled name) or data.corpus/queries/qrels")
+    mine_split = load_dataset(data["path"], config["mine"]["split"], corpus=data["corpus"],
+                              queries=data["queries"], qrels=data["qrels"])
+    eval_split = load_dataset(data["path"], config["evaluate"]["split"], corpus=data["corpus"],
+                              queries=data["queries"], qrels=data["qrels"])
+    eval_split.corpus = mine_split.corpus  # one corpus object, so dense embeddings are computed once
+    return mine_split, eval_split
+
+
+def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dict:
+    """Run the stages of a loaded config; returns the record written to ``run.json``."""
+    seed = int(config["seed"])
+    mining, training = config["mine"], config["train"]
+    check_settings(mining["depth"], mining["num_negatives"], mining["sampling"])
+    flt = make_filter(mining["filter"], **(mining["filter_params"] or {}))
+    train_config = TrainConfig(model=config["model"], seed=seed, **training)
+    train_config.check()
+    mine_split, eval_split = _datasets(config)
+    output = Path(config["output_dir"])
+    encode = {"batch_size": config["encode"]["batch_size"], "show_progress": show_progress}
+    if config["encode"]["max_length"]:
+        encode["max_length"] = config["encode"]["max_length"]
+    base = as_retriever(config["model"], **encode)  # loads the model now: a bad model name fails here
+    with atomic_write(output / "config.yaml") as handle:
+        yaml.safe_dump(config, handle, sort_keys=False)
+
+    evaluation = config["evaluate"]
+    results = {}
+    if evaluation["before"]:
+        echo(f"[1/4] evaluating {config['model']} before training on {eval_split.name}/{eval_split.split}")
+        results["before"] = evaluate(eval_split, base, metrics=tuple(evaluation["metrics"]),
+                                     depth=evaluation["depth"], output_dir=output / "eval-before")["metrics"]
+        echo(format_metrics(results["before"], "before"))
+    source = base if mining["retriever"] in ("model", config["model"]) else mining["retriever"]
+    echo(f"[2/4] mining {mine_split.name}/{mine_split.split} with {mining['retriever']}, filter {flt.name}")
+    mined = mine(mine_split, source, depth=mining["depth"], num_negatives=mining["num_negatives"], filter=flt,
+                 anchor=mining["anchor"], sampling=mining["sampling"], seed=seed, output_dir=output / "pools",
+                 config=config)
+    echo(f"      {mined.stats.queries} queries, {mined.stats.removed_by_filter} candidates removed by the filter, "
+         f"{len(mined.stats.queries_short)} short of negatives")
+    del base  # free the base model before training loads its own copy
+    echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)")
+    pools = read_pools(output / "pools" / POOLS_FILE, mine_split.corpus)
+    summary = train(pools, mine_split.corpus, train_config, output / "model", show_progress=show_progress,
+                    provenance={"pools": str(output / "pools" / POOLS_FILE)})
+    echo(f"      {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
+    echo(f"[4/4] evaluating the trained model on {eval_split.name}/{eval_split.split}")
+    results["after"] = evaluate(eval_split, as_retriever(str(output / "model"), **encode),
+                                metrics=tuple(evaluation["metrics"]), depth=evaluation["depth"],
+                                output_dir=output / "eval")["metrics"]
+    if "before" in results:
+        echo(format_comparison(results["before"], results["after"]))
+    else:
+        echo(format_metrics(results["after"], "after"))
+    record = {"name": config["name"], "seed": seed, "metrics": results, "training": summary,
+              "mining": mined.meta["counts"], "library_versions": library_versions(),
+              "input_checksums": {**mine_split.checksums(), **eval_split.checksums()}}
+    write_json(output / "run.json", record)
+    return record
+
+
+def format_metrics(metrics: dict[str, float], label: str = "") -> str:
+    cells = "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    return f"      {label + ': ' if label else ''}{cells}"
+
+
+def format_comparison(before: dict[str, float], after: dict[str, float]) -> str:
+    lines = [f"      {'metric':<12}{'before':>9}{'after':>9}{'change':>9}"]
+    for name in after:
+        lines.append(f"      {name:<12}{before[name]:>9.4f}{after[name]:>9.4f}{after[name] - before[name]:>+9.4f}")
+    return "\n".join(lines)

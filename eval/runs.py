@@ -1,0 +1,44 @@
+"""TREC run files: ``qid Q0 docid rank score tag``, one line per retrieved document."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from eval.metrics import ranked
+from retriever.data import Run
+from retriever.io import DataError, atomic_write
+
+
+def write_run(path: str | os.PathLike, run: Run, tag: str = "hardneg") -> None:
+    """Write a run in trec_eval's order (score descending, ties by document id descending)."""
+    tag = tag.replace(" ", "_") or "hardneg"
+    with atomic_write(path) as handle:
+        for query_id in sorted(run):
+            scores = run[query_id]
+            for rank, doc_id in enumerate(ranked(scores), start=1):
+                handle.write(f"{query_id} Q0 {doc_id} {rank} {scores[doc_id]:.6f} {tag}\n")
+
+
+def read_run(path: str | os.PathLike) -> Run:
+    """Read a TREC run; a line that is not six whitespace-separated fields with a numeric score is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "run file not found")
+    run: Run = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 6:
+                raise DataError(path, f"expected 6 fields 'qid Q0 docid rank score tag', found {len(parts)}",
+                                line=number, field="columns")
+            try:
+                score = float(parts[4])
+            except ValueError:
+                raise DataError(path, f"score {parts[4]!r} is not a number", line=number, field="score") from None
+            run.setdefault(parts[0], {})[parts[2]] = score
+    if not run:
+        raise DataError(path, "the run file is empty")
+    return run

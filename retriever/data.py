@@ -1,0 +1,454 @@
+"""The data every stage shares: corpus, queries, qrels, pools, and the readers for their files.
+
+This is the one home of these types. It lives in ``retriever`` (not ``eval``) because training reads
+corpora and pools too, and ``retriever`` imports neither ``mining`` nor ``eval``.
+
+Readers accept BEIR folders (``corpus.jsonl[.gz]``, ``queries.jsonl[.gz]``, ``qrels/<split>.tsv``,
+CRLF or LF) and MS MARCO passage files (``collection.tsv``, ``queries.*.tsv``, qrels as TSV or as TREC
+``qid 0 pid rel``). A qrels row whose query or document is unknown is skipped and counted, never kept.
+Any malformed line raises :class:`~retriever.io.DataError` naming file, line and field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from retriever.io import DataError, HardnegError, atomic_write, file_checksum
+
+Queries = dict[str, str]
+"""query id -> query text"""
+Qrels = dict[str, dict[str, int]]
+"""query id -> {document id -> graded relevance}; a grade <= 0 means judged non-relevant"""
+Run = dict[str, dict[str, float]]
+"""query id -> {document id -> score}; higher is better"""
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+
+
+@dataclass
+class Corpus:
+    """Documents in file order. ``text(i)`` is what encoders and BM25 see: title and body joined."""
+
+    ids: list[str]
+    titles: list[str]
+    bodies: list[str]
+    position: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self.position
+
+    def text(self, i: int) -> str:
+        # BEIR and sentence-transformers join title and body with a space; so do we, to match their numbers.
+        title, body = self.titles[i], self.bodies[i]
+        return f"{title} {body}".strip() if title else body
+
+    def texts(self) -> list[str]:
+        return [self.text(i) for i in range(len(self.ids))]
+
+    def text_of(self, doc_id: str) -> str:
+        return self.text(self.position[doc_id])
+
+
+@dataclass
+class Dataset:
+    """One split of a retrieval dataset, with qrels already checked against corpus and queries.
+
+    ``queries`` holds only the queries that have at least one judged document in ``qrels``.
+    ``skipped_qrels`` counts qrels rows dropped because their query or document id is unknown.
+    ``files`` are the input files, checksummed into every output's provenance record.
+    """
+
+    name: str
+    split: str
+    corpus: Corpus
+    queries: Queries
+    qrels: Qrels
+    files: list[Path]
+    skipped_qrels: int = 0
+
+    def checksums(self) -> dict[str, str]:
+        return {str(path): file_checksum(path) for path in self.files}
+
+    def relevant(self, query_id: str) -> dict[str, int]:
+        """The documents judged relevant (grade > 0) for a query."""
+        return {doc_id: grade for doc_id, grade in self.qrels.get(query_id, {}).items() if grade > 0}
+
+
+# ---------------------------------------------------------------------------------------------- lines
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    # Binary, so that each line is decoded on its own: a text stream decodes ahead in blocks, and an
+    # invalid byte on line 3 of a small file would be reported on line 1.
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end-of-line), decoding strictly so bad bytes are located.
+
+    Lines end at "\\n"; a trailing "\\r" is stripped, since BEIR ships qrels with CRLF.
+    """
+    if not path.is_file():
+        raise DataError(path, "file not found", hint="check the path")
+    number = 0
+    try:
+        with _open_binary(path) as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(path, f"not valid UTF-8 ({err.reason} at byte {err.start + 1} of the line)",
+                                    line=number, hint="re-encode the file as UTF-8") from None
+                yield number, line.rstrip("\r\n")
+    except (OSError, EOFError) as err:  # a truncated .gz, for example
+        raise DataError(path, f"cannot be read: {err}", line=number + 1) from None
+
+
+def _json_records(path: Path) -> Iterator[tuple[int, dict]]:
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(path, f"malformed JSON ({err.msg} at column {err.colno})", line=number,
+                            hint="each line must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise DataError(path, "expected a JSON object", line=number)
+        yield number, record
+
+
+def _string_field(path: Path, number: int, record: dict, name: str, *, required: bool = True) -> str:
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise DataError(path, "missing", line=number, field=name)
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "_id":
+        return str(value)
+    if not isinstance(value, str):
+        raise DataError(path, f"expected a string, got {type(value).__name__}", line=number, field=name)
+    return value
+
+
+def _check_unique(seen: set[str], doc_id: str, path: Path, number: int) -> None:
+    if doc_id in seen:
+        raise DataError(path, f"duplicate id {doc_id!r}", line=number, field="_id",
+                        hint="ids must be unique within a file")
+    seen.add(doc_id)
+
+
+# --------------------------------------------------------------------------------------------- corpus
+
+
+def load_corpus(path: str | os.PathLike) -> Corpus:
+    """Read a BEIR ``corpus.jsonl[.gz]`` or an MS MARCO ``collection.tsv[.gz]`` (``pid<TAB>text``)."""
+    path = Path(path)
+    ids: list[str] = []
+    titles: list[str] = []
+    bodies: list[str] = []
+    seen: set[str] = set()
+    if _is_tsv(path):
+        for number, line in _lines(path):
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) < 2:
+                raise DataError(path, "expected 'pid<TAB>text'", line=number, field="text")
+            doc_id, body = parts[0].strip(), "\t".join(parts[1:]).strip()
+            _check_unique(seen, doc_id, path, number)
+            if not body:
+                raise DataError(path, f"empty text for document {doc_id!r}", line=number, field="text")
+            ids.append(doc_id)
+            titles.append("")
+            bodies.append(body)
+    else:
+        for number, record in _json_records(path):
+            doc_id = _string_field(path, number, record, "_id").strip()
+            if not doc_id:
+                raise DataError(path, "empty id", line=number, field="_id")
+            body = _string_field(path, number, record, "text")
+            title = _string_field(path, number, record, "title", required=False)
+            _check_unique(seen, doc_id, path, number)
+            if not body.strip() and not title.strip():
+                raise DataError(path, f"document {doc_id!r} has neither title nor text", line=number,
+                                field="text", hint="remove the document or give it text")
+            ids.append(doc_id)
+            titles.append(title.strip())
+            bodies.append(body.strip())
+    if not ids:
+        raise DataError(path, "the corpus is empty", hint="expected at least one document")
+    return Corpus(ids=ids, titles=titles, bodies=bodies)
+
+
+# -------------------------------------------------------------------------------------------- queries
+
+
+def load_queries(path: str | os.PathLike) -> Queries:
+    """Read a BEIR ``queries.jsonl[.gz]`` or an MS MARCO ``queries.*.tsv`` (``qid<TAB>text``)."""
+    path = Path(path)
+    queries: Queries = {}
+    if _is_tsv(path):
+        for number, line in _lines(path):
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) < 2 or not parts[1].strip():
+                raise DataError(path, "expected 'qid<TAB>text' with non-empty text", line=number, field="text")
+            query_id = parts[0].strip()
+            if query_id in queries:
+                raise DataError(path, f"duplicate id {query_id!r}", line=number, field="qid")
+            queries[query_id] = "\t".join(parts[1:]).strip()
+    else:
+        for number, record in _json_records(path):
+            query_id = _string_field(path, number, record, "_id").strip()
+            text = _string_field(path, number, record, "text").strip()
+            if query_id in queries:
+                raise DataError(path, f"duplicate id {query_id!r}", line=number, field="_id")
+            if not text:
+                raise DataError(path, f"empty text for query {query_id!r}", line=number, field="text")
+            queries[query_id] = text
+    if not queries:
+        raise DataError(path, "no queries found")
+    return queries
+
+
+# ---------------------------------------------------------------------------------------------- qrels
+
+
+def load_qrels(path: str | os.PathLike) -> Qrels:
+    """Read qrels in any of the three layouts users have.
+
+    * BEIR ``query-id<TAB>corpus-id<TAB>score`` with a header line;
+    * MS MARCO ``qid<TAB>0<TAB>pid<TAB>rel``;
+    * TREC ``qid 0 docid rel`` separated by spaces (anserini's qrels files).
+    The layout is decided by the number of columns of the first data line and then enforced.
+    """
+    path = Path(path)
+    qrels: Qrels = {}
+    columns = None
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if number == 1 and len(parts) >= 3 and not _is_int(parts[-1]):
+            continue  # header, e.g. "query-id corpus-id score"
+        if columns is None:
+            columns = len(parts)
+            if columns not in (3, 4):
+                raise DataError(path, f"expected 3 columns (qid docid grade) or 4 (qid 0 docid grade), "
+                                f"found {columns}", line=number, field="columns")
+        if len(parts) != columns:
+            raise DataError(path, f"expected {columns} columns like the first line, found {len(parts)}",
+                            line=number, field="columns")
+        query_id, doc_id, grade = (parts[0], parts[1], parts[2]) if columns == 3 else (parts[0], parts[2], parts[3])
+        if not _is_int(grade):
+            raise DataError(path, f"relevance grade {grade!r} is not an integer", line=number, field="score")
+        qrels.setdefault(query_id.strip(), {})[doc_id.strip()] = int(grade)
+    if not qrels:
+        raise DataError(path, "no qrels rows found")
+    return qrels
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_tsv(path: Path) -> bool:
+    return path.name.removesuffix(".gz").endswith((".tsv", ".txt"))
+
+
+# ----------------------------------------------------------------------------------------- datasets
+
+
+def resolve_qrels(qrels: Qrels, corpus: Corpus, queries: Queries) -> tuple[Qrels, int]:
+    """Drop qrels rows whose query or document is unknown; return the kept rows and how many were dropped."""
+    kept: Qrels = {}
+    skipped = 0
+    for query_id, judged in qrels.items():
+        if query_id not in queries:
+            skipped += len(judged)
+            continue
+        known = {doc_id: grade for doc_id, grade in judged.items() if doc_id in corpus}
+        skipped += len(judged) - len(known)
+        if known:
+            kept[query_id] = known
+    return kept, skipped
+
+
+def build_dataset(name: str, split: str, corpus_path: Path, queries_path: Path, qrels_path: Path) -> Dataset:
+    """Read the three files of a split and check them against each other."""
+    corpus = load_corpus(corpus_path)
+    all_queries = load_queries(queries_path)
+    qrels, skipped = resolve_qrels(load_qrels(qrels_path), corpus, all_queries)
+    if not qrels:
+        raise DataError(qrels_path, "no qrels row refers to a known query and document",
+                        hint=f"are {queries_path.name} and {corpus_path.name} from the same dataset?")
+    queries = {query_id: all_queries[query_id] for query_id in qrels}
+    return Dataset(name=name, split=split, corpus=corpus, queries=queries, qrels=qrels,
+                   files=[corpus_path, queries_path, qrels_path], skipped_qrels=skipped)
+
+
+def bundled_datasets() -> list[str]:
+    """Names of the datasets shipped inside the package (usable offline)."""
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "qrels").is_dir()) if BUNDLED_DIR.is_dir() else []
+
+
+def load_beir(folder: str | os.PathLike, split: str) -> Dataset:
+    """Load one split of a BEIR-format folder, or of a bundled dataset given by name (``nfcorpus-demo``)."""
+    folder = Path(folder)
+    if not folder.exists() and str(folder) in bundled_datasets():
+        folder = BUNDLED_DIR / str(folder)
+    if not folder.is_dir():
+        known = ", ".join(bundled_datasets()) or "none"
+        raise DataError(folder, "dataset folder not found",
+                        hint=f"give a BEIR folder with corpus.jsonl, queries.jsonl and qrels/; bundled: {known}")
+    corpus_path = _first_existing(folder, ["corpus.jsonl", "corpus.jsonl.gz"])
+    queries_path = _first_existing(folder, ["queries.jsonl", "queries.jsonl.gz"])
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        splits = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
+        raise DataError(qrels_path, f"no qrels for split {split!r}", hint=f"available splits: {splits}")
+    return build_dataset(folder.name, split, corpus_path, queries_path, qrels_path)
+
+
+def _first_existing(folder: Path, names: list[str]) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(folder / names[0], "file not found", hint=f"expected one of {names} in {folder}")
+
+
+def load_msmarco(collection: str | os.PathLike, queries: str | os.PathLike, qrels: str | os.PathLike,
+                 split: str = "dev") -> Dataset:
+    """Load MS MARCO passage files (collection.tsv, queries.*.tsv, qrels TSV or TREC)."""
+    return build_dataset("msmarco", split, Path(collection), Path(queries), Path(qrels))
+
+
+# ---------------------------------------------------------------------------------------------- pools
+
+
+@dataclass
+class Candidate:
+    """A scored document in a pool. ``rank`` and ``source`` are set for negatives (1-based rank)."""
+
+    doc_id: str
+    score: float | None
+    rank: int | None = None
+    source: str | None = None
+
+    def to_json(self) -> dict:
+        record = {"doc_id": self.doc_id, "score": self.score}
+        if self.rank is not None:
+            record["rank"] = self.rank
+        if self.source is not None:
+            record["source"] = self.source
+        return record
+
+
+@dataclass
+class Pool:
+    """The mined training example of one query: its positives and the negatives kept for it."""
+
+    query_id: str
+    query: str
+    positives: list[Candidate]
+    negatives: list[Candidate]
+
+    def to_json(self) -> dict:
+        return {"query_id": self.query_id, "query": self.query,
+                "positives": [p.to_json() for p in self.positives],
+                "negatives": [n.to_json() for n in self.negatives]}
+
+
+def write_pools(path: str | os.PathLike, pools: Iterable[Pool]) -> int:
+    """Atomically write pools as JSON lines; returns how many were written."""
+    count = 0
+    with atomic_write(path) as handle:
+        for pool in pools:
+            handle.write(json.dumps(pool.to_json(), ensure_ascii=False, separators=(", ", ": ")) + "\n")
+            count += 1
+    return count
+
+
+def read_pools(path: str | os.PathLike, corpus: Corpus | None = None) -> list[Pool]:
+    """Read ``pools.jsonl``; with ``corpus``, also check that every document id is in it."""
+    path = Path(path)
+    pools = []
+    for number, record in _json_records(path):
+        query_id = _string_field(path, number, record, "query_id")
+        query = _string_field(path, number, record, "query")
+        lists = {}
+        for key in ("positives", "negatives"):
+            items = record.get(key)
+            if not isinstance(items, list):
+                raise DataError(path, "missing or not a list", line=number, field=key)
+            parsed = []
+            for item in items:
+                if not isinstance(item, dict) or not isinstance(item.get("doc_id"), str):
+                    raise DataError(path, "each entry needs a string 'doc_id'", line=number, field=key)
+                if corpus is not None and item["doc_id"] not in corpus:
+                    raise DataError(path, f"document {item['doc_id']!r} is not in the corpus", line=number,
+                                    field=key, hint="were the pools mined on this corpus?")
+                score = item.get("score")
+                if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+                    raise DataError(path, f"score {score!r} is not a number", line=number, field=key)
+                parsed.append(Candidate(item["doc_id"], None if score is None else float(score), item.get("rank"),
+                                        item.get("source")))
+            lists[key] = parsed
+        if not lists["positives"]:
+            raise DataError(path, f"query {query_id!r} has no positive", line=number, field="positives")
+        pools.append(Pool(query_id, query, lists["positives"], lists["negatives"]))
+    if not pools:
+        raise DataError(path, "no pools found", hint="did mining finish?")
+    return pools
+
+
+def load_dataset(data: str | os.PathLike | None = None, split: str = "test", *,
+                 corpus: str | os.PathLike | None = None, queries: str | os.PathLike | None = None,
+                 qrels: str | os.PathLike | None = None) -> Dataset:
+    """One entry point for the CLI and configs: a BEIR folder or bundled name, or three explicit files.
+
+    With ``data`` set, any of ``corpus``/``queries``/``qrels`` given replaces that file of the folder
+    (e.g. MS MARCO qrels in TREC form beside a BEIR-style corpus).
+    """
+    if data is None and not (corpus and queries and qrels):
+        raise HardnegError("give a dataset folder (--data) or all of --corpus, --queries and --qrels")
+    if data is None:
+        return build_dataset(Path(corpus).parent.name, split, Path(corpus), Path(queries), Path(qrels))
+    base = load_beir(data, split) if not (corpus or queries or qrels) else None
+    if base is not None:
+        return base
+    folder = Path(data) if Path(data).exists() else BUNDLED_DIR / str(data)
+    return build_dataset(folder.name, split,
+                         Path(corpus) if corpus else _first_existing(folder, ["corpus.jsonl", "corpus.jsonl.gz"]),
+                         Path(queries) if queries else _first_existing(folder, ["queries.jsonl", "queries.jsonl.gz"]),
+                         Path(qrels) if qrels else folder / "qrels" / f"{split}.tsv")
+
+
+def load_corpus_of(data: str | os.PathLike | None = None, corpus: str | os.PathLike | None = None) -> Corpus:
+    """The corpus of a dataset folder (or bundled name), or of an explicit corpus file."""
+    if corpus is not None:
+        return load_corpus(corpus)
+    if data is None:
+        raise HardnegError("give a dataset folder (--data) or a corpus file (--corpus)")
+    folder = Path(data) if Path(data).exists() else BUNDLED_DIR / str(data)
+    if not folder.is_dir():
+        raise DataError(data, "dataset folder not found", hint=f"bundled datasets: {bundled_datasets()}")
+    return load_corpus(_first_existing(folder, ["corpus.jsonl", "corpus.jsonl.gz"]))

@@ -1,0 +1,82 @@
+"""How hardneg writes outputs and reports bad input.
+
+Every output goes through :func:`atomic_write`, so a crash leaves the previous file or none, never
+half a file. Every input problem is raised as a :class:`DataError` that names the file, the line and
+the field, because "KeyError: '_id'" three stages later is what users of the peers get today.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+
+class HardnegError(Exception):
+    """An error the user can fix; the CLI prints it as one line and exits with status 2."""
+
+
+class DataError(HardnegError):
+    """Bad input, located precisely: ``file:line: field 'x': problem (what to do)``."""
+
+    def __init__(self, path: str | os.PathLike, message: str, *, line: int | None = None,
+                 field: str | None = None, hint: str | None = None) -> None:
+        self.path, self.line, self.field = str(path), line, field
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = f"field '{field}': {message}" if field else message
+        super().__init__(f"{where}: {what}" + (f" ({hint})" if hint else ""))
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Write to a temporary file beside ``path`` and rename it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented, key-sorted JSON (stable bytes for the same content)."""
+    with atomic_write(path) as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True, ensure_ascii=False)
+        handle.write("\n")
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, recorded next to outputs so a run can be tied to its inputs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+_TRACKED_LIBRARIES = ("hardneg", "torch", "transformers", "sentence-transformers", "faiss-cpu",
+                      "faiss-gpu", "bm25s", "rank-bm25", "numpy", "pytrec-eval-terrier")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide hardneg's numbers, for the provenance record."""
+    versions = {}
+    for name in _TRACKED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

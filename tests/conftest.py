@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny random-weight BERT with a WordPiece tokenizer trained on the demo corpus.
+
+Everything is built here, offline, in about a second; no test touches the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from retriever.data import Dataset, load_beir  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def build_tiny_bert(folder: Path, texts: list[str], seed: int = 0) -> Path:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials))
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    fast = BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_train() -> Dataset:
+    return load_beir("nfcorpus-demo", "train")
+
+
+@pytest.fixture(scope="session")
+def demo_test() -> Dataset:
+    return load_beir("nfcorpus-demo", "test")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, demo_train) -> Path:
+    """A HF model folder (no sentence-transformers files): random BERT, hidden size 32, 2 layers."""
+    texts = demo_train.corpus.texts()[:1000] + list(demo_train.queries.values())
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts)
+
+
+@pytest.fixture(scope="session")
+def nfcorpus_folder() -> Path:
+    folder = SHARED_DATA / "beir" / "nfcorpus"
+    if not folder.is_dir():
+        pytest.skip("../shared/data is not beside the checkout")
+    return folder

@@ -1,0 +1,140 @@
+"""The CLI end to end on the bundled demo data, and its answers to bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytrec_eval
+
+from eval.cli import main
+from eval.runs import read_run
+from retriever.data import BUNDLED_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = BUNDLED_DIR / "nfcorpus-demo"
+
+
+def test_mine_train_evaluate_through_the_console_script(tiny_model, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    hardneg = [sys.executable, "-m", "eval.cli", "--quiet"]
+
+    def run(*args):
+        done = subprocess.run(hardneg + list(args), capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    out = run("mine", "--data", "nfcorpus-demo", "--retriever", "bm25", "--depth", "50", "--num-negatives", "4",
+              "--output", str(tmp_path / "pools"))
+    assert "mined 400 queries" in out
+    meta = json.loads((tmp_path / "pools" / "pools.meta.json").read_text())
+    assert meta["counts"]["queries"] == 400 and meta["settings"]["filter"]["perc"] == 0.95
+    run("train", "--pools", str(tmp_path / "pools"), "--data", "nfcorpus-demo", "--model", str(tiny_model),
+        "--output", str(tmp_path / "model"), "--train-batch-size", "32", "--max-length", "48")
+    assert (tmp_path / "model" / "modules.json").is_file()
+    out = run("evaluate", "--data", "nfcorpus-demo", "--split", "test", "--retriever", str(tmp_path / "model"),
+              "--output", str(tmp_path / "eval"), "--max-length", "48")
+    assert "nDCG@10" in out
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert record["split"] == "test" and record["queries"] == 80
+    # The numbers must be trec_eval's: recompute nDCG@10 and Recall@100 from run.trec with pytrec_eval.
+    qrels = {}
+    for line in (DEMO / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        query_id, doc_id, grade = line.split("\t")
+        qrels.setdefault(query_id, {})[doc_id] = int(grade)
+    run_file = read_run(tmp_path / "eval" / "run.trec")
+    assert set(run_file) == set(qrels)
+    measured = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run_file)
+    for ours, theirs in (("nDCG@10", "ndcg_cut_10"), ("Recall@100", "recall_100")):
+        expected = sum(m[theirs] for m in measured.values()) / len(measured)
+        assert record["metrics"][ours] == pytest.approx(expected, abs=1e-6)
+
+
+def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
+    code = main(["--quiet", "run", str(REPO / "configs" / "nfcorpus-demo.yaml"), "--model", str(tiny_model),
+                 "--output-dir", str(tmp_path / "out"), "--set", "train.batch_size=32",
+                 "--set", "encode.max_length=32", "--set", "train.max_length=32",
+                 "--set", "train.positives_per_query=1", "--set", "evaluate.depth=100"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "before" in printed and "after" in printed
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert set(record["metrics"]) == {"before", "after"}
+    assert record["metrics"]["before"] != record["metrics"]["after"]
+    config = (tmp_path / "out" / "config.yaml").read_text()
+    assert "max_length: 32" in config and str(tiny_model) in config
+    for produced in ("pools/pools.jsonl", "model/train_log.jsonl", "eval/metrics.json", "eval-before/run.trec"):
+        assert (tmp_path / "out" / produced).is_file(), produced
+
+
+def _copy_demo(tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    shutil.copytree(DEMO, folder)
+    with gzip.open(folder / "corpus.jsonl.gz", "rt", encoding="utf-8") as handle:
+        (folder / "corpus.jsonl").write_text(handle.read(), encoding="utf-8")
+    (folder / "corpus.jsonl.gz").unlink()
+    return folder
+
+
+def _break_json(folder: Path) -> str:
+    lines = (folder / "corpus.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = lines[2][:40] + "\n"
+    (folder / "corpus.jsonl").write_text("".join(lines))
+    return "corpus.jsonl:3"
+
+
+def _drop_qrels_column(folder: Path) -> str:
+    lines = (folder / "qrels" / "train.tsv").read_text().splitlines(keepends=True)
+    lines[5] = "\t".join(lines[5].split("\t")[:2]) + "\n"
+    (folder / "qrels" / "train.tsv").write_text("".join(lines))
+    return "train.tsv:6"
+
+
+def _empty_corpus(folder: Path) -> str:
+    (folder / "corpus.jsonl").write_text("")
+    return "corpus is empty"
+
+
+@pytest.mark.parametrize("breaker", [_break_json, _drop_qrels_column, _empty_corpus])
+def test_bad_data_is_one_line_error_and_no_output(breaker, tmp_path, capsys):
+    folder = _copy_demo(tmp_path)
+    expected = breaker(folder)
+    code = main(["--quiet", "mine", "--data", str(folder), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("hardneg: error:") and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["evaluate", "--data", "nfcorpus-demo", "--retriever", "./no/such/model"], "does not exist"),
+    (["train", "--pools", "{pools}", "--data", "nfcorpus-demo", "--model", "/no/such/model"], "does not exist"),
+    (["mine", "--data", "nfcorpus-demo", "--depth", "3", "--num-negatives", "8"], "depth"),
+    (["mine", "--data", "nfcorpus-demo", "--perc", "1.5"], "perc"),
+    (["evaluate", "--data", "nfcorpus-demo", "--split", "nope", "--retriever", "bm25"], "available splits"),
+])
+def test_bad_settings_are_one_line_errors(argv, expected, tmp_path, capsys):
+    with gzip.open(DEMO / "corpus.jsonl.gz", "rt", encoding="utf-8") as handle:
+        doc_id = json.loads(handle.readline())["_id"]
+    pools = tmp_path / "pools.jsonl"
+    pools.write_text(json.dumps({"query_id": "q", "query": "x", "positives": [{"doc_id": doc_id, "score": 1}],
+                                 "negatives": []}) + "\n")
+    argv = [a.replace("{pools}", str(pools)) for a in argv] + ["--output", str(tmp_path / "out")]
+    code = main(["--quiet", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_config_key_is_refused(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {path: nfcorpus-demo}\ntrain: {epochs: 1, batchsize: 8}\n")
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "unknown setting 'train.batchsize'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

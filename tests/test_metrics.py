@@ -1,0 +1,231 @@
+"""Metrics equal pytrec_eval's (ties included), AUC equals its definition, TREC run files round-trip."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import pytrec_eval
+
+from eval.metrics import auc, mean_metrics, parse_metric, per_query, ranked
+from eval.runs import read_run, write_run
+from retriever.io import DataError
+
+CUTS = (5, 10, 20)
+
+
+def random_case(seed: int, n_queries: int = 50, n_docs: int = 30, pool: int = 60):
+    """Graded qrels (0..3, judged non-relevant included) and a run whose scores tie often.
+
+    Document ids have different lengths ("d7", "d42") so that string order differs from numeric order.
+    """
+    rng = np.random.default_rng(seed)
+    doc_ids = [f"d{j}" for j in range(pool)]
+    qrels: dict[str, dict[str, int]] = {}
+    run: dict[str, dict[str, float]] = {}
+    for i in range(n_queries):
+        query_id = f"q{i}"
+        judged = rng.choice(pool, size=int(rng.integers(1, 20)), replace=False)
+        grades = rng.choice([0, 1, 2, 3], size=judged.size, p=[0.4, 0.3, 0.2, 0.1])
+        if i % 10 == 0:
+            grades[:] = 0  # judged, but nothing relevant: not evaluated
+        qrels[query_id] = {doc_ids[j]: int(g) for j, g in zip(judged, grades)}
+        retrieved = rng.choice(pool, size=n_docs, replace=False)
+        levels = int(rng.integers(2, 8))
+        run[query_id] = {doc_ids[j]: float(rng.integers(0, levels)) / 4 - 0.5 for j in retrieved}
+    return qrels, run
+
+
+def pytrec(qrels, run, measures):
+    return pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+
+
+def truncated(run, k):
+    return {query_id: {doc_id: scores[doc_id] for doc_id in ranked(scores)[:k]} for query_id, scores in run.items()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ndcg_recall_mrr_equal_pytrec_eval(seed):
+    qrels, run = random_case(seed)
+    assert set(qrels) <= set(run)
+    names = [f"nDCG@{k}" for k in CUTS] + [f"Recall@{k}" for k in CUTS] + [f"MRR@{k}" for k in CUTS]
+    ours = per_query(run, qrels, names)
+    evaluated = {q for q, judged in qrels.items() if any(g >= 1 for g in judged.values())}
+    assert all(set(values) == evaluated for values in ours.values())
+    assert 30 < len(evaluated) < 50
+
+    cuts = ",".join(map(str, CUTS))
+    reference = pytrec(qrels, run, {f"ndcg_cut.{cuts}", f"recall.{cuts}"})
+    for query_id in evaluated:
+        for k in CUTS:
+            assert ours[f"nDCG@{k}"][query_id] == pytest.approx(reference[query_id][f"ndcg_cut_{k}"], abs=1e-9)
+            assert ours[f"Recall@{k}"][query_id] == pytest.approx(reference[query_id][f"recall_{k}"], abs=1e-9)
+    for k in CUTS:
+        reference = pytrec(qrels, truncated(run, k), {"recip_rank"})
+        for query_id in evaluated:
+            assert ours[f"MRR@{k}"][query_id] == pytest.approx(reference[query_id]["recip_rank"], abs=1e-9)
+
+    # The means over evaluated queries equal the means of pytrec_eval's values over the same queries.
+    means = mean_metrics(run, qrels, ["nDCG@10"])
+    reference = pytrec(qrels, run, {"ndcg_cut.10"})
+    assert means["nDCG@10"] == pytest.approx(np.mean([reference[q]["ndcg_cut_10"] for q in evaluated]), abs=1e-9)
+
+
+def test_tie_order_is_trec_evals():
+    scores = {f"d{j}": 1.0 for j in (0, 1, 2, 3, 9, 10, 11)} | {"top": 2.0, "low": -1.0}
+    # score descending, then document id descending as strings ("d9" > "d11" > "d10" > "d3")
+    assert ranked(scores) == ["top", "d9", "d3", "d2", "d11", "d10", "d1", "d0", "low"]
+
+    # Only the tie-break decides: every candidate for the top 5 shares one score.
+    run = {"q": {f"d{j}": 0.5 for j in range(8)}}
+    qrels = {"q": {"d1": 3, "d2": 1, "d6": 2, "d0": 0}}
+    reference = pytrec(qrels, run, {"ndcg_cut.5", "recall.5", "recip_rank"})["q"]
+    ours = per_query(run, qrels, ["nDCG@5", "Recall@5", "MRR@5"])
+    assert ranked(run["q"])[:5] == ["d7", "d6", "d5", "d4", "d3"]
+    assert ours["nDCG@5"]["q"] == pytest.approx(reference["ndcg_cut_5"], abs=1e-9)
+    assert ours["Recall@5"]["q"] == pytest.approx(reference["recall_5"], abs=1e-9) == pytest.approx(1 / 3)
+    assert ours["MRR@5"]["q"] == pytest.approx(reference["recip_rank"], abs=1e-9) == pytest.approx(1 / 2)
+    ideal = 3 + 2 / math.log2(3) + 1 / math.log2(4)
+    assert ours["nDCG@5"]["q"] == pytest.approx((2 / math.log2(3)) / ideal)
+    # Ascending id order would have put d1 (grade 3) and d2 first: a different number.
+    ascending = (0 + 3 / math.log2(3) + 1 / math.log2(4)) / ideal
+    assert abs(ours["nDCG@5"]["q"] - ascending) > 0.1
+
+
+def test_query_missing_from_run_scores_zero_and_counts():
+    qrels = {"q1": {"a": 1, "b": 0}, "q2": {"c": 2}, "q3": {"d": 0}}  # q3: nothing relevant, not evaluated
+    run = {"q1": {"a": 2.0, "b": 1.0, "x": 0.5}}
+    values = per_query(run, qrels, ["nDCG@10", "Recall@10", "MRR@10", "AUC"])
+    assert values["nDCG@10"] == {"q1": 1.0, "q2": 0.0}
+    assert values["Recall@10"] == {"q1": 1.0, "q2": 0.0}
+    assert values["MRR@10"] == {"q1": 1.0, "q2": 0.0}
+    assert values["AUC"] == {"q1": 1.0}  # q2 retrieved no negative: AUC undefined, left out
+    means = mean_metrics(run, qrels, ["nDCG@10", "Recall@10", "MRR@10", "AUC"])
+    assert means == {"nDCG@10": 0.5, "Recall@10": 0.5, "MRR@10": 0.5, "AUC": 1.0}
+    assert mean_metrics({}, qrels, ["nDCG@10", "AUC"]) == {"nDCG@10": 0.0, "AUC": 0.0}
+
+
+# ------------------------------------------------------------------------------------------------- AUC
+
+
+def brute_force_auc(scores, judged):
+    relevant = [d for d, g in judged.items() if g >= 1]
+    negatives = [d for d in scores if judged.get(d, 0) < 1]
+    if not relevant or not negatives:
+        return None
+    wins = 0.0
+    for pos in relevant:
+        for neg in negatives:
+            if pos not in scores:
+                continue  # unretrieved relevant: loses to every retrieved negative
+            if scores[pos] > scores[neg]:
+                wins += 1
+            elif scores[pos] == scores[neg]:
+                wins += 0.5
+    return wins / (len(relevant) * len(negatives))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auc_equals_brute_force(seed):
+    qrels, run = random_case(100 + seed)
+    defined = 0
+    for query_id, judged in qrels.items():
+        expected = brute_force_auc(run[query_id], judged)
+        value = auc(run[query_id], judged)
+        if expected is None:
+            assert value is None
+        else:
+            defined += 1
+            assert value == pytest.approx(expected, abs=1e-12)
+    assert defined > 30
+    ours = per_query(run, qrels, ["AUC"])["AUC"]
+    assert ours == {q: pytest.approx(brute_force_auc(run[q], j), abs=1e-12)
+                    for q, j in qrels.items() if brute_force_auc(run[q], j) is not None}
+
+
+def test_auc_edge_cases():
+    judged = {"a": 1, "b": 2, "n": 0}
+    assert auc({"a": 3.0, "b": 2.0}, judged) is None  # only relevant documents retrieved
+    assert auc({"a": 3.0, "x": 1.0}, {"n": 0}) is None  # nothing relevant
+    assert auc({}, judged) is None
+    assert auc({"a": 3.0, "b": 2.0, "n": 1.0, "x": 0.0}, judged) == 1.0  # perfect ranking
+    assert auc({"a": 0.0, "b": -1.0, "n": 1.0, "x": 2.0}, judged) == 0.0
+    assert auc({"a": 1.0, "b": 1.0, "n": 1.0}, judged) == 0.5  # all tied
+    assert auc({"a": 3.0, "n": 1.0, "x": 0.0}, judged) == 0.5  # b unretrieved loses to both negatives
+
+
+# ----------------------------------------------------------------------------------------- parse_metric
+
+
+def test_parse_metric():
+    assert parse_metric("nDCG@10") == ("ndcg", 10)
+    assert parse_metric("recall@100") == ("recall", 100)
+    assert parse_metric("MRR@1") == ("mrr", 1)
+    assert parse_metric("AUC") == ("auc", None)
+
+
+@pytest.mark.parametrize("name", ["MAP@10", "precision@5", "", "ndcg10", "nDCG@", "nDCG", "Recall@0", "MRR@-1",
+                                  "MRR@ten", "nDCG@1.5", "AUC@10"])
+def test_parse_metric_rejects(name):
+    with pytest.raises(ValueError):
+        parse_metric(name)
+    with pytest.raises(ValueError):
+        per_query({}, {"q": {"d": 1}}, [name])
+
+
+# ---------------------------------------------------------------------------------------- TREC run files
+
+
+def test_run_round_trip(tmp_path):
+    _, run = random_case(7, n_queries=12, n_docs=25)
+    run["q3"] = {doc_id: round(score * 1.2345678 + 0.3333333, 6) for doc_id, score in run["q3"].items()}
+    path = tmp_path / "runs" / "test.trec"
+    write_run(path, run, tag="my system")
+    back = read_run(path)
+    assert back.keys() == run.keys()
+    for query_id, scores in run.items():
+        assert back[query_id].keys() == scores.keys()
+        for doc_id, score in scores.items():
+            assert back[query_id][doc_id] == pytest.approx(score, abs=5e-7)
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == sum(len(scores) for scores in run.values())
+    by_query: dict[str, list[list[str]]] = {}
+    for line in lines:
+        fields = line.split()
+        assert len(fields) == 6 and fields[1] == "Q0" and fields[5] == "my_system"
+        assert len(fields[4].split(".")[1]) == 6
+        by_query.setdefault(fields[0], []).append(fields)
+    assert list(by_query) == sorted(run)
+    for query_id, rows in by_query.items():
+        assert [int(row[3]) for row in rows] == list(range(1, len(rows) + 1))
+        assert [row[2] for row in rows] == ranked(run[query_id])
+    # Re-ranking what was read back gives the same order, so metrics on the file equal metrics on the run.
+    assert all(ranked(back[q]) == ranked(run[q]) for q in run)
+
+
+def test_read_run_five_fields(tmp_path):
+    path = tmp_path / "bad.trec"
+    path.write_text("q1 Q0 d1 1 2.5 tag\nq1 Q0 d2 2 1.5\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_run(path)
+    assert info.value.line == 2 and info.value.field == "columns"
+    assert "bad.trec:2:" in str(info.value) and "field 'columns'" in str(info.value) and "found 5" in str(info.value)
+
+
+def test_read_run_non_numeric_score(tmp_path):
+    path = tmp_path / "bad.trec"
+    path.write_text("q1 Q0 d1 1 2.5 tag\n\nq1 Q0 d2 2 high tag\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_run(path)
+    assert info.value.line == 3 and info.value.field == "score"
+    assert "bad.trec:3:" in str(info.value) and "'high'" in str(info.value)
+
+
+def test_read_run_missing_and_empty(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_run(tmp_path / "absent.trec")
+    (tmp_path / "empty.trec").write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match="empty"):
+        read_run(tmp_path / "empty.trec")
