@@ -36,6 +36,7 @@ class MiningStats:
     kept_negatives: int = 0
     queries_short: list[str] = field(default_factory=list)
     queries_without_negatives: int = 0
+    anchors_not_positive: int = 0
 
     def to_json(self, num_negatives: int) -> dict:
         return {"queries": self.queries, "candidates": self.candidates,
@@ -44,6 +45,7 @@ class MiningStats:
                 "queries_short_of_negatives": len(self.queries_short),
                 "share_short_of_negatives": len(self.queries_short) / max(self.queries, 1),
                 "queries_without_negatives": self.queries_without_negatives,
+                "queries_with_anchor_score_at_or_below_zero": self.anchors_not_positive,
                 "short_query_ids": self.queries_short[:100],
                 "negatives_requested_per_query": num_negatives}
 
@@ -108,6 +110,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
         scores = np.array([score for _, _, score in candidates], dtype=np.float64)
         anchor_value = anchor_score([positive_scores[query_id][d] for d in labelled], anchor) \
             if flt.name != "topk" else 0.0
+        stats.anchors_not_positive += flt.name != "topk" and anchor_value <= 0
         kept = [c for c, ok in zip(candidates, flt.keep(scores, anchor_value)) if ok]
         stats.removed_by_filter += len(candidates) - len(kept)
         if sampling == "random" and len(kept) > num_negatives:

@@ -34,16 +34,13 @@ def brute_anchor(positives: list[float], how: str) -> float:
 @given(scores=scores_st, positives=positives_st, perc=st.floats(0.01, 1.0), how=st.sampled_from(["min", "mean", "max"]))
 def test_percpos_matches_brute_force(scores, positives, perc, how):
     anchor = brute_anchor(positives, how)
-    # NV-Retriever: drop a candidate whose score exceeds perc of the positive score, sign-safe.
-    if anchor >= 0:
-        threshold = anchor * perc
-    else:
-        threshold = anchor * (2 - perc)  # |anchor| grows by (1 - perc): the threshold stays below the anchor
-    expected = [not (s > threshold + 1e-9 * max(1.0, abs(threshold))) for s in scores]
+    # NV-Retriever: drop a candidate scoring above perc of the positive; for a negative anchor the distance
+    # |anchor| * (1 - perc) is taken downwards, so the threshold stays below the anchor.
+    threshold = anchor * perc if anchor >= 0 else anchor * (2 - perc)
     got = TopKPercPos(perc).keep(np.array(scores, dtype=np.float64), anchor_score(positives, how))
-    for s, e, g in zip(scores, expected, got):
-        if abs(s - threshold) > 1e-6 * max(1.0, abs(threshold)):  # exactly-on-threshold cases depend on rounding
-            assert e == g, (s, threshold)
+    for score, kept in zip(scores, got):
+        if abs(score - threshold) > 1e-6 * max(1.0, abs(threshold)):  # on-threshold cases depend on rounding
+            assert kept == (score <= threshold), (score, threshold)
 
 
 @settings(max_examples=100, deadline=None)

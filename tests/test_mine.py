@@ -63,7 +63,8 @@ def test_naive_topk_removes_only_positives(demo_train):
 def test_same_seed_same_bytes_and_seed_matters(demo_train, tmp_path):
     data = small(demo_train, 40)
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        mine(data, "bm25", depth=60, num_negatives=4, sampling="random", seed=seed, output_dir=tmp_path / name)
+        mine(data, "bm25", depth=60, num_negatives=4, filter=TopK(), sampling="random", seed=seed,
+             output_dir=tmp_path / name)
     a, b, c = ((tmp_path / name / POOLS_FILE).read_bytes() for name in "abc")
     assert a == b
     assert a != c

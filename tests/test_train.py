@@ -69,7 +69,7 @@ def _small(dataset: Dataset, queries: int = 24) -> Dataset:
 def test_training_learns_saves_and_is_reproducible(demo_train, tiny_model, tmp_path):
     data = _small(demo_train)
     pools = mine(data, "bm25", depth=20, num_negatives=4).pools
-    config = TrainConfig(model=str(tiny_model), epochs=6, batch_size=8, learning_rate=5e-4, warmup_ratio=0.1,
+    config = TrainConfig(model=str(tiny_model), epochs=6, batch_size=8, learning_rate=2e-3, warmup_ratio=0.1,
                          positives_per_query=2, negatives_per_query=2, max_length=64, seed=1)
     summary = train(pools, data.corpus, config, tmp_path / "a", show_progress=False)
     log = [json.loads(line) for line in (tmp_path / "a" / TRAIN_LOG).read_text().splitlines()]
