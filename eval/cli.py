@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from retriever.io import HardnegError
+from retriever.io import HardnegError, file_checksum
 
 
 def _data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
@@ -42,7 +42,12 @@ def _retriever(spec: str, args):
     options = {"batch_size": args.batch_size, "show_progress": not args.quiet}
     if args.max_length:
         options["max_length"] = args.max_length
-    return as_retriever(spec, **options) if not spec.lower().startswith("bm25") else as_retriever(spec)
+    return as_retriever(spec, **options)
+
+
+def _recorded(args) -> dict:
+    """The command's arguments as recorded in its output's provenance."""
+    return {"command": args.command} | {k: v for k, v in vars(args).items() if k not in ("func", "command")}
 
 
 def cmd_mine(args) -> None:
@@ -59,7 +64,7 @@ def cmd_mine(args) -> None:
     dataset = _dataset(args)
     result = mine(dataset, _retriever(args.retriever, args), depth=args.depth, num_negatives=args.num_negatives,
                   filter=flt, anchor=args.anchor, sampling=args.sampling, seed=args.seed, output_dir=args.output,
-                  config=vars(args) | {"func": None})
+                  config=_recorded(args))
     counts = result.meta["counts"]
     print(f"mined {counts['queries']} queries -> {args.output}/pools.jsonl: {counts['negatives_written']} negatives, "
           f"{counts['removed_by_filter']} removed by {flt.name}, {counts['removed_labelled_positives']} labelled "
@@ -84,7 +89,7 @@ def cmd_train(args) -> None:
     pools_path = os.path.join(args.pools, "pools.jsonl") if os.path.isdir(args.pools) else args.pools
     pools = read_pools(pools_path, corpus)
     summary = train(pools, corpus, config, args.output, show_progress=not args.quiet,
-                    provenance={"pools": pools_path})
+                    provenance={pools_path: file_checksum(pools_path)})
     print(f"trained {summary['steps']} steps in {summary['seconds']}s (loss {summary['first_loss']} -> "
           f"{summary['final_loss']}); model saved to {args.output}")
 
@@ -98,12 +103,12 @@ def cmd_evaluate(args) -> None:
     dataset = _dataset(args)
     if args.run_file:
         record = evaluate(dataset, args.run_file, run=read_run(args.run_file), metrics=metrics, depth=args.depth,
-                          output_dir=args.output)
+                          output_dir=args.output, config=_recorded(args))
     else:
         if not args.retriever:
             raise HardnegError("give --retriever (a model directory or name, or bm25) or --run-file")
         record = evaluate(dataset, _retriever(args.retriever, args), metrics=metrics, depth=args.depth,
-                          output_dir=args.output)
+                          output_dir=args.output, config=_recorded(args))
     print(f"{record['dataset']}/{record['split']} ({record['queries']} queries), {record['retriever']}:")
     print(format_metrics(record["metrics"]))
     if args.output:

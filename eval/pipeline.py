@@ -22,7 +22,7 @@ from eval.metrics import DEFAULT_METRICS
 from mining.filters import make_filter
 from mining.mine import POOLS_FILE, check_settings, mine
 from retriever.data import Dataset, load_dataset, read_pools
-from retriever.io import HardnegError, atomic_write, library_versions, write_json
+from retriever.io import HardnegError, atomic_write, file_checksum, library_versions, write_json
 from retriever.protocol import as_retriever
 from retriever.train import TrainConfig, train
 
@@ -111,7 +111,8 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     if evaluation["before"]:
         echo(f"[1/4] evaluating {config['model']} before training on {eval_split.name}/{eval_split.split}")
         results["before"] = evaluate(eval_split, base, metrics=tuple(evaluation["metrics"]),
-                                     depth=evaluation["depth"], output_dir=output / "eval-before")["metrics"]
+                                     depth=evaluation["depth"], output_dir=output / "eval-before",
+                                     config=config)["metrics"]
         echo(format_metrics(results["before"], "before"))
     source = base if mining["retriever"] in ("model", config["model"]) else mining["retriever"]
     echo(f"[2/4] mining {mine_split.name}/{mine_split.split} with {mining['retriever']}, filter {flt.name}")
@@ -124,12 +125,12 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)")
     pools = read_pools(output / "pools" / POOLS_FILE, mine_split.corpus)
     summary = train(pools, mine_split.corpus, train_config, output / "model", show_progress=show_progress,
-                    provenance={"pools": str(output / "pools" / POOLS_FILE)})
+                    provenance={str(output / "pools" / POOLS_FILE): file_checksum(output / "pools" / POOLS_FILE)})
     echo(f"      {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
     echo(f"[4/4] evaluating the trained model on {eval_split.name}/{eval_split.split}")
     results["after"] = evaluate(eval_split, as_retriever(str(output / "model"), **encode),
                                 metrics=tuple(evaluation["metrics"]), depth=evaluation["depth"],
-                                output_dir=output / "eval")["metrics"]
+                                output_dir=output / "eval", config=config)["metrics"]
     if "before" in results:
         echo(format_comparison(results["before"], results["after"]))
     else:

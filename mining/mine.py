@@ -95,7 +95,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
 
     stats = MiningStats()
     pools = []
-    source_name = describe(source).split("(")[0]
+    source_name = getattr(source, "kind", None) or type(source).__name__
     for query_id, text in queries.items():
         labelled = positives[query_id]
         labelled_set = set(labelled)

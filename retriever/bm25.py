@@ -25,6 +25,8 @@ BACKENDS = ("bm25s", "rank-bm25")
 
 
 class BM25Retriever:
+    kind = "bm25"
+
     def __init__(self, *, backend: str = "bm25s", k1: float = 0.9, b: float = 0.4,
                  show_progress: bool = True) -> None:
         if backend not in BACKENDS:

@@ -38,6 +38,7 @@ class Corpus:
     ids: list[str]
     titles: list[str]
     bodies: list[str]
+    path: Path | None = field(default=None, compare=False)
     position: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -190,7 +191,7 @@ def load_corpus(path: str | os.PathLike) -> Corpus:
             bodies.append(body.strip())
     if not ids:
         raise DataError(path, "the corpus is empty", hint="expected at least one document")
-    return Corpus(ids=ids, titles=titles, bodies=bodies)
+    return Corpus(ids=ids, titles=titles, bodies=bodies, path=path)
 
 
 # -------------------------------------------------------------------------------------------- queries

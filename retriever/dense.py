@@ -12,6 +12,8 @@ from retriever.protocol import Encoder
 class DenseRetriever:
     """Wraps any :class:`~retriever.protocol.Encoder`; caches the corpus embeddings of the last corpus."""
 
+    kind = "dense"
+
     def __init__(self, encoder: Encoder, *, batch_size: int = 64, show_progress: bool = True) -> None:
         self.encoder = encoder
         self.batch_size = batch_size

@@ -58,7 +58,7 @@ def as_retriever(spec: object, **options) -> Retriever:
         return DenseRetriever(spec, **options)
     if isinstance(spec, str) and spec.split(":")[0].lower() == "bm25":
         backend = spec.split(":", 1)[1] if ":" in spec else "bm25s"
-        return BM25Retriever(backend=backend)
+        return BM25Retriever(backend=backend, show_progress=options.get("show_progress", True))
     if isinstance(spec, str):
         search_options = {key: options.pop(key) for key in ("batch_size", "show_progress") if key in options}
         return DenseRetriever(DualEncoder.load(spec, **options), **search_options)

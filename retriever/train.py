@@ -27,7 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from retriever.data import Corpus, Pool
 from retriever.encoder import DualEncoder
-from retriever.io import HardnegError, atomic_write, library_versions, write_json
+from retriever.io import HardnegError, atomic_write, file_checksum, library_versions, write_json
 from retriever.losses import false_negative_mask, info_nce
 
 TRAIN_LOG = "train_log.jsonl"
@@ -101,7 +101,11 @@ def batch_tensors(batch: list[Example]) -> tuple[list[str], list[str], torch.Ten
 
 def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: str | Path, *,
           show_progress: bool = True, provenance: dict | None = None) -> dict:
-    """Train and save a model folder to ``output_dir``; returns a summary (steps, final loss, seconds)."""
+    """Train and save a model folder to ``output_dir``; returns a summary (steps, final loss, seconds).
+
+    ``provenance`` maps input files (e.g. the pools file) to their checksums, recorded beside the model
+    with the config, the seed and the library versions.
+    """
     config.check()
     output_dir = Path(output_dir)
     missing = sorted({d for pool in pools for d in [p.doc_id for p in pool.positives] + [n.doc_id for n in
@@ -165,6 +169,8 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
     summary = {"steps": step, "epochs": config.epochs, "examples_per_epoch": len(examples) if step else 0,
                "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                "seconds": round(time.time() - started, 1)}
+    corpus_checksum = {str(corpus.path): file_checksum(corpus.path)} if corpus.path else {}
     write_json(output_dir / TRAIN_CONFIG, {"config": asdict(config), "summary": summary,
-                                           "library_versions": library_versions(), **(provenance or {})})
+                                           "library_versions": library_versions(),
+                                           "input_checksums": corpus_checksum | (provenance or {})})
     return summary
