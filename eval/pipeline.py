@@ -77,27 +77,51 @@ def _merge(defaults: dict, given: dict, source: str, prefix: str) -> dict:
     return merged
 
 
-def _datasets(config: dict) -> tuple[Dataset, Dataset]:
+def _splits(config: dict) -> list[str]:
+    splits = config["evaluate"]["split"]
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    if not splits or not all(isinstance(split, str) for split in splits):
+        raise HardnegError("config: evaluate.split must be a split name or a list of them, e.g. [dev, test]")
+    return splits
+
+
+def _datasets(config: dict) -> tuple[Dataset, list[Dataset]]:
     data = config["data"]
     if not (data["path"] or (data["corpus"] and data["queries"])):
         raise HardnegError("config: set data.path (a BEIR folder or bundled name) or data.corpus/queries/qrels")
-    mine_split = load_dataset(data["path"], config["mine"]["split"], corpus=data["corpus"],
-                              queries=data["queries"], qrels=data["qrels"])
-    eval_split = load_dataset(data["path"], config["evaluate"]["split"], corpus=data["corpus"],
-                              queries=data["queries"], qrels=data["qrels"])
-    eval_split.corpus = mine_split.corpus  # one corpus object, so dense embeddings are computed once
-    return mine_split, eval_split
+    files = {"corpus": data["corpus"], "queries": data["queries"], "qrels": data["qrels"]}
+    mine_split = load_dataset(data["path"], config["mine"]["split"], **files)
+    eval_splits = [load_dataset(data["path"], split, **files) for split in _splits(config)]
+    for dataset in eval_splits:
+        dataset.corpus = mine_split.corpus  # one corpus object, so dense embeddings are computed once per model
+    return mine_split, eval_splits
+
+
+def _evaluate_all(splits: list[Dataset], retriever, config: dict, output: Path, echo, label: str) -> dict:
+    """Evaluate on every split (``output/<split>/``); the corpus is encoded once for all of them."""
+    evaluation = config["evaluate"]
+    results = {}
+    for dataset in splits:
+        results[dataset.split] = evaluate(dataset, retriever, metrics=tuple(evaluation["metrics"]),
+                                          depth=evaluation["depth"], output_dir=output / dataset.split,
+                                          config=config)["metrics"]
+        echo(format_metrics(results[dataset.split], f"{label} {dataset.split}"))
+    return results
 
 
 def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dict:
-    """Run the stages of a loaded config; returns the record written to ``run.json``."""
+    """Run the stages of a loaded config; returns the record written to ``run.json``.
+
+    Outputs: ``pools/``, ``model/``, ``eval-before/<split>/`` and ``eval/<split>/`` (metrics.json and
+    run.trec), ``config.yaml`` and ``run.json``.
+    """
     seed = int(config["seed"])
     mining, training = config["mine"], config["train"]
     check_settings(mining["depth"], mining["num_negatives"], mining["sampling"])
     flt = make_filter(mining["filter"], **(mining["filter_params"] or {}))
     train_config = TrainConfig(model=config["model"], seed=seed, **training)
     train_config.check()
-    mine_split, eval_split = _datasets(config)
+    mine_split, eval_splits = _datasets(config)
     output = Path(config["output_dir"])
     encode = {"batch_size": config["encode"]["batch_size"], "show_progress": show_progress}
     if config["encode"]["max_length"]:
@@ -106,14 +130,11 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     with atomic_write(output / "config.yaml") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
 
-    evaluation = config["evaluate"]
+    names = ", ".join(f"{d.name}/{d.split}" for d in eval_splits)
     results = {}
-    if evaluation["before"]:
-        echo(f"[1/4] evaluating {config['model']} before training on {eval_split.name}/{eval_split.split}")
-        results["before"] = evaluate(eval_split, base, metrics=tuple(evaluation["metrics"]),
-                                     depth=evaluation["depth"], output_dir=output / "eval-before",
-                                     config=config)["metrics"]
-        echo(format_metrics(results["before"], "before"))
+    if config["evaluate"]["before"]:
+        echo(f"[1/4] evaluating {config['model']} before training on {names}")
+        results["before"] = _evaluate_all(eval_splits, base, config, output / "eval-before", echo, "before")
     source = base if mining["retriever"] in ("model", config["model"]) else mining["retriever"]
     echo(f"[2/4] mining {mine_split.name}/{mine_split.split} with {mining['retriever']}, filter {flt.name}")
     mined = mine(mine_split, source, depth=mining["depth"], num_negatives=mining["num_negatives"], filter=flt,
@@ -121,23 +142,23 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                  config=config)
     echo(f"      {mined.stats.queries} queries, {mined.stats.removed_by_filter} candidates removed by the filter, "
          f"{len(mined.stats.queries_short)} short of negatives")
-    del base  # free the base model before training loads its own copy
+    del base, source  # free the base model before training loads its own copy
     echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)")
-    pools = read_pools(output / "pools" / POOLS_FILE, mine_split.corpus)
-    summary = train(pools, mine_split.corpus, train_config, output / "model", show_progress=show_progress,
-                    provenance={str(output / "pools" / POOLS_FILE): file_checksum(output / "pools" / POOLS_FILE)})
+    pools_file = output / "pools" / POOLS_FILE
+    summary = train(read_pools(pools_file, mine_split.corpus), mine_split.corpus, train_config, output / "model",
+                    show_progress=show_progress, provenance={str(pools_file): file_checksum(pools_file)})
     echo(f"      {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
-    echo(f"[4/4] evaluating the trained model on {eval_split.name}/{eval_split.split}")
-    results["after"] = evaluate(eval_split, as_retriever(str(output / "model"), **encode),
-                                metrics=tuple(evaluation["metrics"]), depth=evaluation["depth"],
-                                output_dir=output / "eval", config=config)["metrics"]
-    if "before" in results:
-        echo(format_comparison(results["before"], results["after"]))
-    else:
-        echo(format_metrics(results["after"], "after"))
+    echo(f"[4/4] evaluating the trained model on {names}")
+    results["after"] = _evaluate_all(eval_splits, as_retriever(str(output / "model"), **encode), config,
+                                     output / "eval", echo, "after")
+    for split, after in results["after"].items():
+        if "before" in results:
+            echo(f"{eval_splits[0].name}/{split}:\n" + format_comparison(results["before"][split], after))
+    checksums = {}
+    for dataset in [mine_split, *eval_splits]:
+        checksums |= dataset.checksums()
     record = {"name": config["name"], "seed": seed, "metrics": results, "training": summary,
-              "mining": mined.meta["counts"], "library_versions": library_versions(),
-              "input_checksums": {**mine_split.checksums(), **eval_split.checksums()}}
+              "mining": mined.meta["counts"], "library_versions": library_versions(), "input_checksums": checksums}
     write_json(output / "run.json", record)
     return record
 

@@ -66,10 +66,12 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
     assert "before" in printed and "after" in printed
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert set(record["metrics"]) == {"before", "after"}
-    assert record["metrics"]["before"] != record["metrics"]["after"]
+    assert set(record["metrics"]["after"]) == {"test"}
+    assert record["metrics"]["before"]["test"] != record["metrics"]["after"]["test"]
     config = (tmp_path / "out" / "config.yaml").read_text()
     assert "max_length: 32" in config and str(tiny_model) in config
-    for produced in ("pools/pools.jsonl", "model/train_log.jsonl", "eval/metrics.json", "eval-before/run.trec"):
+    for produced in ("pools/pools.jsonl", "model/train_log.jsonl", "eval/test/metrics.json",
+                     "eval-before/test/run.trec"):
         assert (tmp_path / "out" / produced).is_file(), produced
 
 
