@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from retriever.data import Corpus, Queries, Run
@@ -23,11 +25,10 @@ class DenseRetriever:
 
     def _encode(self, texts: list[str], *, is_query: bool) -> np.ndarray:
         method = self.encoder.encode_queries if is_query else self.encoder.encode_documents
-        try:
-            return np.asarray(method(texts, batch_size=self.batch_size, show_progress=self.show_progress),
-                              dtype=np.float32)
-        except TypeError:  # a custom Encoder that takes only the texts
-            return np.asarray(method(texts), dtype=np.float32)
+        parameters = inspect.signature(method).parameters
+        takes_options = "batch_size" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        options = {"batch_size": self.batch_size, "show_progress": self.show_progress} if takes_options else {}
+        return np.asarray(method(texts, **options), dtype=np.float32)  # a custom Encoder may take only texts
 
     def corpus_embeddings(self, corpus: Corpus) -> np.ndarray:
         if self._cached is None or self._cached[0] is not corpus:
