@@ -65,14 +65,7 @@ def cmd_mine(args) -> None:
     result = mine(dataset, _retriever(args.retriever, args), depth=args.depth, num_negatives=args.num_negatives,
                   filter=flt, anchor=args.anchor, sampling=args.sampling, seed=args.seed, output_dir=args.output,
                   config=_recorded(args))
-    counts = result.meta["counts"]
-    print(f"mined {counts['queries']} queries -> {args.output}/pools.jsonl: {counts['negatives_written']} negatives, "
-          f"{counts['removed_by_filter']} removed by {flt.name}, {counts['removed_labelled_positives']} labelled "
-          f"positives excluded, {counts['queries_short_of_negatives']} queries short of negatives")
-    if counts["queries_with_anchor_score_at_or_below_zero"]:
-        print(f"note: {counts['queries_with_anchor_score_at_or_below_zero']} queries have a positive scoring <= 0 "
-              "(with BM25: no word in common with the query), so a positive-aware filter anchored on the lowest "
-              "positive removes nearly every candidate; consider --anchor mean or a dense --retriever")
+    print(f"mined {result.summary()}\nwrote {args.output}/pools.jsonl and pools.meta.json")
 
 
 def cmd_train(args) -> None:

@@ -140,8 +140,7 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     mined = mine(mine_split, source, depth=mining["depth"], num_negatives=mining["num_negatives"], filter=flt,
                  anchor=mining["anchor"], sampling=mining["sampling"], seed=seed, output_dir=output / "pools",
                  config=config)
-    echo(f"      {mined.stats.queries} queries, {mined.stats.removed_by_filter} candidates removed by the filter, "
-         f"{len(mined.stats.queries_short)} short of negatives")
+    echo("      " + mined.summary().replace("\n", "\n      "))
     del base, source  # free the base model before training loads its own copy
     echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)")
     pools_file = output / "pools" / POOLS_FILE

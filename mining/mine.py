@@ -56,6 +56,20 @@ class MiningResult:
     stats: MiningStats
     meta: dict
 
+    def summary(self) -> str:
+        """What a user should read after mining: counts, and a warning when the filter starved the pools."""
+        counts = self.meta["counts"]
+        text = (f"{counts['queries']} queries: {counts['negatives_written']} negatives written, "
+                f"{counts['removed_by_filter']} candidates removed by {self.meta['settings']['filter']['name']}, "
+                f"{counts['removed_labelled_positives']} labelled positives excluded, "
+                f"{counts['queries_short_of_negatives']} queries short of negatives "
+                f"({counts['queries_without_negatives']} with none)")
+        if counts["share_short_of_negatives"] > 0.5 and self.meta["settings"]["anchor"] == "min":
+            text += ("\nnote: most queries are short of negatives. With many (or loosely judged) positives per "
+                     "query, or BM25 where a positive may share no word with the query (score 0), the lowest "
+                     "positive is a very strict anchor; consider anchor 'mean' or 'max'")
+        return text
+
 
 def check_settings(depth: int, num_negatives: int, sampling: str) -> None:
     """Refuse impossible settings before any model is loaded or any document is read twice."""

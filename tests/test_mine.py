@@ -82,6 +82,9 @@ def test_short_queries_are_reported_not_padded(demo_train):
         assert len(pool.negatives) <= 5
         assert (len(pool.negatives) < 5) == (pool.query_id in short)
     assert result.meta["counts"]["share_short_of_negatives"] == pytest.approx(len(short) / len(result.pools))
+    summary = result.summary()
+    assert f"{len(short)} queries short of negatives" in summary
+    assert ("note:" in summary) == (len(short) / len(result.pools) > 0.5)
 
 
 class HashingEncoder:
