@@ -311,15 +311,21 @@ def bundled_datasets() -> list[str]:
     return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "qrels").is_dir()) if BUNDLED_DIR.is_dir() else []
 
 
-def load_beir(folder: str | os.PathLike, split: str) -> Dataset:
-    """Load one split of a BEIR-format folder, or of a bundled dataset given by name (``nfcorpus-demo``)."""
-    folder = Path(folder)
-    if not folder.exists() and str(folder) in bundled_datasets():
-        folder = BUNDLED_DIR / str(folder)
+def dataset_folder(data: str | os.PathLike) -> Path:
+    """The folder of a dataset given as a path or as the name of a bundled dataset (``nfcorpus-demo``)."""
+    folder = Path(data)
+    if not folder.exists() and str(data) in bundled_datasets():
+        folder = BUNDLED_DIR / str(data)
     if not folder.is_dir():
         known = ", ".join(bundled_datasets()) or "none"
         raise DataError(folder, "dataset folder not found",
                         hint=f"give a BEIR folder with corpus.jsonl, queries.jsonl and qrels/; bundled: {known}")
+    return folder
+
+
+def load_beir(folder: str | os.PathLike, split: str) -> Dataset:
+    """Load one split of a BEIR-format folder, or of a bundled dataset given by name (``nfcorpus-demo``)."""
+    folder = dataset_folder(folder)
     corpus_path = _first_existing(folder, ["corpus.jsonl", "corpus.jsonl.gz"])
     queries_path = _first_existing(folder, ["queries.jsonl", "queries.jsonl.gz"])
     qrels_path = folder / "qrels" / f"{split}.tsv"
@@ -433,10 +439,9 @@ def load_dataset(data: str | os.PathLike | None = None, split: str = "test", *,
         raise HardnegError("give a dataset folder (--data) or all of --corpus, --queries and --qrels")
     if data is None:
         return build_dataset(Path(corpus).parent.name, split, Path(corpus), Path(queries), Path(qrels))
-    base = load_beir(data, split) if not (corpus or queries or qrels) else None
-    if base is not None:
-        return base
-    folder = Path(data) if Path(data).exists() else BUNDLED_DIR / str(data)
+    if not (corpus or queries or qrels):
+        return load_beir(data, split)
+    folder = dataset_folder(data)
     return build_dataset(folder.name, split,
                          Path(corpus) if corpus else _first_existing(folder, ["corpus.jsonl", "corpus.jsonl.gz"]),
                          Path(queries) if queries else _first_existing(folder, ["queries.jsonl", "queries.jsonl.gz"]),
@@ -449,7 +454,4 @@ def load_corpus_of(data: str | os.PathLike | None = None, corpus: str | os.PathL
         return load_corpus(corpus)
     if data is None:
         raise HardnegError("give a dataset folder (--data) or a corpus file (--corpus)")
-    folder = Path(data) if Path(data).exists() else BUNDLED_DIR / str(data)
-    if not folder.is_dir():
-        raise DataError(data, "dataset folder not found", hint=f"bundled datasets: {bundled_datasets()}")
-    return load_corpus(_first_existing(folder, ["corpus.jsonl", "corpus.jsonl.gz"]))
+    return load_corpus(_first_existing(dataset_folder(data), ["corpus.jsonl", "corpus.jsonl.gz"]))

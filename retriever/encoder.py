@@ -48,7 +48,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
             return str(getattr(module, packaged[1])())
         except ImportError:
             pass
-    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", "")
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1  # hub ids are "name" or "org/name"
     if looks_like_path or Path(text).expanduser().exists():
         raise HardnegError(f"model path '{text}' does not exist (or is not a directory)")
     return text
