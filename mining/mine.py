@@ -1,30 +1,45 @@
 """``mine``: candidate pools with positive-aware filtering, written as ``pools.jsonl`` + ``pools.meta.json``.
 
-For every query of the split: retrieve ``depth`` candidates, remove its labelled positives, remove
-what the filter rejects (against the query's anchor positive score, from the same scorer), then take
-``num_negatives`` of the survivors, either the best ones (``sampling="top"``) or a seeded random
-sample. Queries left with fewer survivors than asked are reported, never padded with random documents.
-The same inputs, settings and seed give byte-identical pools.
+For every query of the split: retrieve ``depth`` candidates from a source (BM25, dense, hybrid, see
+:mod:`mining.sources`), optionally rescore them and the positives with a cross-encoder or a teacher,
+remove its labelled positives, remove what the filters reject (against the query's anchor positive score,
+from the same scorer), then take ``num_negatives`` of the survivors, either the best ones
+(``sampling="top"``) or a seeded random sample. Queries left with fewer survivors than asked are
+reported, never padded with random documents. The same inputs, settings and seed give byte-identical pools.
+
+At scale, queries are mined in shards of ``shard_size``: each finished shard is written atomically to
+``<output>/.pools-shards/`` with the bookkeeping the report needs, so an interrupted run started again
+with the same settings skips the finished shards (settings, inputs and query ids are fingerprinted; a
+mismatch starts over). When all shards exist they are concatenated into ``pools.jsonl`` atomically, the
+report (:class:`mining.report.MiningReport`) is built from them, and the shard folder is removed. A fresh
+and a resumed run therefore go through the same assembly and give the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from mining.filters import Filter, TopKPercPos, anchor_score, describe_filter
-from retriever.data import Candidate, Dataset, Pool, write_pools
-from retriever.io import HardnegError, library_versions, write_json
+from mining.filters import Filter, TopKPercPos, anchor_score, as_chain, describe_filter
+from mining.report import HISTOGRAM_FILE, MiningReport
+from mining.sources import Rescored, ranked
+from retriever.data import Candidate, Dataset, Pool, read_pools
+from retriever.io import HardnegError, atomic_write, library_versions, write_json
 from retriever.protocol import Scorer, as_retriever, describe
 
 SAMPLINGS = ("top", "random")
 POOLS_FILE = "pools.jsonl"
 META_FILE = "pools.meta.json"
+SHARDS_DIR = ".pools-shards"
+DEFAULT_SHARD_SIZE = 10_000
 
 
 @dataclass
@@ -71,7 +86,7 @@ class MiningResult:
         return text
 
 
-def check_settings(depth: int, num_negatives: int, sampling: str) -> None:
+def check_settings(depth: int, num_negatives: int, sampling: str, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
     """Refuse impossible settings before any model is loaded or any document is read twice."""
     if num_negatives < 1:
         raise HardnegError(f"num_negatives must be at least 1, got {num_negatives}")
@@ -79,78 +94,236 @@ def check_settings(depth: int, num_negatives: int, sampling: str) -> None:
         raise HardnegError(f"depth ({depth}) must be at least num_negatives ({num_negatives})")
     if sampling not in SAMPLINGS:
         raise HardnegError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+    if shard_size < 1:
+        raise HardnegError(f"shard_size must be at least 1, got {shard_size}")
+
+
+@dataclass
+class _QueryRecord:
+    """One query's bookkeeping: everything the report and the counts are built from."""
+
+    query_id: str
+    anchor: float | None
+    positive_scores: np.ndarray      # float64, NaN where the scorer gave none
+    candidate_scores: np.ndarray     # float64, every retrieved candidate best first
+    is_positive: np.ndarray          # bool
+    removed_by: np.ndarray           # int64: 0 kept, s = filter stage s (1-based)
+    sampled: np.ndarray              # bool
 
 
 def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives: int = 8,
          filter: Filter | None = None, anchor: str = "min", sampling: str = "top", seed: int = 42,
-         output_dir: str | Path | None = None, config: dict | None = None) -> MiningResult:
+         output_dir: str | Path | None = None, config: dict | None = None, rescorer: object | None = None,
+         shard_size: int = DEFAULT_SHARD_SIZE, show_progress: bool = True) -> MiningResult:
     """Mine hard negatives for every query of ``dataset`` that has a relevant document.
 
-    ``retriever`` is anything :func:`retriever.protocol.as_retriever` accepts (``"bm25"``, a model name
-    or path, an Encoder, a Retriever). With ``output_dir``, pools and their metadata are written there
-    atomically; ``config`` is recorded in the metadata as given.
+    ``retriever`` is a source: anything :func:`retriever.protocol.as_retriever` accepts (``"bm25"``, a
+    model name or path, an Encoder, a Retriever) or a :mod:`mining.sources` object (``Hybrid``,
+    ``Rescored``). ``rescorer`` (a ``CrossEncoderScorer``, a teacher ``Scorer`` or a teacher model name)
+    rescores candidates and positives; the filters then run on its scores. With ``output_dir``, pools
+    (``pools.jsonl``), metadata (``pools.meta.json``) and the score histogram are written there
+    atomically, shard by shard with resume (see the module docstring); ``config`` is recorded as given.
     """
-    check_settings(depth, num_negatives, sampling)
+    check_settings(depth, num_negatives, sampling, shard_size)
     flt = filter if filter is not None else TopKPercPos(0.95)
+    chain = as_chain(flt)
     anchor_score([0.0], anchor)  # validates the anchor name up front
     started = time.time()
     source = as_retriever(retriever)
+    if rescorer is not None:
+        source = Rescored(source, rescorer)
     positives = {query_id: sorted(dataset.relevant(query_id)) for query_id in dataset.queries}
     queries = {query_id: text for query_id, text in dataset.queries.items() if positives[query_id]}
     if not queries:
         raise HardnegError(f"no query of split {dataset.split!r} has a relevant document to mine for")
-    if flt.name != "topk" and not isinstance(source, Scorer):
+    if chain.needs_anchor and not isinstance(source, Scorer):
         raise HardnegError(f"filter {flt.name!r} needs the positives' scores, but {describe(source)} has no "
-                           "score() method; use --filter topk or a retriever that can score documents")
+                           "score() method (hybrid RRF scores are ranks); add a teacher or a cross-encoder to "
+                           "rescore, or use --filter topk")
 
-    run = source.search(dataset.corpus, queries, depth)
-    positive_scores = source.score(dataset.corpus, queries, {q: positives[q] for q in queries}) \
-        if isinstance(source, Scorer) else {q: dict.fromkeys(positives[q]) for q in queries}
+    settings = {"depth": depth, "num_negatives": num_negatives, "filter": describe_filter(flt),
+                "anchor": anchor, "sampling": sampling, "seed": seed, "retriever": describe(source),
+                "rescorer": describe(source.scorer) if isinstance(source, Rescored) else None,
+                "shard_size": shard_size}
+    checksums = dataset.checksums()
+    query_ids = list(queries)
+    shards = [query_ids[start:start + shard_size] for start in range(0, len(query_ids), shard_size)]
+    store = _ShardStore(Path(output_dir) / SHARDS_DIR, _fingerprint(settings, checksums, query_ids)) \
+        if output_dir is not None else None
+    source_name = getattr(source, "kind", None) or type(source).__name__
+    in_memory: list[tuple[list[Pool], list[_QueryRecord]]] = []
+    todo = [number for number in range(len(shards)) if store is None or not store.done(number)]
+    for number in tqdm(todo, desc="mine shards", unit="shard", disable=not show_progress or len(shards) < 2):
+        shard_queries = {query_id: queries[query_id] for query_id in shards[number]}
+        pools, records = _mine_shard(dataset, source, source_name, shard_queries, positives, chain, depth,
+                                     num_negatives, anchor, sampling, seed)
+        if store is not None:
+            store.write(number, pools, records)
+        else:
+            in_memory.append((pools, records))
+
+    pools, records = [], []
+    if store is not None:
+        output_dir = Path(output_dir)
+        with atomic_write(output_dir / POOLS_FILE, "wb") as handle:
+            for number in range(len(shards)):
+                handle.write(store.pools_path(number).read_bytes())
+        pools = read_pools(output_dir / POOLS_FILE)
+        for number in range(len(shards)):
+            records.extend(store.read_records(number))
+    else:
+        for shard_pools, shard_records in in_memory:
+            pools.extend(shard_pools)
+            records.extend(shard_records)
 
     stats = MiningStats()
-    pools = []
-    source_name = getattr(source, "kind", None) or type(source).__name__
+    report = MiningReport(filter_stages=chain.stage_names, num_negatives=num_negatives, seed=seed)
+    for record in records:
+        _count(stats, record, num_negatives, chain.needs_anchor)
+        report.add_query(record.query_id, anchor=record.anchor,
+                         positive_scores=[None if np.isnan(s) else s for s in record.positive_scores],
+                         candidate_scores=record.candidate_scores, is_positive=record.is_positive,
+                         removed_by=record.removed_by, sampled=record.sampled)
+    meta = {"dataset": dataset.name, "split": dataset.split, "settings": settings,
+            "counts": stats.to_json(num_negatives), "report": report.to_json(),
+            "skipped_qrels_rows": dataset.skipped_qrels, "library_versions": library_versions(),
+            "input_checksums": checksums, "config": config or {}, "seconds": round(time.time() - started, 1)}
+    if store is not None:
+        report.write_histogram(Path(output_dir) / HISTOGRAM_FILE)
+        write_json(Path(output_dir) / META_FILE, meta)
+        store.remove()
+    return MiningResult(pools=pools, stats=stats, meta=meta)
+
+
+def _mine_shard(dataset: Dataset, source, source_name: str, queries: dict[str, str],
+                positives: dict[str, list[str]], chain, depth: int, num_negatives: int, anchor: str,
+                sampling: str, seed: int) -> tuple[list[Pool], list[_QueryRecord]]:
+    corpus = dataset.corpus
+    run = source.search(corpus, queries, depth)
+    wanted = {query_id: positives[query_id] for query_id in queries}
+    positive_scores = source.score(corpus, queries, wanted) if isinstance(source, Scorer) \
+        else {query_id: dict.fromkeys(wanted[query_id]) for query_id in queries}
+    pools, records = [], []
     for query_id, text in queries.items():
         labelled = positives[query_id]
         labelled_set = set(labelled)
-        # Best first; equal scores by corpus position, so the order never depends on the retriever's dict order.
-        ranked = sorted(run.get(query_id, {}).items(),
-                        key=lambda item: (-item[1], dataset.corpus.position[item[0]]))
-        candidates = [(rank, doc_id, score) for rank, (doc_id, score) in enumerate(ranked, start=1)
+        row = run.get(query_id, {})
+        order = ranked(row, corpus)
+        is_positive = np.array([doc_id in labelled_set for doc_id in order], dtype=bool)
+        all_scores = np.array([row[doc_id] for doc_id in order], dtype=np.float64)
+        candidates = [(rank, doc_id, row[doc_id]) for rank, doc_id in enumerate(order, start=1)
                       if doc_id not in labelled_set]
-        stats.queries += 1
-        stats.candidates += len(ranked)
-        stats.removed_positives += len(ranked) - len(candidates)
-        scores = np.array([score for _, _, score in candidates], dtype=np.float64)
-        anchor_value = anchor_score([positive_scores[query_id][d] for d in labelled], anchor) \
-            if flt.name != "topk" else 0.0
-        stats.anchors_not_positive += flt.name != "topk" and anchor_value <= 0
-        kept = [c for c, ok in zip(candidates, flt.keep(scores, anchor_value)) if ok]
-        stats.removed_by_filter += len(candidates) - len(kept)
+        pos_scores = [positive_scores[query_id][d] for d in labelled]
+        anchor_value = anchor_score(pos_scores, anchor) if chain.needs_anchor else None
+        removed = chain.removed_by(all_scores[~is_positive], 0.0 if anchor_value is None else anchor_value)
+        kept = [c for c, stage in zip(candidates, removed) if stage == 0]
         if sampling == "random" and len(kept) > num_negatives:
             rng = random.Random(_query_seed(seed, query_id))
             kept = sorted(rng.sample(kept, num_negatives))
         kept = kept[:num_negatives]
-        stats.kept_negatives += len(kept)
-        if len(kept) < num_negatives:
-            stats.queries_short.append(query_id)
-            stats.queries_without_negatives += not kept
+        chosen = {doc_id for _, doc_id, _ in kept}
+        removed_all = np.zeros(len(order), dtype=np.int64)
+        removed_all[~is_positive] = removed
+        records.append(_QueryRecord(
+            query_id=query_id, anchor=anchor_value,
+            positive_scores=np.array([np.nan if s is None else s for s in pos_scores], dtype=np.float64),
+            candidate_scores=all_scores, is_positive=is_positive, removed_by=removed_all,
+            sampled=np.array([doc_id in chosen for doc_id in order], dtype=bool)))
         pools.append(Pool(
             query_id=query_id, query=text,
             positives=[Candidate(d, _round(positive_scores[query_id][d])) for d in labelled],
             negatives=[Candidate(d, _round(s), rank=r, source=source_name) for r, d, s in kept]))
+    return pools, records
 
-    settings = {"depth": depth, "num_negatives": num_negatives, "filter": describe_filter(flt),
-                "anchor": anchor, "sampling": sampling, "seed": seed, "retriever": describe(source)}
-    meta = {"dataset": dataset.name, "split": dataset.split, "settings": settings,
-            "counts": stats.to_json(num_negatives), "skipped_qrels_rows": dataset.skipped_qrels,
-            "library_versions": library_versions(), "input_checksums": dataset.checksums(),
-            "config": config or {}, "seconds": round(time.time() - started, 1)}
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        write_pools(output_dir / POOLS_FILE, pools)
-        write_json(output_dir / META_FILE, meta)
-    return MiningResult(pools=pools, stats=stats, meta=meta)
+
+def _count(stats: MiningStats, record: _QueryRecord, num_negatives: int, needs_anchor: bool) -> None:
+    stats.queries += 1
+    stats.candidates += len(record.candidate_scores)
+    stats.removed_positives += int(record.is_positive.sum())
+    stats.removed_by_filter += int((record.removed_by > 0).sum())
+    written = int(record.sampled.sum())
+    stats.kept_negatives += written
+    stats.anchors_not_positive += bool(needs_anchor and record.anchor is not None and record.anchor <= 0)
+    if written < num_negatives:
+        stats.queries_short.append(record.query_id)
+        stats.queries_without_negatives += written == 0
+
+
+class _ShardStore:
+    """Finished shards of one mining run: ``shard-NNNNN.jsonl`` (pool lines) + ``.npz`` (bookkeeping).
+
+    The ``.npz`` is written first and the ``.jsonl`` last, each atomically, so a shard counts as done
+    only when both are complete. ``fingerprint.json`` ties the folder to the settings and inputs.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder = folder
+        marker = folder / "fingerprint.json"
+        if folder.is_dir():
+            try:
+                same = json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+            except (OSError, ValueError):
+                same = False
+            if not same:  # other settings or inputs: their shards are not ours to reuse
+                shutil.rmtree(folder)
+        if not folder.is_dir():
+            write_json(marker, {"fingerprint": fingerprint})
+
+    def pools_path(self, number: int) -> Path:
+        return self.folder / f"shard-{number:05d}.jsonl"
+
+    def records_path(self, number: int) -> Path:
+        return self.folder / f"shard-{number:05d}.npz"
+
+    def done(self, number: int) -> bool:
+        return self.pools_path(number).is_file() and self.records_path(number).is_file()
+
+    def write(self, number: int, pools: list[Pool], records: list[_QueryRecord]) -> None:
+        lengths = np.array([len(r.candidate_scores) for r in records], dtype=np.int64)
+        positive_counts = np.array([len(r.positive_scores) for r in records], dtype=np.int64)
+        arrays = {
+            "query_ids": np.array([r.query_id for r in records], dtype=str),
+            "anchors": np.array([np.nan if r.anchor is None else r.anchor for r in records], dtype=np.float64),
+            "lengths": lengths, "positive_counts": positive_counts,
+            "positive_scores": _concat([r.positive_scores for r in records], np.float64),
+            "candidate_scores": _concat([r.candidate_scores for r in records], np.float64),
+            "is_positive": _concat([r.is_positive for r in records], bool),
+            "removed_by": _concat([r.removed_by for r in records], np.int64),
+            "sampled": _concat([r.sampled for r in records], bool),
+        }
+        with atomic_write(self.records_path(number), "wb") as handle:
+            np.savez(handle, **arrays)
+        with atomic_write(self.pools_path(number)) as handle:
+            for pool in pools:
+                handle.write(json.dumps(pool.to_json(), ensure_ascii=False, separators=(", ", ": ")) + "\n")
+
+    def read_records(self, number: int) -> list[_QueryRecord]:
+        with np.load(self.records_path(number), allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        records, at, pos_at = [], 0, 0
+        for i, query_id in enumerate(arrays["query_ids"]):
+            n, p = int(arrays["lengths"][i]), int(arrays["positive_counts"][i])
+            anchor = float(arrays["anchors"][i])
+            records.append(_QueryRecord(
+                query_id=str(query_id), anchor=None if np.isnan(anchor) else anchor,
+                positive_scores=arrays["positive_scores"][pos_at:pos_at + p],
+                candidate_scores=arrays["candidate_scores"][at:at + n],
+                is_positive=arrays["is_positive"][at:at + n], removed_by=arrays["removed_by"][at:at + n],
+                sampled=arrays["sampled"][at:at + n]))
+            at, pos_at = at + n, pos_at + p
+        return records
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+
+def _fingerprint(settings: dict, checksums: dict, query_ids: list[str]) -> str:
+    payload = json.dumps({"settings": settings, "inputs": checksums, "queries": query_ids}, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def _query_seed(seed: int, query_id: str) -> int:

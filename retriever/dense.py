@@ -1,27 +1,96 @@
-"""Dense retrieval: encode the corpus once, then exact inner-product search (see ``retriever.index``)."""
+"""Dense retrieval: encode the corpus once (cached on disk), then search a faiss index (``retriever.index``).
+
+Encoding the corpus is the expensive step of dense mining and evaluation, and users re-run mining with
+other filters many times. With ``cache_dir`` set, the corpus embeddings are saved there as ``.npy`` under
+a key made of everything that changes them: the model's identity (its resolved path and the checksums of
+its weight and config files, or its hub name), the corpus content (sha256 over ids and texts), and the
+encoding options (max length, document prefix, pooling, normalisation). A later run with the same key
+memory-maps the file instead of encoding; any change gives a new key, never a stale hit.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 
 from retriever.data import Corpus, Queries, Run
-from retriever.index import exact_search
+from retriever.index import VectorIndex, check_index_spec
+from retriever.io import atomic_write, file_checksum, write_json
 from retriever.protocol import Encoder
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("HARDNEG_CACHE_DIR", "~/.cache/hardneg/embeddings")).expanduser()
+_MODEL_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
+
+
+def corpus_fingerprint(corpus: Corpus) -> str:
+    """sha256 over document ids and the exact texts the encoder sees (so a subset or edit changes it)."""
+    cached = getattr(corpus, "_hardneg_fingerprint", None)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    for i, doc_id in enumerate(corpus.ids):
+        digest.update(doc_id.encode("utf-8") + b"\x00" + corpus.text(i).encode("utf-8") + b"\x01")
+    value = digest.hexdigest()
+    object.__setattr__(corpus, "_hardneg_fingerprint", value)
+    return value
+
+
+def encoder_identity(encoder: object) -> dict | None:
+    """What identifies an encoder's document embeddings, or None when it cannot be told (no caching).
+
+    A custom encoder can opt in by defining ``cache_identity`` (a JSON-able dict).
+    """
+    custom = getattr(encoder, "cache_identity", None)
+    if custom is not None:
+        return dict(custom() if callable(custom) else custom)
+    name = getattr(encoder, "name", None)
+    if not name or not hasattr(encoder, "tokenizer"):
+        return None
+    from retriever.encoder import resolve_model_path
+
+    location = resolve_model_path(name)
+    identity: dict = {"model": location}
+    folder = Path(location)
+    if folder.is_dir():
+        identity["files"] = {str(path.relative_to(folder)): file_checksum(path)
+                             for path in sorted(folder.rglob("*"))
+                             if path.is_file() and path.suffix in _MODEL_FILES}
+    for key in ("max_length", "document_prefix", "pooling", "normalize"):
+        identity[key] = getattr(encoder, key, None)
+    return identity
 
 
 class DenseRetriever:
-    """Wraps any :class:`~retriever.protocol.Encoder`; caches the corpus embeddings of the last corpus."""
+    """Wraps any :class:`~retriever.protocol.Encoder`; searches a faiss index over the corpus embeddings.
+
+    ``index`` is a faiss index-factory string (exact ``"Flat"`` by default), ``nprobe`` / ``ef_search``
+    its search-time knobs, ``use_gpu`` None for "when faiss-gpu sees a GPU", ``k_limit`` the per-call
+    depth cap of the device (faiss-gpu: 2048; deeper searches are exact, see ``retriever.index``).
+    """
 
     kind = "dense"
 
-    def __init__(self, encoder: Encoder, *, batch_size: int = 64, show_progress: bool = True) -> None:
+    def __init__(self, encoder: Encoder, *, batch_size: int = 64, show_progress: bool = True,
+                 index: str = "Flat", nprobe: int | None = None, ef_search: int | None = None,
+                 use_gpu: bool | None = None, k_limit: int | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> None:
+        check_index_spec(index)
         self.encoder = encoder
         self.batch_size = batch_size
         self.show_progress = show_progress
+        self.index_spec, self.nprobe, self.ef_search = index, nprobe, ef_search
+        self.use_gpu, self.k_limit = use_gpu, k_limit
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.cache_hits = 0
         self._cached: tuple[Corpus, np.ndarray] | None = None
-        self.description = f"dense:{getattr(encoder, 'name', '') or type(encoder).__name__}"
+        self._index: tuple[Corpus, VectorIndex] | None = None
+        name = getattr(encoder, "name", "") or type(encoder).__name__
+        self.description = f"dense:{name}" + ("" if index == "Flat" else f"[{index}]")
 
     def _encode(self, texts: list[str], *, is_query: bool) -> np.ndarray:
         method = self.encoder.encode_queries if is_query else self.encoder.encode_documents
@@ -30,17 +99,49 @@ class DenseRetriever:
         options = {"batch_size": self.batch_size, "show_progress": self.show_progress} if takes_options else {}
         return np.asarray(method(texts, **options), dtype=np.float32)  # a custom Encoder may take only texts
 
+    def cache_path(self, corpus: Corpus) -> Path | None:
+        """Where this encoder's embeddings of ``corpus`` are cached (None: caching off or encoder unknown)."""
+        if self.cache_dir is None:
+            return None
+        identity = encoder_identity(self.encoder)
+        if identity is None:
+            return None
+        key = hashlib.sha256(json.dumps({"encoder": identity, "corpus": corpus_fingerprint(corpus)},
+                                        sort_keys=True).encode()).hexdigest()[:32]
+        return self.cache_dir / f"{key}.npy"
+
     def corpus_embeddings(self, corpus: Corpus) -> np.ndarray:
-        if self._cached is None or self._cached[0] is not corpus:
-            self._cached = (corpus, self._encode(corpus.texts(), is_query=False))
-        return self._cached[1]
+        if self._cached is not None and self._cached[0] is corpus:
+            return self._cached[1]
+        path = self.cache_path(corpus)
+        if path is not None and path.is_file():
+            embeddings = np.load(path, mmap_mode="r")
+            if embeddings.shape[0] == len(corpus):
+                self.cache_hits += 1
+                self._cached = (corpus, embeddings)
+                return embeddings
+        embeddings = self._encode(corpus.texts(), is_query=False)
+        if path is not None:
+            with atomic_write(path, "wb") as handle:
+                np.save(handle, embeddings)
+            write_json(path.with_suffix(".json"), {"encoder": encoder_identity(self.encoder),
+                                                   "corpus_sha256": corpus_fingerprint(corpus),
+                                                   "documents": len(corpus), "dimension": embeddings.shape[1]})
+        self._cached = (corpus, embeddings)
+        return embeddings
+
+    def vector_index(self, corpus: Corpus) -> VectorIndex:
+        if self._index is None or self._index[0] is not corpus:
+            self._index = (corpus, VectorIndex(self.corpus_embeddings(corpus), self.index_spec, nprobe=self.nprobe,
+                                               ef_search=self.ef_search, use_gpu=self.use_gpu,
+                                               k_limit=self.k_limit))
+        return self._index[1]
 
     def query_embeddings(self, queries: Queries) -> np.ndarray:
         return self._encode(list(queries.values()), is_query=True)
 
     def search(self, corpus: Corpus, queries: Queries, top_k: int) -> Run:
-        documents = self.corpus_embeddings(corpus)
-        scores, positions = exact_search(documents, self.query_embeddings(queries), top_k)
+        scores, positions = self.vector_index(corpus).search(self.query_embeddings(queries), top_k)
         return {query_id: {corpus.ids[p]: float(s) for s, p in zip(row_scores, row_positions) if p >= 0}
                 for query_id, row_scores, row_positions in zip(queries, scores, positions)}
 
@@ -48,5 +149,6 @@ class DenseRetriever:
         documents = self.corpus_embeddings(corpus)
         wanted = {query_id: queries[query_id] for query_id in pairs}
         query_vectors = self.query_embeddings(wanted)
-        return {query_id: {doc_id: float(documents[corpus.position[doc_id]] @ vector) for doc_id in pairs[query_id]}
+        return {query_id: {doc_id: float(np.asarray(documents[corpus.position[doc_id]]) @ vector)
+                           for doc_id in pairs[query_id]}
                 for query_id, vector in zip(wanted, query_vectors)}

@@ -1,0 +1,160 @@
+"""Candidate sources for mining, as objects that compose: BM25, dense, hybrid fusion, and rescoring.
+
+Every source is a :class:`retriever.protocol.Retriever` (``search(corpus, queries, top_k) -> Run``);
+positive-aware filters also need :class:`~retriever.protocol.Scorer` (``score(corpus, queries, pairs)``)
+so that the positives are scored on the same scale as the candidates. The pieces:
+
+- :func:`bm25` and :func:`dense` build hardneg's BM25 (bm25s or rank-bm25) and faiss retrievers;
+- :class:`Hybrid` fuses the ranked lists of several sources with reciprocal-rank fusion;
+- :class:`CrossEncoderScorer` scores (query, document) pairs with any sentence-transformers ``CrossEncoder``;
+- :class:`Rescored` puts a scorer (a cross-encoder, or a *teacher* bi-encoder distinct from the model being
+  trained) behind a source: the source proposes candidates, the scorer gives them and the positives their
+  scores, and the filters compare those. A rescorer is never silently dropped: the pools record its name
+  as each negative's ``source`` and ``pools.meta.json`` records it in the settings.
+
+Example::
+
+    from mining import sources
+    candidates = sources.Hybrid([sources.bm25(), sources.dense("all-MiniLM-L6-v2")], k=60)
+    source = sources.Rescored(candidates, sources.CrossEncoderScorer("path/to/cross-encoder"))
+    mine(dataset, source, depth=200, filter=TopKPercPos(0.95))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from retriever.bm25 import BM25Retriever
+from retriever.data import Corpus, Queries, Run
+from retriever.io import HardnegError
+from retriever.protocol import Retriever, Scorer, as_retriever, describe
+
+RRF_K = 60  # Cormack et al. (2009); the constant every hybrid-search library defaults to
+
+
+def bm25(backend: str = "bm25s", *, k1: float = 0.9, b: float = 0.4, show_progress: bool = True) -> BM25Retriever:
+    """BM25 with bm25s (default, fast) or rank-bm25 (the reference); both see the same tokens."""
+    return BM25Retriever(backend=backend, k1=k1, b=b, show_progress=show_progress)
+
+
+def dense(model: object, **options) -> Retriever:
+    """A dense retriever from a model name/path or an Encoder; ``options`` as for ``as_retriever``
+    (``index="HNSW32"``, ``nprobe``, ``ef_search``, ``cache_dir``, ``batch_size``, ``max_length`` ...)."""
+    if isinstance(model, str) and model.split(":")[0].lower() == "bm25":
+        raise HardnegError("sources.dense: give a model name or path, not bm25")
+    return as_retriever(model, **options)
+
+
+def ranked(run_row: dict[str, float], corpus: Corpus) -> list[str]:
+    """Document ids best first; equal scores by corpus position, so the order never depends on dict order."""
+    return sorted(run_row, key=lambda doc_id: (-run_row[doc_id], corpus.position[doc_id]))
+
+
+class Hybrid:
+    """Reciprocal-rank fusion: ``score(d) = sum over sources of 1 / (k + rank_s(d))``, rank 1-based.
+
+    A document a source did not return contributes nothing from it (standard RRF). Each source is searched
+    ``source_depth`` deep (default: the requested depth). RRF scores are ranks, not similarities, so a
+    positive's score cannot be put on their scale: with a positive-aware filter, rescore the fused pool with
+    a teacher or a cross-encoder (:class:`Rescored`), or use naive top-k.
+    """
+
+    kind = "hybrid"
+
+    def __init__(self, sources: Sequence[Retriever], *, k: float = RRF_K, source_depth: int | None = None) -> None:
+        if len(sources) < 2:
+            raise HardnegError("hybrid: give at least two sources to fuse")
+        if k <= 0:
+            raise HardnegError(f"hybrid: the RRF constant k must be positive, got {k}")
+        self.sources = list(sources)
+        self.k, self.source_depth = float(k), source_depth
+        self.description = f"hybrid-rrf(k={k:g}):" + "+".join(describe(s) for s in self.sources)
+
+    def search(self, corpus: Corpus, queries: Queries, top_k: int) -> Run:
+        depth = self.source_depth or top_k
+        fused: dict[str, dict[str, float]] = {query_id: {} for query_id in queries}
+        for source in self.sources:
+            run = source.search(corpus, queries, depth)
+            for query_id in queries:
+                row = fused[query_id]
+                for rank, doc_id in enumerate(ranked(run.get(query_id, {}), corpus), start=1):
+                    row[doc_id] = row.get(doc_id, 0.0) + 1.0 / (self.k + rank)
+        return {query_id: {doc_id: row[doc_id] for doc_id in ranked(row, corpus)[:top_k]}
+                for query_id, row in fused.items()}
+
+
+class CrossEncoderScorer:
+    """Scores (query, document) pairs with a sentence-transformers ``CrossEncoder`` (a path or a hub name).
+
+    The model's own activation is applied (sigmoid for a one-label model, as ``CrossEncoder.predict`` does),
+    so scores are what sentence-transformers users see. Pairs are scored longest-first in batches so
+    padding is small; the output order is the input order.
+    """
+
+    kind = "cross-encoder"
+
+    def __init__(self, model: str | os.PathLike | object, *, batch_size: int = 32, max_length: int | None = None,
+                 device: str | None = None, show_progress: bool = True) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            from retriever.encoder import resolve_model_path
+
+            location = resolve_model_path(model)  # a missing path is refused here, before any work
+            try:
+                from sentence_transformers import CrossEncoder
+
+                model = CrossEncoder(location, max_length=max_length, device=device)
+            except (OSError, ValueError) as err:
+                raise HardnegError(f"cannot load cross-encoder '{location}': {err}".splitlines()[0]) from None
+            self.name = str(location)
+        else:
+            self.name = getattr(model, "name_or_path", None) or type(model).__name__
+        if not hasattr(model, "predict"):
+            raise HardnegError("cross-encoder: the model has no predict(pairs) method")
+        self.model, self.batch_size, self.show_progress = model, batch_size, show_progress
+        self.description = f"cross-encoder:{self.name}"
+
+    def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
+        keys = [(query_id, doc_id) for query_id, doc_ids in pairs.items() for doc_id in doc_ids]
+        if not keys:
+            return {query_id: {} for query_id in pairs}
+        texts = [(queries[query_id], corpus.text_of(doc_id)) for query_id, doc_id in keys]
+        order = np.argsort([-(len(q) + len(d)) for q, d in texts], kind="stable")
+        predicted = self.model.predict([texts[i] for i in order], batch_size=self.batch_size,
+                                       show_progress_bar=self.show_progress, convert_to_numpy=True)
+        predicted = np.asarray(predicted, dtype=np.float32)
+        if predicted.ndim != 1:
+            raise HardnegError(f"cross-encoder {self.name}: expected one score per pair, got shape "
+                               f"{predicted.shape} (a model with num_labels=1 is needed)")
+        scores = np.empty(len(keys), dtype=np.float32)
+        scores[order] = predicted
+        run: Run = {query_id: {} for query_id in pairs}
+        for (query_id, doc_id), value in zip(keys, scores):
+            run[query_id][doc_id] = float(value)
+        return run
+
+
+class Rescored:
+    """Candidates from ``source``, scores (of candidates and positives) from ``scorer``.
+
+    ``scorer`` is a :class:`CrossEncoderScorer`, a teacher (any :class:`Scorer`, e.g. a dense retriever
+    over a stronger model than the one being trained), or a model name/path of a teacher bi-encoder.
+    """
+
+    def __init__(self, source: Retriever, scorer: object, **teacher_options) -> None:
+        if isinstance(scorer, (str, os.PathLike)):
+            scorer = as_retriever(str(scorer), **teacher_options)
+        if not isinstance(scorer, Scorer):
+            raise HardnegError(f"rescoring: {describe(scorer)} cannot score documents (it needs score())")
+        self.source, self.scorer = source, scorer
+        self.kind = f"{getattr(source, 'kind', 'source')}>{getattr(scorer, 'kind', 'scorer')}"
+        self.description = f"{describe(source)}>{describe(scorer)}"
+
+    def search(self, corpus: Corpus, queries: Queries, top_k: int) -> Run:
+        run = self.source.search(corpus, queries, top_k)
+        return self.score(corpus, queries, {query_id: list(run.get(query_id, {})) for query_id in queries})
+
+    def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
+        return self.scorer.score(corpus, queries, pairs)
