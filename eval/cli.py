@@ -50,22 +50,51 @@ def _recorded(args) -> dict:
     return {"command": args.command} | {k: v for k, v in vars(args).items() if k not in ("func", "command")}
 
 
-def cmd_mine(args) -> None:
+def _mining_filter(args):
+    """``--filter`` names one filter, or several joined by commas (a chain, each removal charged to its stage)."""
     from mining.filters import make_filter
-    from mining.mine import check_settings, mine
 
-    check_settings(args.depth, args.num_negatives, args.sampling)
-    params = {"topk": {}, "topk-percpos": {"perc": args.perc}, "topk-marginpos": {"margin": args.margin},
-              "topk-abs": {"max_score": args.max_score, "min_score": args.min_score}}.get(args.filter, {})
-    if any(value is None for key, value in params.items() if key != "min_score"):
-        raise HardnegError(f"filter {args.filter} needs " + ", ".join(
-            f"--{k.replace('_', '-')}" for k, v in params.items() if v is None and k != "min_score"))
-    flt = make_filter(args.filter, **params)
+    optional = {"min_score", "max_rank"}
+    stages = []
+    for name in (part.strip() for part in args.filter.split(",")):
+        params = {"topk": {}, "topk-percpos": {"perc": args.perc}, "topk-marginpos": {"margin": args.margin},
+                  "topk-abs": {"max_score": args.max_score, "min_score": args.min_score},
+                  "topk-shifted": {"shift": args.shift},
+                  "rank-window": {"min_rank": args.min_rank, "max_rank": args.max_rank}}.get(name, {})
+        missing = [k for k, v in params.items() if v is None and k not in optional]
+        if missing:
+            raise HardnegError(f"filter {name} needs " + ", ".join(f"--{k.replace('_', '-')}" for k in missing))
+        stages.append({"name": name, **{k: v for k, v in params.items() if v is not None or k not in optional}})
+    if len(stages) == 1:
+        return make_filter(**stages[0])
+    return make_filter("chain", stages=stages)
+
+
+def cmd_mine(args) -> None:
+    from mining.mine import check_settings, mine
+    from mining.sources import build_rescorer, build_source, check_source_settings
+    from retriever.dense import DEFAULT_CACHE_DIR
+
+    check_settings(args.depth, args.num_negatives, args.sampling, args.shard_size)
+    flt = _mining_filter(args)
+    specs = args.retriever or ["bm25"]
+    check_source_settings(specs, bm25_backend=args.bm25_backend, index=args.index, nprobe=args.nprobe,
+                          ef_search=args.ef_search, rrf_k=args.rrf_k, cross_encoder=args.cross_encoder,
+                          teacher=args.teacher)
+    cache_dir = None if args.no_cache else (args.cache_dir or DEFAULT_CACHE_DIR)
+    encode = {"batch_size": args.batch_size, "show_progress": not args.quiet}
+    if args.max_length:
+        encode["max_length"] = args.max_length
+    rescorer = build_rescorer(cross_encoder=args.cross_encoder, teacher=args.teacher, cache_dir=cache_dir,
+                              cross_encoder_batch_size=args.cross_encoder_batch_size, **encode)
+    source = build_source(specs, bm25_backend=args.bm25_backend, index=args.index, nprobe=args.nprobe,
+                          ef_search=args.ef_search, rrf_k=args.rrf_k, cache_dir=cache_dir, **encode)
     dataset = _dataset(args)
-    result = mine(dataset, _retriever(args.retriever, args), depth=args.depth, num_negatives=args.num_negatives,
-                  filter=flt, anchor=args.anchor, sampling=args.sampling, seed=args.seed, output_dir=args.output,
-                  config=_recorded(args))
-    print(f"mined {result.summary()}\nwrote {args.output}/pools.jsonl and pools.meta.json")
+    result = mine(dataset, source, depth=args.depth, num_negatives=args.num_negatives, filter=flt,
+                  anchor=args.anchor, sampling=args.sampling, seed=args.seed, output_dir=args.output,
+                  config=_recorded(args), rescorer=rescorer, shard_size=args.shard_size,
+                  show_progress=not args.quiet)
+    print(f"mined {result.summary()}\nwrote {args.output}/pools.jsonl, pools.meta.json and pools.scores.png")
 
 
 def cmd_train(args) -> None:
@@ -129,16 +158,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mine", help="mine hard-negative pools for a split")
     _data_arguments(p, "train")
     _encoder_arguments(p)
-    p.add_argument("--retriever", default="bm25", help="bm25, bm25:rank-bm25, or a model directory/name "
-                                                        "(default: bm25)")
+    source = p.add_argument_group("candidate sources")
+    source.add_argument("--retriever", action="append", help="bm25, bm25:rank-bm25, or a model directory/name; "
+                        "repeat to fuse several with reciprocal-rank fusion, e.g. --retriever bm25 --retriever "
+                        "all-MiniLM-L6-v2 (default: bm25)")
+    source.add_argument("--bm25-backend", default="bm25s", choices=("bm25s", "rank-bm25"),
+                        help="BM25 implementation; both use the same tokens (default: bm25s)")
+    source.add_argument("--rrf-k", type=float, default=60.0, help="RRF constant when fusing (default: 60)")
+    source.add_argument("--index", default="Flat", help="faiss index-factory string for dense search: Flat "
+                        "(exact, default), IVF4096,Flat, HNSW32, IVF1024,PQ32 ...")
+    source.add_argument("--nprobe", type=int, help="IVF: inverted lists visited per query")
+    source.add_argument("--ef-search", type=int, help="HNSW: search breadth (efSearch)")
+    source.add_argument("--cache-dir", help="corpus embeddings cache, keyed by "
+                        "model and corpus checksum (default: $HARDNEG_CACHE_DIR or ~/.cache/hardneg/embeddings)")
+    source.add_argument("--no-cache", action="store_true", help="do not read or write cached embeddings")
+    source.add_argument("--cross-encoder", help="sentence-transformers CrossEncoder (path or name) that rescores "
+                        "candidates and positives; the filters then use its scores")
+    source.add_argument("--cross-encoder-batch-size", type=int, default=32)
+    source.add_argument("--teacher", help="a bi-encoder (path or name) that scores candidates and positives "
+                        "instead of the retriever, e.g. a larger model than the one you will train")
     p.add_argument("--depth", type=int, default=100, help="candidates retrieved per query (default: 100)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="queries per pools shard; an interrupted run "
+                   "resumes after the last finished shard (default: 10000)")
     p.add_argument("--num-negatives", type=int, default=8, help="negatives kept per query (default: 8)")
-    p.add_argument("--filter", default="topk-percpos", help="topk, topk-abs, topk-marginpos, topk-percpos "
-                                                            "(default: topk-percpos)")
+    p.add_argument("--filter", default="topk-percpos", help="topk, topk-shifted, rank-window, topk-abs, "
+                   "topk-marginpos, topk-percpos, or several joined by commas, e.g. topk-shifted,topk-percpos "
+                   "(default: topk-percpos)")
     p.add_argument("--perc", type=float, default=0.95, help="topk-percpos: keep scores <= perc of the anchor")
     p.add_argument("--margin", type=float, help="topk-marginpos: keep scores <= anchor - margin")
     p.add_argument("--max-score", type=float, help="topk-abs: keep scores <= this")
     p.add_argument("--min-score", type=float, help="topk-abs: and >= this")
+    p.add_argument("--shift", type=int, help="topk-shifted: skip this many best non-positive candidates")
+    p.add_argument("--min-rank", type=int, default=1, help="rank-window: first rank kept (default: 1)")
+    p.add_argument("--max-rank", type=int, help="rank-window: last rank kept (default: no limit)")
     p.add_argument("--anchor", default="min", choices=("min", "mean", "max"),
                    help="which positive score the filter compares with (default: the lowest)")
     p.add_argument("--sampling", default="top", choices=("top", "random"), help="take the best survivors or a "

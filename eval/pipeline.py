@@ -21,9 +21,10 @@ from eval.evaluate import evaluate
 from eval.metrics import DEFAULT_METRICS
 from mining.filters import make_filter
 from mining.mine import POOLS_FILE, check_settings, mine
+from mining.sources import build_rescorer, build_source, check_source_settings
 from retriever.data import Dataset, load_dataset, read_pools
 from retriever.io import HardnegError, atomic_write, file_checksum, library_versions, write_json
-from retriever.protocol import as_retriever
+from retriever.protocol import as_retriever, describe
 from retriever.train import TrainConfig, train
 
 DEFAULTS: dict = {
@@ -34,7 +35,9 @@ DEFAULTS: dict = {
     "data": {"path": None, "corpus": None, "queries": None, "qrels": None},
     "encode": {"batch_size": 64, "max_length": None},
     "mine": {"split": "train", "retriever": "bm25", "depth": 100, "num_negatives": 8,
-             "filter": "topk-percpos", "filter_params": {"perc": 0.95}, "anchor": "min", "sampling": "top"},
+             "filter": "topk-percpos", "filter_params": {"perc": 0.95}, "anchor": "min", "sampling": "top",
+             "bm25_backend": "bm25s", "index": "Flat", "nprobe": None, "ef_search": None, "rrf_k": 60,
+             "cross_encoder": None, "teacher": None, "cache_dir": None, "shard_size": 10_000},
     "train": {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "seed")},
     "evaluate": {"split": "test", "metrics": list(DEFAULT_METRICS), "depth": 1000, "before": True},
 }
@@ -117,8 +120,12 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     """
     seed = int(config["seed"])
     mining, training = config["mine"], config["train"]
-    check_settings(mining["depth"], mining["num_negatives"], mining["sampling"])
+    check_settings(mining["depth"], mining["num_negatives"], mining["sampling"], mining["shard_size"])
     flt = make_filter(mining["filter"], **(mining["filter_params"] or {}))
+    specs = mining["retriever"] if isinstance(mining["retriever"], list) else [mining["retriever"]]
+    specs = ["model" if spec == config["model"] else spec for spec in specs]
+    source_options = {key: mining[key] for key in ("bm25_backend", "index", "nprobe", "ef_search", "rrf_k")}
+    check_source_settings(specs, cross_encoder=mining["cross_encoder"], teacher=mining["teacher"], **source_options)
     train_config = TrainConfig(model=config["model"], seed=seed, **training)
     train_config.check()
     mine_split, eval_splits = _datasets(config)
@@ -135,13 +142,16 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     if config["evaluate"]["before"]:
         echo(f"[1/4] evaluating {config['model']} before training on {names}")
         results["before"] = _evaluate_all(eval_splits, base, config, output / "eval-before", echo, "before")
-    source = base if mining["retriever"] in ("model", config["model"]) else mining["retriever"]
-    echo(f"[2/4] mining {mine_split.name}/{mine_split.split} with {mining['retriever']}, filter {flt.name}")
+    cache = {"cache_dir": mining["cache_dir"]}
+    source = build_source(specs, models={"model": base}, **source_options, **cache, **encode)
+    rescorer = build_rescorer(cross_encoder=mining["cross_encoder"], teacher=mining["teacher"], **cache, **encode)
+    echo(f"[2/4] mining {mine_split.name}/{mine_split.split} with {describe(source)}, filter {flt.name}"
+         + (f", rescored by {describe(rescorer)}" if rescorer is not None else ""))
     mined = mine(mine_split, source, depth=mining["depth"], num_negatives=mining["num_negatives"], filter=flt,
                  anchor=mining["anchor"], sampling=mining["sampling"], seed=seed, output_dir=output / "pools",
-                 config=config)
+                 config=config, rescorer=rescorer, shard_size=mining["shard_size"], show_progress=show_progress)
     echo("      " + mined.summary().replace("\n", "\n      "))
-    del base, source  # free the base model before training loads its own copy
+    del base, source, rescorer  # free the base model before training loads its own copy
     echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)")
     pools_file = output / "pools" / POOLS_FILE
     summary = train(read_pools(pools_file, mine_split.corpus), mine_split.corpus, train_config, output / "model",

@@ -158,3 +158,79 @@ class Rescored:
 
     def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
         return self.scorer.score(corpus, queries, pairs)
+
+
+def check_source_settings(specs: Sequence[str], *, bm25_backend: str = "bm25s", index: str = "Flat",
+                          nprobe: int | None = None, ef_search: int | None = None, rrf_k: float = RRF_K,
+                          cross_encoder: str | None = None, teacher: str | None = None) -> None:
+    """Refuse bad source settings in a second, before a model is loaded or a document is read.
+
+    Options that would be silently ignored are refused too (an index string with BM25 only, a cross-encoder
+    together with a teacher), because a miner that quietly drops a setting is what users complain about.
+    """
+    from retriever.bm25 import BACKENDS
+    from retriever.encoder import resolve_model_path
+    from retriever.index import check_index_spec
+
+    if not specs:
+        raise HardnegError("give at least one source (--retriever bm25, a model name/path, or several to fuse)")
+    if bm25_backend not in BACKENDS:
+        raise HardnegError(f"unknown BM25 backend {bm25_backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_index_spec(index)
+    dense_specs = [spec for spec in specs if spec.split(":")[0].lower() != "bm25"]
+    if not dense_specs and (index != "Flat" or nprobe is not None or ef_search is not None):
+        raise HardnegError("--index/--nprobe/--ef-search apply to dense retrieval; the only source is BM25")
+    if nprobe is not None and (nprobe < 1 or "IVF" not in index):
+        raise HardnegError(f"--nprobe {nprobe}: needs an IVF index (e.g. --index IVF1024,Flat) and a value >= 1")
+    if ef_search is not None and (ef_search < 1 or "HNSW" not in index):
+        raise HardnegError(f"--ef-search {ef_search}: needs an HNSW index (e.g. --index HNSW32) and a value >= 1")
+    if rrf_k <= 0:
+        raise HardnegError(f"--rrf-k must be positive, got {rrf_k}")
+    if cross_encoder and teacher:
+        raise HardnegError("give either a cross-encoder or a teacher to rescore with, not both")
+    for spec in [*dense_specs, *([cross_encoder] if cross_encoder else []), *([teacher] if teacher else [])]:
+        if spec != "model":
+            resolve_model_path(spec)  # a path that does not exist is refused here
+
+
+def build_source(specs: Sequence[str | object], *, bm25_backend: str = "bm25s", index: str = "Flat",
+                 nprobe: int | None = None, ef_search: int | None = None, rrf_k: float = RRF_K,
+                 cache_dir: str | os.PathLike | None = None, models: dict[str, object] | None = None,
+                 **encode_options) -> Retriever:
+    """The candidate source the CLI and configs describe: one spec, or several fused with RRF.
+
+    A spec is ``"bm25"`` (``"bm25:rank-bm25"`` picks the backend per source), a model name/path, an
+    already built retriever/encoder, or a key of ``models`` (the pipeline passes its loaded base model as
+    ``"model"`` so it is not loaded twice).
+    """
+    built = []
+    show_progress = encode_options.get("show_progress", True)
+    for spec in specs:
+        if isinstance(spec, str) and spec.split(":")[0].lower() == "bm25":
+            backend = spec.split(":", 1)[1] if ":" in spec else bm25_backend
+            built.append(bm25(backend, show_progress=show_progress))
+        elif isinstance(spec, str) and models and spec in models:
+            loaded = models[spec]
+            if index == "Flat" and nprobe is None and ef_search is None:
+                built.append(as_retriever(loaded))  # keeps its corpus embeddings if it has encoded already
+            else:
+                built.append(dense(getattr(loaded, "encoder", loaded), index=index, nprobe=nprobe,
+                                   ef_search=ef_search, cache_dir=cache_dir, **encode_options))
+        else:
+            built.append(dense(spec, index=index, nprobe=nprobe, ef_search=ef_search, cache_dir=cache_dir,
+                               **encode_options))
+    return built[0] if len(built) == 1 else Hybrid(built, k=rrf_k)
+
+
+def build_rescorer(*, cross_encoder: str | None = None, teacher: str | None = None,
+                   cross_encoder_batch_size: int = 32, cache_dir: str | os.PathLike | None = None,
+                   **encode_options) -> Scorer | None:
+    """The scorer behind the source, if any: a cross-encoder, or a teacher bi-encoder (its own embeddings
+    cached like any dense model's)."""
+    if cross_encoder:
+        return CrossEncoderScorer(cross_encoder, batch_size=cross_encoder_batch_size,
+                                  max_length=encode_options.get("max_length"),
+                                  show_progress=encode_options.get("show_progress", True))
+    if teacher:
+        return as_retriever(teacher, cache_dir=cache_dir, **encode_options)
+    return None

@@ -174,6 +174,10 @@ class VectorIndex:
 
 def _merge(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` per row; equal scores by corpus position, the order a single flat index gives."""
+    if scores.shape[1] < k:  # fewer candidates than asked (k-capped shards): pad; the caller re-searches
+        pad = k - scores.shape[1]
+        scores = np.hstack([scores, np.full((len(scores), pad), -np.inf, dtype=scores.dtype)])
+        positions = np.hstack([positions, np.full((len(positions), pad), -1, dtype=positions.dtype)])
     scores = np.where(positions >= 0, scores, -np.inf)
     order = np.lexsort((np.where(positions >= 0, positions, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
     return (np.take_along_axis(scores, order, axis=1).astype(np.float32),
