@@ -1,0 +1,183 @@
+"""Candidate sources: RRF fusion by hand, the two BM25 backends agree, cross-encoder and teacher rescoring
+really change the scores the filters use, and bad source settings are refused before any work."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_bert
+
+from mining.filters import TopK, TopKMarginPos, TopKPercPos
+from mining.mine import META_FILE, mine
+from mining.sources import CrossEncoderScorer, Hybrid, Rescored, bm25, build_source, check_source_settings, dense
+from retriever.bm25 import BM25Retriever
+from retriever.data import Corpus, Dataset
+from retriever.encoder import DualEncoder
+from retriever.io import HardnegError
+
+
+def small(dataset: Dataset, queries: int, documents: int | None = None) -> Dataset:
+    """The first ``queries`` queries; with ``documents``, a corpus cut to their judged documents plus the first
+    ``documents`` others, so that tests encoding the corpus with a model take seconds."""
+    keep = sorted(dataset.qrels)[:queries]
+    data = replace(dataset, qrels={q: dataset.qrels[q] for q in keep}, queries={q: dataset.queries[q] for q in keep})
+    if documents is None:
+        return data
+    corpus = dataset.corpus
+    wanted = {d for q in keep for d in dataset.qrels[q]} | set(corpus.ids[:documents])
+    rows = [i for i, doc_id in enumerate(corpus.ids) if doc_id in wanted]
+    return replace(data, corpus=Corpus([corpus.ids[i] for i in rows], [corpus.titles[i] for i in rows],
+                                       [corpus.bodies[i] for i in rows]))
+
+
+class FixedRun:
+    """A source with a fixed ranked list (a custom Retriever from the Python API)."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def search(self, corpus, queries, top_k):
+        return {q: dict(sorted(self.run[q].items(), key=lambda kv: -kv[1])[:top_k]) for q in queries}
+
+
+def test_reciprocal_rank_fusion_by_hand():
+    corpus = Corpus(ids=["a", "b", "c", "d", "e"], titles=[""] * 5, bodies=["x"] * 5)
+    first = FixedRun({"q": {"a": 9.0, "b": 8.0, "c": 7.0}})
+    second = FixedRun({"q": {"c": 0.9, "d": 0.8, "a": 0.1}})
+    fused = Hybrid([first, second], k=60).search(corpus, {"q": "text"}, 10)["q"]
+    expected = {"a": 1 / 61 + 1 / 63, "b": 1 / 62, "c": 1 / 63 + 1 / 61, "d": 1 / 62}
+    assert fused.keys() == expected.keys()
+    for doc_id, value in expected.items():
+        assert fused[doc_id] == pytest.approx(value, rel=1e-12)
+    # a and c tie: corpus order breaks the tie; b and d tie likewise.
+    assert list(fused) == ["a", "c", "b", "d"]
+    assert list(Hybrid([first, second], k=1).search(corpus, {"q": "t"}, 2)["q"]) == ["a", "c"]
+
+
+def test_hybrid_of_real_sources_fuses_both(demo_train, tiny_model):
+    data = small(demo_train, 5, 300)
+    lexical, semantic = bm25(show_progress=False), dense(str(tiny_model), show_progress=False)
+    fused = Hybrid([lexical, semantic]).search(data.corpus, data.queries, 20)
+    by_bm25 = lexical.search(data.corpus, data.queries, 20)
+    by_dense = semantic.search(data.corpus, data.queries, 20)
+    for query_id, row in fused.items():
+        assert len(row) == 20
+        assert set(row) <= set(by_bm25[query_id]) | set(by_dense[query_id])
+        both = set(by_bm25[query_id]) & set(by_dense[query_id])
+        if both:  # a document found by both sources outranks any found by one source at a lower rank in it
+            assert max(row[d] for d in both) >= min(row.values())
+
+
+def test_bm25_backends_agree_on_top_results(demo_train):
+    data = small(demo_train, 30)
+    fast = BM25Retriever(backend="bm25s", show_progress=False).search(data.corpus, data.queries, 10)
+    reference = BM25Retriever(backend="rank-bm25", show_progress=False).search(data.corpus, data.queries, 10)
+    overlaps = [len(set(fast[q]) & set(reference[q])) / max(len(reference[q]), 1) for q in data.queries]
+    top1 = np.mean([next(iter(fast[q]), None) == next(iter(reference[q]), None) for q in data.queries])
+    assert np.mean(overlaps) >= 0.8
+    assert top1 >= 0.8
+
+
+@pytest.fixture(scope="module")
+def tiny_cross_encoder(tmp_path_factory, demo_train):
+    """A random-weight BERT with a one-logit classification head, in the sentence-transformers CrossEncoder
+    folder layout (a HF sequence-classification model). Its scores vary little (random pooler), so the test
+    filter is the scale-free TopK-MarginPos with margin 0."""
+    from transformers import BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-cross-encoder")
+    texts = demo_train.corpus.texts()[:500] + list(demo_train.queries.values())
+    build_tiny_bert(folder, texts)
+    torch.manual_seed(1)
+    model = BertForSequenceClassification.from_pretrained(folder, num_labels=1)
+    with torch.no_grad():  # a wide head, so that random scores spread instead of all sitting near sigmoid(0)
+        model.classifier.weight.normal_(0.0, 3.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_cross_encoder_scores_drive_the_filter(demo_train, tiny_cross_encoder, tmp_path):
+    from sentence_transformers import CrossEncoder
+
+    data = small(demo_train, 6, 300)
+    scorer = CrossEncoderScorer(str(tiny_cross_encoder), show_progress=False, max_length=64)
+    plain = mine(data, BM25Retriever(show_progress=False), depth=20, num_negatives=4, filter=TopKMarginPos(0.0),
+                 anchor="max")
+    rescored = mine(data, BM25Retriever(show_progress=False), depth=20, num_negatives=4,
+                    filter=TopKMarginPos(0.0), anchor="max", rescorer=scorer, output_dir=tmp_path)
+    reference = CrossEncoder(str(tiny_cross_encoder), max_length=64)  # independent scoring of the same pairs
+    candidates = BM25Retriever(show_progress=False).search(data.corpus, data.queries, 20)
+    changed = False
+    for pool, before in zip(rescored.pools, plain.pools):
+        query = data.queries[pool.query_id]
+        pairs = [(query, data.corpus.text_of(d)) for d in candidates[pool.query_id]]
+        expected = dict(zip(candidates[pool.query_id], reference.predict(pairs, show_progress_bar=False)))
+        positive = reference.predict([(query, data.corpus.text_of(p.doc_id)) for p in pool.positives],
+                                     show_progress_bar=False)
+        assert [p.score for p in pool.positives] == pytest.approx([float(s) for s in positive], abs=1e-5)
+        threshold = max(float(s) for s in positive)  # margin 0: nothing may outscore the best positive
+        for negative in pool.negatives:
+            assert negative.score == pytest.approx(float(expected[negative.doc_id]), abs=1e-5)
+            assert negative.score <= threshold + 1e-6
+            assert negative.source == "bm25>cross-encoder"
+        survivors = sorted((d for d in candidates[pool.query_id] if d not in {p.doc_id for p in pool.positives}
+                            and expected[d] <= threshold), key=lambda d: (-expected[d], data.corpus.position[d]))
+        assert [n.doc_id for n in pool.negatives] == survivors[:4]
+        changed |= [n.doc_id for n in pool.negatives] != [n.doc_id for n in before.negatives]
+    assert changed, "cross-encoder rescoring should change which negatives are kept"
+    assert any(pool.negatives for pool in rescored.pools)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["settings"]["rescorer"].startswith("cross-encoder:")
+
+
+def test_a_teacher_scores_instead_of_the_retriever(demo_train, tiny_model, tmp_path):
+    data = small(demo_train, 6, 300)
+    teacher = DualEncoder.load(str(tiny_model))
+    result = mine(data, "bm25", depth=20, num_negatives=3, filter=TopK(), rescorer=str(tiny_model))
+    documents = teacher.encode_documents(data.corpus.texts())
+    for pool in result.pools:
+        query = teacher.encode_queries([data.queries[pool.query_id]])[0]
+        for item in pool.positives + pool.negatives:
+            assert item.score == pytest.approx(float(documents[data.corpus.position[item.doc_id]] @ query), abs=1e-5)
+    assert all(-1.0001 <= n.score <= 1.0001 for pool in result.pools for n in pool.negatives)
+
+
+def test_hybrid_with_a_positive_aware_filter_needs_a_rescorer(demo_train, tiny_model):
+    data = small(demo_train, 4, 300)
+    fused = Hybrid([bm25(show_progress=False), dense(str(tiny_model), show_progress=False)])
+    with pytest.raises(HardnegError, match="rescore"):
+        mine(data, fused, filter=TopKPercPos(0.95))
+    result = mine(data, Rescored(fused, str(tiny_model)), depth=20, num_negatives=2, filter=TopKPercPos(0.95))
+    assert result.pools and result.meta["settings"]["retriever"].startswith("hybrid-rrf(k=60)")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"index": "IVF"}, "unknown faiss index"),
+    ({"cross_encoder": "./no/such/cross-encoder"}, "does not exist"),
+    ({"teacher": "/no/such/teacher"}, "does not exist"),
+    ({"cross_encoder": "a", "teacher": "b"}, "not both"),
+    ({"index": "HNSW32"}, "only source is BM25"),
+    ({"bm25_backend": "lucene"}, "BM25 backend"),
+    ({"rrf_k": 0}, "rrf-k"),
+])
+def test_bad_source_settings_are_refused(kwargs, message):
+    with pytest.raises(HardnegError, match=message):
+        check_source_settings(["bm25"], **kwargs)
+
+
+def test_nprobe_needs_an_ivf_index():
+    with pytest.raises(HardnegError, match="IVF"):
+        check_source_settings(["some-model"], index="HNSW32", nprobe=4)
+    check_source_settings(["some-model"], index="IVF64,Flat", nprobe=4)
+
+
+def test_build_source_fuses_several_specs(tiny_model):
+    assert isinstance(build_source(["bm25"]), BM25Retriever)
+    assert build_source(["bm25:rank-bm25"]).backend == "rank-bm25"
+    fused = build_source(["bm25", str(tiny_model)], index="HNSW32", rrf_k=10, show_progress=False)
+    assert isinstance(fused, Hybrid) and fused.k == 10
+    assert fused.sources[1].index_spec == "HNSW32"
