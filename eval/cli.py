@@ -137,6 +137,20 @@ def cmd_evaluate(args) -> None:
         print(f"wrote {args.output}/metrics.json and {args.output}/run.trec")
 
 
+def cmd_export(args) -> None:
+    from mining.export import export_pools
+    from retriever.data import load_corpus_of, read_pools
+
+    pools_path = os.path.join(args.pools, "pools.jsonl") if os.path.isdir(args.pools) else args.pools
+    needs_corpus = args.format != "pools"
+    if needs_corpus and not (args.data or args.corpus):
+        raise HardnegError(f"--format {args.format} needs the corpus to resolve texts: give --data or --corpus")
+    corpus = load_corpus_of(args.data, args.corpus) if (args.data or args.corpus) else None
+    result = export_pools(read_pools(pools_path, corpus), corpus, args.output, args.format,
+                          num_negatives=args.num_negatives, max_positives=args.max_positives)
+    print(result.summary())
+
+
 def cmd_run(args) -> None:
     from eval.pipeline import load_config, run_pipeline
 
@@ -228,6 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=1000, help="documents retrieved per query (default: 1000)")
     p.add_argument("--output", help="folder for metrics.json and run.trec")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write mined pools as a Hugging Face dataset, parquet, or "
+                       "sentence-transformers triplets / n-tuples")
+    p.add_argument("--pools", required=True, help="pools.jsonl, or the folder holding it")
+    p.add_argument("--data", help="dataset folder or bundled name whose corpus the pools refer to")
+    p.add_argument("--corpus", help="or the corpus file itself")
+    p.add_argument("--format", default="pools", choices=("pools", "triplets", "ntuples"),
+                   help="pools: one row per query with ids and scores; triplets: (anchor, positive, negative) "
+                        "texts; ntuples: (anchor, positive, negative_1..n) texts (default: pools)")
+    p.add_argument("--num-negatives", type=int, help="ntuples: negatives per row; queries with fewer are left "
+                   "out (default: the most any pool has)")
+    p.add_argument("--max-positives", type=int, help="triplets/ntuples: use at most this many positives per "
+                   "query, in pool order (default: all)")
+    p.add_argument("--output", required=True, help="a .parquet file, or a folder for datasets.save_to_disk")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="evaluate, mine, train and evaluate again from one config file")
     p.add_argument("config", help="a YAML file, e.g. configs/nfcorpus-demo.yaml")

@@ -109,3 +109,28 @@ def test_sentence_transformers_loss_consumes_a_batch(pools, corpus, tiny_model):
         value.backward()
         assert value.ndim == 0 and torch.isfinite(value)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_cli_export_writes_each_format_and_refuses_without_a_corpus(tmp_path, demo_train, capsys):
+    import datasets
+
+    from eval.cli import main
+    from mining.filters import TopK
+    from mining.mine import mine
+    from retriever.data import read_pools
+
+    mine(demo_train, "bm25", depth=10, num_negatives=2, filter=TopK(), output_dir=tmp_path / "pools")
+    pools = read_pools(tmp_path / "pools" / "pools.jsonl")
+    assert main(["--quiet", "export", "--pools", str(tmp_path / "pools"), "--output", str(tmp_path / "p.parquet")]) == 0
+    assert dataset_to_pools(datasets.load_dataset("parquet", data_files=str(tmp_path / "p.parquet"),
+                                                  split="train")) == pools
+    assert main(["--quiet", "export", "--pools", str(tmp_path / "pools"), "--format", "triplets", "--data",
+                 "nfcorpus-demo", "--max-positives", "1", "--output", str(tmp_path / "t")]) == 0
+    triplets = datasets.load_from_disk(str(tmp_path / "t"))
+    assert len(triplets) == sum(len(p.negatives) for p in pools)
+    assert triplets[0]["anchor"] == pools[0].query
+    assert triplets[0]["negative"] == demo_train.corpus.text_of(pools[0].negatives[0].doc_id)
+    capsys.readouterr()
+    assert main(["--quiet", "export", "--pools", str(tmp_path / "pools"), "--format", "ntuples",
+                 "--output", str(tmp_path / "n")]) == 2
+    assert "needs the corpus" in capsys.readouterr().err and not (tmp_path / "n").exists()
