@@ -15,9 +15,18 @@ from retriever.data import Dataset, read_pools
 from retriever.io import HardnegError
 
 
-def small(dataset: Dataset, queries: int = 60) -> Dataset:
+def small(dataset: Dataset, queries: int = 60, documents: int | None = None) -> Dataset:
+    """The first ``queries`` queries; with ``documents``, the corpus cut to their judged documents plus the
+    first ``documents`` others, so tests that encode the corpus with a model take seconds."""
     keep = sorted(dataset.qrels)[:queries]
-    return replace(dataset, qrels={q: dataset.qrels[q] for q in keep}, queries={q: dataset.queries[q] for q in keep})
+    data = replace(dataset, qrels={q: dataset.qrels[q] for q in keep}, queries={q: dataset.queries[q] for q in keep})
+    if documents is None:
+        return data
+    corpus = dataset.corpus
+    wanted = {d for q in keep for d in dataset.qrels[q]} | set(corpus.ids[:documents])
+    rows = [i for i, doc_id in enumerate(corpus.ids) if doc_id in wanted]
+    return replace(data, corpus=type(corpus)([corpus.ids[i] for i in rows], [corpus.titles[i] for i in rows],
+                                             [corpus.bodies[i] for i in rows]))
 
 
 def test_bm25_pools_follow_the_filter_exactly(demo_train, tmp_path):
@@ -113,7 +122,7 @@ def test_any_encoder_can_mine(demo_train):
 
 
 def test_dense_mining_with_a_real_model(demo_train, tiny_model):
-    result = mine(small(demo_train, 10), str(tiny_model), depth=20, num_negatives=3)
+    result = mine(small(demo_train, 10, 300), str(tiny_model), depth=20, num_negatives=3)
     pool = result.pools[0]
     assert all(-1.0001 <= p.score <= 1.0001 for p in pool.positives)  # cosine scale
     threshold = TopKPercPos(0.95).threshold(min(p.score for p in pool.positives))
@@ -141,3 +150,172 @@ def test_positive_aware_filter_needs_scores(demo_train):
     with pytest.raises(HardnegError, match="score"):
         mine(small(demo_train, 5), SearchOnly(), filter=TopKPercPos(0.95))
     assert mine(small(demo_train, 5), SearchOnly(), filter=TopK(), num_negatives=1).pools
+
+
+# ---------------------------------------------------------------------------------------- scale: cache, shards
+
+
+class CountingEncoder(HashingEncoder):
+    """The hashing encoder, declaring a cache identity and counting how many documents it encoded."""
+
+    cache_identity = {"model": "hashing-64"}
+
+    def __init__(self):
+        self.documents_encoded = 0
+
+    def encode_documents(self, texts):
+        self.documents_encoded += len(texts)
+        return super().encode_documents(texts)
+
+
+def test_embedding_cache_hit_skips_encoding_and_gives_identical_pools(demo_train, tmp_path):
+    from retriever.dense import DenseRetriever
+
+    data = small(demo_train, 15)
+    first, second = CountingEncoder(), CountingEncoder()
+    for name, encoder in (("a", first), ("b", second)):
+        mine(data, DenseRetriever(encoder, cache_dir=tmp_path / "cache", show_progress=False), depth=20,
+             num_negatives=3, output_dir=tmp_path / name)
+    assert first.documents_encoded == len(data.corpus)
+    assert second.documents_encoded == 0  # the corpus came from the cache
+    assert (tmp_path / "a" / POOLS_FILE).read_bytes() == (tmp_path / "b" / POOLS_FILE).read_bytes()
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    # Another corpus (one document dropped) is another key: encoded again, never a stale hit.
+    corpus = data.corpus
+    other = replace(data, corpus=type(corpus)(corpus.ids[:-1], corpus.titles[:-1], corpus.bodies[:-1]))
+    third = CountingEncoder()
+    DenseRetriever(third, cache_dir=tmp_path / "cache", show_progress=False).corpus_embeddings(other.corpus)
+    assert third.documents_encoded == len(corpus) - 1
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+
+def test_cache_key_follows_model_and_encoding_options(demo_train, tiny_model, tmp_path):
+    from retriever.dense import DenseRetriever
+    from retriever.encoder import DualEncoder
+
+    corpus = demo_train.corpus
+    paths = {DenseRetriever(DualEncoder.load(str(tiny_model), max_length=length), cache_dir=tmp_path)
+             .cache_path(corpus) for length in (32, 32, 64)}
+    assert len(paths) == 2
+    assert DenseRetriever(HashingEncoder(), cache_dir=tmp_path).cache_path(corpus) is None  # unknown identity
+
+
+class FailingBM25(BM25Retriever):
+    """BM25 that fails on its ``fail_at``-th search call: a crash in the middle of a mining run."""
+
+    def __init__(self, fail_at=None):
+        super().__init__(show_progress=False)
+        self.fail_at, self.calls = fail_at, 0
+
+    def search(self, corpus, queries, top_k):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("simulated crash")
+        return super().search(corpus, queries, top_k)
+
+
+def test_interrupted_mining_resumes_and_gives_the_same_bytes(demo_train, tmp_path):
+    data = small(demo_train, 25)
+    settings = {"depth": 30, "num_negatives": 4, "sampling": "random", "seed": 3, "shard_size": 10,
+                "filter": TopKPercPos(0.95), "anchor": "mean"}
+    mine(data, FailingBM25(), output_dir=tmp_path / "whole", **settings)
+    with pytest.raises(RuntimeError, match="simulated"):
+        mine(data, FailingBM25(fail_at=2), output_dir=tmp_path / "resumed", **settings)
+    assert not (tmp_path / "resumed" / POOLS_FILE).exists()  # no half-written pools
+    assert sorted(p.name for p in (tmp_path / "resumed" / ".pools-shards").glob("shard-*")) == \
+        ["shard-00000.jsonl", "shard-00000.npz"]
+    again = FailingBM25()
+    result = mine(data, again, output_dir=tmp_path / "resumed", **settings)
+    assert again.calls == 2  # shards 2 and 3 only; shard 1 was read back
+    for name in (POOLS_FILE, "pools.scores.png"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+    metas = [json.loads((tmp_path / name / META_FILE).read_text()) for name in ("whole", "resumed")]
+    for meta in metas:
+        meta.pop("seconds")
+    assert metas[0] == metas[1]
+    assert result.stats.queries == 25
+    assert not (tmp_path / "resumed" / ".pools-shards").exists()
+
+
+def test_shards_of_other_settings_are_not_reused(demo_train, tmp_path):
+    data = small(demo_train, 12)
+    with pytest.raises(RuntimeError):
+        mine(data, FailingBM25(fail_at=2), output_dir=tmp_path, depth=20, num_negatives=3, shard_size=5)
+    source = FailingBM25()
+    mine(data, source, output_dir=tmp_path, depth=25, num_negatives=3, shard_size=5)  # depth changed
+    assert source.calls == 3
+    fresh = tmp_path / "fresh"
+    mine(data, FailingBM25(), output_dir=fresh, depth=25, num_negatives=3, shard_size=5)
+    assert (tmp_path / POOLS_FILE).read_bytes() == (fresh / POOLS_FILE).read_bytes()
+
+
+def test_shard_size_does_not_change_the_pools(demo_train, tmp_path):
+    data = small(demo_train, 20)
+    for name, size in (("one", 1000), ("many", 3)):
+        mine(data, "bm25", depth=30, num_negatives=4, shard_size=size, output_dir=tmp_path / name)
+    assert (tmp_path / "one" / POOLS_FILE).read_bytes() == (tmp_path / "many" / POOLS_FILE).read_bytes()
+
+
+def test_report_is_written_and_matches_the_counts(demo_train, tmp_path):
+    data = small(demo_train, 20)
+    result = mine(data, "bm25", depth=30, num_negatives=4, anchor="mean", output_dir=tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    report = meta["report"]
+    stages = report["candidates_by_stage"]
+    assert stages["labelled-positive"] == result.stats.removed_positives
+    assert stages["topk-percpos"] == result.stats.removed_by_filter
+    assert stages["sampled"] == result.stats.kept_negatives == sum(len(p.negatives) for p in result.pools)
+    assert sum(stages.values()) == result.stats.candidates
+    assert (tmp_path / "pools.scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--index", "IVF"], "unknown faiss index"),
+    (["--retriever", "bm25", "--cross-encoder", "./missing-cross-encoder"], "does not exist"),
+    (["--depth", "3", "--num-negatives", "5"], "depth"),
+    (["--perc", "1.5"], "perc"),
+    (["--retriever", "./no/such/model"], "does not exist"),
+    (["--shard-size", "0"], "shard_size"),
+])
+def test_cli_refuses_bad_settings_before_work(extra, message, tmp_path, capsys):
+    from eval.cli import main
+
+    output = tmp_path / "pools"
+    code = main(["--quiet", "mine", "--data", "nfcorpus-demo", "--output", str(output), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("hardneg: error:") and message in err and "\n" not in err
+    assert not output.exists()
+
+
+def test_cli_mines_with_a_fused_source_and_a_teacher(demo_train, tiny_model, tmp_path, capsys):
+    from eval.cli import main
+
+    data_dir = tmp_path / "data"
+    (data_dir / "qrels").mkdir(parents=True)
+    sub = small(demo_train, 4)
+    keep = {d for q in sub.qrels for d in sub.qrels[q]} | set(sub.corpus.ids[:150])
+    with open(data_dir / "corpus.jsonl", "w") as handle:
+        for i, doc_id in enumerate(sub.corpus.ids):
+            if doc_id in keep:
+                handle.write(json.dumps({"_id": doc_id, "title": sub.corpus.titles[i], "text": sub.corpus.bodies[i]})
+                             + "\n")
+    with open(data_dir / "queries.jsonl", "w") as handle:
+        for query_id, text in sub.queries.items():
+            handle.write(json.dumps({"_id": query_id, "text": text}) + "\n")
+    with open(data_dir / "qrels" / "train.tsv", "w") as handle:
+        handle.write("query-id\tcorpus-id\tscore\n")
+        for query_id, row in sub.qrels.items():
+            for doc_id, grade in row.items():
+                handle.write(f"{query_id}\t{doc_id}\t{grade}\n")
+    code = main(["--quiet", "mine", "--data", str(data_dir), "--retriever", "bm25", "--retriever", str(tiny_model),
+                 "--index", "HNSW32", "--ef-search", "64", "--teacher", str(tiny_model), "--depth", "20",
+                 "--num-negatives", "2", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / META_FILE).read_text())
+    assert meta["settings"]["retriever"].startswith("hybrid-rrf(k=60):bm25")
+    assert meta["settings"]["rescorer"].startswith("dense:")
+    assert list((tmp_path / "cache").glob("*.npy"))
