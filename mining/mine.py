@@ -199,10 +199,13 @@ def _mine_shard(dataset: Dataset, source, source_name: str, queries: dict[str, s
                 positives: dict[str, list[str]], chain, depth: int, num_negatives: int, anchor: str,
                 sampling: str, seed: int) -> tuple[list[Pool], list[_QueryRecord]]:
     corpus = dataset.corpus
-    run = source.search(corpus, queries, depth)
     wanted = {query_id: positives[query_id] for query_id in queries}
-    positive_scores = source.score(corpus, queries, wanted) if isinstance(source, Scorer) \
-        else {query_id: dict.fromkeys(wanted[query_id]) for query_id in queries}
+    if hasattr(source, "search_and_score"):  # one pass for candidates and positives (BM25, dense)
+        run, positive_scores = source.search_and_score(corpus, queries, depth, wanted)
+    else:
+        run = source.search(corpus, queries, depth)
+        positive_scores = source.score(corpus, queries, wanted) if isinstance(source, Scorer) \
+            else {query_id: dict.fromkeys(wanted[query_id]) for query_id in queries}
     pools, records = [], []
     for query_id, text in queries.items():
         labelled = positives[query_id]

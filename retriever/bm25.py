@@ -69,13 +69,22 @@ class BM25Retriever:
 
     def search(self, corpus: Corpus, queries: Queries, top_k: int) -> Run:
         """Top documents with a positive score (a document sharing no term with the query is not returned)."""
+        return self.search_and_score(corpus, queries, top_k, {})[0]
+
+    def search_and_score(self, corpus: Corpus, queries: Queries, top_k: int,
+                         pairs: dict[str, list[str]]) -> tuple[Run, Run]:
+        """``search`` and ``score`` from one scoring pass per query (mining needs both; BM25 scores every
+        document of the corpus anyway, so the positives' scores come for free)."""
         run: Run = {}
+        scored: Run = {}
         for query_id, scores in self.scores(corpus, queries):
             k = min(top_k, len(scores))
             top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
             top = top[np.lexsort((top, -scores[top]))]
             run[query_id] = {corpus.ids[i]: float(scores[i]) for i in top if scores[i] > 0}
-        return run
+            if query_id in pairs:
+                scored[query_id] = {doc_id: float(scores[corpus.position[doc_id]]) for doc_id in pairs[query_id]}
+        return run, scored
 
     def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
         wanted = {query_id: queries[query_id] for query_id in pairs}

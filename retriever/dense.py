@@ -89,6 +89,7 @@ class DenseRetriever:
         self.cache_hits = 0
         self._cached: tuple[Corpus, np.ndarray] | None = None
         self._index: tuple[Corpus, VectorIndex] | None = None
+        self._last_queries: tuple[bytes, np.ndarray] | None = None
         name = getattr(encoder, "name", "") or type(encoder).__name__
         self.description = f"dense:{name}" + ("" if index == "Flat" else f"[{index}]")
 
@@ -138,7 +139,26 @@ class DenseRetriever:
         return self._index[1]
 
     def query_embeddings(self, queries: Queries) -> np.ndarray:
-        return self._encode(list(queries.values()), is_query=True)
+        """Embeddings of the query texts; the last batch is kept, because mining asks for the same queries
+        twice (search, then the positives' scores) and encoding them is a large share of the work."""
+        texts = list(queries.values())
+        key = hashlib.sha256("\x00".join(texts).encode("utf-8")).digest()
+        if self._last_queries is not None and self._last_queries[0] == key:
+            return self._last_queries[1]
+        embeddings = self._encode(texts, is_query=True)
+        self._last_queries = (key, embeddings)
+        return embeddings
+
+    def search_and_score(self, corpus: Corpus, queries: Queries, top_k: int,
+                         pairs: dict[str, list[str]]) -> tuple[Run, Run]:
+        """``search`` and the listed documents' ``score`` with one encoding of the queries."""
+        run = self.search(corpus, queries, top_k)
+        documents = self.corpus_embeddings(corpus)
+        vectors = self.query_embeddings(queries)
+        scored = {query_id: {doc_id: float(np.asarray(documents[corpus.position[doc_id]]) @ vector)
+                             for doc_id in pairs[query_id]}
+                  for query_id, vector in zip(queries, vectors) if query_id in pairs}
+        return run, scored
 
     def search(self, corpus: Corpus, queries: Queries, top_k: int) -> Run:
         scores, positions = self.vector_index(corpus).search(self.query_embeddings(queries), top_k)

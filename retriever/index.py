@@ -83,6 +83,11 @@ class VectorIndex:
         # Kept only where a deep or sharded search may need to rebuild part of the index (memory).
         self._documents = documents if (self.k_limit or shard_size) else None
         self._cpu = cpu
+        if self.exact and not self.use_gpu and not shard_size and self.k_limit is None:
+            # Exact search on the CPU needs no index: faiss.knn reads the array (or the memory-mapped cache
+            # file) in place, so a 1M x 384 corpus costs 1.5 GB once instead of twice.
+            self._documents, self._cpu, self._shards = documents, None, []
+            return
         if self.exact and shard_size:
             self._shards = [(start, self._build_flat(documents[start:start + shard_size]))
                             for start in range(0, len(documents), shard_size)]
@@ -136,6 +141,8 @@ class VectorIndex:
         return scores, positions
 
     def _search_chunk(self, chunk: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self._shards:
+            return faiss.knn(chunk, self._documents, k, metric=faiss.METRIC_INNER_PRODUCT)
         limited = self.k_limit is not None and k > self.k_limit
         if len(self._shards) == 1 and not limited:
             return self._shards[0][1].search(chunk, k)

@@ -207,11 +207,11 @@ class FailingBM25(BM25Retriever):
         super().__init__(show_progress=False)
         self.fail_at, self.calls = fail_at, 0
 
-    def search(self, corpus, queries, top_k):
+    def search_and_score(self, corpus, queries, top_k, pairs):
         self.calls += 1
         if self.calls == self.fail_at:
             raise RuntimeError("simulated crash")
-        return super().search(corpus, queries, top_k)
+        return super().search_and_score(corpus, queries, top_k, pairs)
 
 
 def test_interrupted_mining_resumes_and_gives_the_same_bytes(demo_train, tmp_path):
