@@ -18,6 +18,7 @@ Why this module exists rather than a bare ``faiss.IndexFlatIP``:
 from __future__ import annotations
 
 import logging
+import math
 
 import faiss
 import numpy as np
@@ -70,6 +71,7 @@ class VectorIndex:
         self.use_gpu = use_gpu_default() if use_gpu is None else use_gpu
         self.k_limit = k_limit if k_limit is not None else (GPU_K_LIMIT if self.use_gpu else None)
         self.exact = spec.replace(" ", "") in ("Flat", "IDMap,Flat")
+        self.re_searched = 0  # queries whose sharded result could hide more of the top k (searched again)
         cpu = faiss.index_factory(self.dimension, spec, faiss.METRIC_INNER_PRODUCT)
         if not cpu.is_trained:
             # Train on a seeded sample: IVF centroids (and so the results) are then reproducible.
@@ -91,10 +93,12 @@ class VectorIndex:
         if self.exact and shard_size:
             self._shards = [(start, self._build_flat(documents[start:start + shard_size]))
                             for start in range(0, len(documents), shard_size)]
-            self._cpu = None  # built on demand for re-searching saturated queries
+            self._cpu = None  # saturated queries are re-searched with faiss.knn over the array
         else:
             cpu.add(documents)
             self._shards = [(0, self._to_device(cpu))]
+            if self.exact and self._shards[0][1] is not cpu:
+                self._cpu = None  # on the GPU: a host copy is not needed for exact re-searches (faiss.knn)
 
     @staticmethod
     def _set_search_params(index, nprobe: int | None, ef_search: int | None) -> None:
@@ -122,12 +126,6 @@ class VectorIndex:
         except (RuntimeError, AttributeError) as err:  # e.g. an index type with no GPU version
             _LOG.warning("faiss index %s stays on the CPU: %s", self.spec, err)
             return index
-
-    def _cpu_index(self):
-        if self._cpu is None:
-            self._cpu = faiss.IndexFlatIP(self.dimension)
-            self._cpu.add(self._documents)
-        return self._cpu
 
     def search(self, queries: np.ndarray, top_k: int, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """(scores, positions), each ``len(queries) x min(top_k, size)``, best first; -1 pads a short list."""
@@ -157,9 +155,12 @@ class VectorIndex:
     def _search_shards(self, chunk: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over shards whose searches each return at most ``k_limit`` rows."""
         shards = self._shards
-        if len(shards) == 1:  # one index but k too deep for it: split virtually into k_limit-sized shards
-            shards = [(start, self._build_flat(self._documents[start:start + self.k_limit]))
-                      for start in range(0, self.size, self.k_limit)]
+        if len(shards) == 1:
+            # One index but k too deep for it: split it so that each shard holds, on average, a quarter of
+            # k_limit of a query's top k; a shard that still fills its list sends that query to the re-search.
+            size = math.ceil(self.size / max(2, math.ceil(4 * k / self.k_limit)))
+            shards = [(start, self._build_flat(self._documents[start:start + size]))
+                      for start in range(0, self.size, size)]
             self._shards = shards
         all_scores, all_positions, saturated = [], [], []
         for offset, index in shards:
@@ -174,8 +175,10 @@ class VectorIndex:
         redo = np.zeros(len(chunk), dtype=bool)
         for last in saturated:
             redo |= last >= cutoff
+        self.re_searched += int(redo.sum())
         if redo.any():
-            scores[redo], positions[redo] = self._cpu_index().search(chunk[redo], k)
+            scores[redo], positions[redo] = faiss.knn(chunk[redo], self._documents, k,
+                                                      metric=faiss.METRIC_INNER_PRODUCT)
         return scores, positions
 
 

@@ -53,14 +53,20 @@ def test_fewer_probes_trade_recall_for_speed():
     assert low < high
 
 
-@pytest.mark.parametrize("k_limit, shard_size", [(64, None), (50, 700), (100, 3000)])
-def test_depth_past_the_k_limit_is_exact(k_limit, shard_size):
+@pytest.mark.parametrize("k_limit, shard_size, re_searched", [
+    (64, None, "none"),   # automatic shards sized with 4x headroom: the merge alone is exact
+    (50, 700, "some"),    # shards that fill their k_limit list for some queries: those are searched again
+    (100, 3000, "all"),   # two shards of 100 cannot make 300: every query is searched again
+])
+def test_depth_past_the_k_limit_is_exact(k_limit, shard_size, re_searched):
     """faiss-gpu caps k at 2048; the same code path runs here with a small cap and must give exact results."""
     documents = vectors(5000)
     # Clustered queries so that some shards hold more than k_limit of a query's top k (the re-search path).
     queries = np.vstack([vectors(20, seed=1), documents[:20] + 0.01]).astype(np.float32)
-    scores, positions = VectorIndex(documents, k_limit=k_limit, shard_size=shard_size).search(queries, 300,
-                                                                                                chunk_size=16)
+    index = VectorIndex(documents, k_limit=k_limit, shard_size=shard_size)
+    scores, positions = index.search(queries, 300, chunk_size=16)
+    assert index.re_searched == {"none": 0, "all": len(queries)}.get(re_searched, index.re_searched)
+    assert re_searched != "some" or 0 < index.re_searched < len(queries)
     ref_scores, ref_positions = brute_force(documents, queries, 300)
     assert scores.shape == (40, 300)
     assert (positions == ref_positions).all()
