@@ -188,9 +188,13 @@ def check_source_settings(specs: Sequence[str], *, bm25_backend: str = "bm25s", 
         raise HardnegError(f"--rrf-k must be positive, got {rrf_k}")
     if cross_encoder and teacher:
         raise HardnegError("give either a cross-encoder or a teacher to rescore with, not both")
-    for spec in [*dense_specs, *([cross_encoder] if cross_encoder else []), *([teacher] if teacher else [])]:
-        if spec != "model":
+    roles = [("retriever", spec) for spec in dense_specs if spec != "model"]
+    roles += [(role, spec) for role, spec in (("cross-encoder", cross_encoder), ("teacher", teacher)) if spec]
+    for role, spec in roles:
+        try:
             resolve_model_path(spec)  # a path that does not exist is refused here
+        except HardnegError as err:
+            raise HardnegError(f"{role}: {err}") from None
 
 
 def build_source(specs: Sequence[str | object], *, bm25_backend: str = "bm25s", index: str = "Flat",
