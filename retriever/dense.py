@@ -161,7 +161,8 @@ class DenseRetriever:
         return run, scored
 
     def search(self, corpus: Corpus, queries: Queries, top_k: int) -> Run:
-        scores, positions = self.vector_index(corpus).search(self.query_embeddings(queries), top_k)
+        scores, positions = self.vector_index(corpus).search(self.query_embeddings(queries), top_k,
+                                                             show_progress=self.show_progress)
         return {query_id: {corpus.ids[p]: float(s) for s, p in zip(row_scores, row_positions) if p >= 0}
                 for query_id, row_scores, row_positions in zip(queries, scores, positions)}
 

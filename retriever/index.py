@@ -22,6 +22,7 @@ import math
 
 import faiss
 import numpy as np
+from tqdm.auto import tqdm
 
 from retriever.io import HardnegError
 
@@ -127,15 +128,19 @@ class VectorIndex:
             _LOG.warning("faiss index %s stays on the CPU: %s", self.spec, err)
             return index
 
-    def search(self, queries: np.ndarray, top_k: int, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, top_k: int, chunk_size: int = 4096,
+               show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(scores, positions), each ``len(queries) x min(top_k, size)``, best first; -1 pads a short list."""
         k = min(int(top_k), self.size)
         scores = np.empty((len(queries), k), dtype=np.float32)
         positions = np.empty((len(queries), k), dtype=np.int64)
-        for start in range(0, len(queries), chunk_size):
-            chunk = np.ascontiguousarray(queries[start:start + chunk_size], dtype=np.float32)
-            end = start + len(chunk)
-            scores[start:end], positions[start:end] = self._search_chunk(chunk, k)
+        with tqdm(total=len(queries), desc=f"search {self.spec}", unit="query",
+                  disable=not show_progress or len(queries) <= chunk_size) as bar:
+            for start in range(0, len(queries), chunk_size):
+                chunk = np.ascontiguousarray(queries[start:start + chunk_size], dtype=np.float32)
+                end = start + len(chunk)
+                scores[start:end], positions[start:end] = self._search_chunk(chunk, k)
+                bar.update(len(chunk))
         return scores, positions
 
     def _search_chunk(self, chunk: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
