@@ -148,7 +148,8 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     checksums = dataset.checksums()
     query_ids = list(queries)
     shards = [query_ids[start:start + shard_size] for start in range(0, len(query_ids), shard_size)]
-    store = _ShardStore(Path(output_dir) / SHARDS_DIR, _fingerprint(settings, checksums, query_ids)) \
+    store = _ShardStore(Path(output_dir) / SHARDS_DIR,
+                        _fingerprint(settings, checksums, query_ids, _model_identities(source))) \
         if output_dir is not None else None
     source_name = getattr(source, "kind", None) or type(source).__name__
     in_memory: list[tuple[list[Pool], list[_QueryRecord]]] = []
@@ -324,8 +325,24 @@ def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
 
-def _fingerprint(settings: dict, checksums: dict, query_ids: list[str]) -> str:
-    payload = json.dumps({"settings": settings, "inputs": checksums, "queries": query_ids}, sort_keys=True)
+def _model_identities(source: object) -> list:
+    """The weights behind a source (checksums of model files), so a model retrained in place is not
+    mistaken for the one that wrote the shards."""
+    from retriever.dense import encoder_identity
+
+    found = []
+    for child in (getattr(source, "source", None), getattr(source, "scorer", None),
+                  *getattr(source, "sources", [])):
+        if child is not None:
+            found.extend(_model_identities(child))
+    if hasattr(source, "encoder"):
+        found.append(encoder_identity(source.encoder))
+    return found
+
+
+def _fingerprint(settings: dict, checksums: dict, query_ids: list[str], models: list) -> str:
+    payload = json.dumps({"settings": settings, "inputs": checksums, "queries": query_ids, "models": models},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
