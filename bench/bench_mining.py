@@ -6,8 +6,9 @@
 
 ``st``: NFCorpus train (2,590 queries with ~43 positives each, 3,633 documents), all-MiniLM-L6-v2, batch 32,
 max length 256, exact faiss inner product, depth 100, 8 negatives, top sampling. hardneg ``mine()`` with
-TopK-PercPos 95 % anchored on the *highest* positive (sentence-transformers' ``relative_margin`` compares
-against each query's highest positive score: ``threshold = max_pos - |max_pos| * margin``) against
+TopK-PercPos 95 % anchored on the *lowest* positive (sentence-transformers' ``relative_margin`` compares
+against each query's lowest positive score, ``threshold = min_pos - |min_pos| * margin``, in a variable
+it calls ``max_positive_scores``) against
 ``sentence_transformers.util.mine_hard_negatives(relative_margin=0.05, use_faiss=True, range_max=depth)``.
 Both times are end to end: model load, corpus and query encoding, search, filtering, output. Neither uses an
 embedding cache. The two runs alternate (``--repeats``) so a noisy neighbour on the machine hits both.
@@ -80,7 +81,7 @@ def run_hardneg(dataset, model: str, depth: int, negatives: int, batch_size: int
 
     started = time.perf_counter()
     source = as_retriever(model, batch_size=batch_size, max_length=max_length, show_progress=False)
-    result = mine(dataset, source, depth=depth, num_negatives=negatives, filter=TopKPercPos(0.95), anchor="max",
+    result = mine(dataset, source, depth=depth, num_negatives=negatives, filter=TopKPercPos(0.95), anchor="min",
                   sampling="top", output_dir=output, show_progress=False)
     seconds = time.perf_counter() - started
     negatives_by_query = {pool.query_id: [c.doc_id for c in pool.negatives] for pool in result.pools}
@@ -139,7 +140,7 @@ def bench_st(args) -> dict:
                     hardneg_times.append(ours["seconds"])
                 print(f"repeat {repeat + 1}: {name} {(st_times if name == 'st' else hardneg_times)[-1]:.1f}s",
                       flush=True)
-    # Agreement: both anchor on the highest positive with the same 95 % rule, so their top-8 survivors should
+    # Agreement: both anchor on the lowest positive with the same 95 % rule, so their top-8 survivors should
     # largely coincide (they differ where sentence-transformers' per-pair rows and float rounding differ).
     overlaps = []
     for query_id, ours_negs in ours["negatives"].items():
