@@ -61,8 +61,8 @@ def dense_search(source: object, dataset: Dataset, depth: int) -> tuple[Run, np.
     vectors = np.asarray(source.query_embeddings(dataset.queries), dtype=np.float32)
     scores, positions = exact_search(documents, vectors, depth)
     ids = dataset.corpus.ids
-    run = {query_id: {ids[p]: float(s) for s, p in zip(row_scores, row_positions) if p >= 0}
-           for query_id, row_scores, row_positions in zip(dataset.queries, scores, positions)}
+    run = {query_id: {ids[p]: s for s, p in zip(row_scores, row_positions) if p >= 0}
+           for query_id, row_scores, row_positions in zip(dataset.queries, scores.tolist(), positions.tolist())}
     return run, vectors
 
 

@@ -54,8 +54,23 @@ def needs_identical_id_filter(dataset_name: str) -> bool:
 
 
 def ranked(scores: dict[str, float]) -> list[str]:
-    """Document ids in trec_eval order: score descending, then document id descending."""
-    return [doc_id for doc_id, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
+    """Document ids in trec_eval order: score descending, then document id descending.
+
+    A stable sort on the score alone (linear on an already ranked run, as search results are), then
+    each run of equal scores is put in descending id order: the same order as one sort on
+    (score, id) pairs, several times faster.
+    """
+    order = sorted(scores, key=scores.__getitem__, reverse=True)
+    values = np.fromiter(map(scores.__getitem__, order), dtype=np.float64, count=len(order))
+    tied = np.flatnonzero(values[1:] == values[:-1])
+    if tied.size == 0:
+        return order
+    # runs of equal scores: [start, end) where start follows a change and end precedes one
+    starts = tied[np.r_[True, np.diff(tied) > 1]]
+    ends = tied[np.r_[np.diff(tied) > 1, True]] + 2
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        order[start:end] = sorted(order[start:end], reverse=True)
+    return order
 
 
 def without_identical_ids(run: Run) -> Run:
@@ -150,12 +165,24 @@ def evaluated_queries(qrels: Qrels, level: int = 1) -> list[str]:
     return [query_id for query_id, judged in qrels.items() if any(grade >= level for grade in judged.values())]
 
 
+_DISCOUNTS = 1.0 / np.log2(np.arange(2, 1002, dtype=np.float64))
+
+
+def _discounts(n: int) -> np.ndarray:
+    global _DISCOUNTS
+    if n > _DISCOUNTS.size:
+        _DISCOUNTS = 1.0 / np.log2(np.arange(2, n + 2, dtype=np.float64))
+    return _DISCOUNTS[:n]
+
+
 def per_query(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS, *, relevance_level: int = 1,
               ignore_identical_ids: bool = False) -> dict[str, dict[str, float]]:
     """metric name -> {query id -> value}, over the queries with at least one relevant document.
 
-    ``AUC-corpus`` and ``AUC-pooled`` need document scores beyond the run and are skipped here
-    (see :mod:`eval.auc`).
+    Each query's run is ranked once; every cut-off metric is then read off the grade vector of that
+    ranking with numpy (the per-metric functions above are the plain definitions, kept as the
+    readable reference and tested equal). ``AUC-corpus`` and ``AUC-pooled`` need document scores
+    beyond the run and are skipped here (see :mod:`eval.auc`).
     """
     if relevance_level < 1:
         raise ValueError(f"relevance level must be >= 1, got {relevance_level}")
@@ -169,21 +196,35 @@ def per_query(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS, 
         judged = qrels[query_id]
         scores = run.get(query_id, {})
         ranking = ranked(scores)
+        grades = np.array([judged.get(doc_id, 0) for doc_id in ranking], dtype=np.float64)
+        n = grades.size
+        relevant = grades >= level
+        hits = np.cumsum(relevant)
+        n_relevant = sum(1 for grade in judged.values() if grade >= level)
+        ideal_gains = np.array(sorted((g for g in judged.values() if g > 0), reverse=True), dtype=np.float64)
+        discounts = _discounts(max(n, ideal_gains.size))
         for name, (base, k) in parsed.items():
+            depth = n if k is None else min(k, n)
             if base == "ndcg":
-                results[name][query_id] = ndcg_at(ranking, judged, k)
+                m = min(k, ideal_gains.size)
+                ideal = float(ideal_gains[:m] @ discounts[:m])
+                dcg = float(np.maximum(grades[:depth], 0) @ discounts[:depth])
+                value = dcg / ideal if ideal > 0 else 0.0
             elif base == "recall":
-                results[name][query_id] = recall_at(ranking, judged, k, level)
+                value = float(hits[depth - 1]) / n_relevant if depth else 0.0
             elif base == "p":
-                results[name][query_id] = precision_at(ranking, judged, k, level)
+                value = float(hits[depth - 1]) / k if depth else 0.0
             elif base == "map":
-                results[name][query_id] = average_precision_at(ranking, judged, k, level)
+                ranks = np.flatnonzero(relevant[:depth])
+                value = float(np.sum(np.arange(1, ranks.size + 1) / (ranks + 1))) / n_relevant
             elif base == "mrr":
-                results[name][query_id] = mrr_at(ranking, judged, k, level)
+                first = np.flatnonzero(relevant[:depth])
+                value = 1.0 / (first[0] + 1) if first.size else 0.0
             else:
                 value = auc(scores, judged, level)
-                if value is not None:
-                    results[name][query_id] = value
+                if value is None:
+                    continue
+            results[name][query_id] = value
     return results
 
 
