@@ -37,7 +37,7 @@ class Evaluation:
 def load_evaluation(path: str | os.PathLike, label: str | None = None) -> Evaluation:
     """An evaluation folder, its ``per_query.json``, or its ``metrics.json`` (the per-query file beside it)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or not path.suffix:
         path = path / "per_query.json"
     elif path.name != "per_query.json" and path.suffix == ".json":
         path = path.with_name("per_query.json")
@@ -81,8 +81,8 @@ def paired_t_test(a: np.ndarray, b: np.ndarray) -> float:
     differences = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     if differences.size < 2:
         return float("nan")
-    if np.all(differences == differences[0]):  # no variance: t is 0 (no change) or infinite
-        return 1.0 if differences[0] == 0 else 0.0
+    if np.ptp(differences) <= 1e-12 * max(1.0, float(np.abs(differences).max())):
+        return 1.0 if abs(differences.mean()) <= 1e-12 else 0.0  # no variance: t is 0 (no change) or infinite
     return float(stats.ttest_rel(b, a).pvalue)
 
 
