@@ -109,6 +109,7 @@ def main() -> None:
     timings: dict[str, list[float]] = {"beir": [], "hardneg": [], "hardneg+auc": []}
     outputs = {}
     with_auc = metrics + ("AUC", "AUC-corpus", "AUC-pooled")
+    run_beir(), run_hardneg(with_auc)  # warm-up: imports, faiss and torch thread pools, not timed
     for _ in range(args.repeats):
         for name, fn in (("beir", run_beir), ("hardneg", run_hardneg), ("hardneg+auc", lambda: run_hardneg(with_auc))):
             started = time.perf_counter()
