@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from itertools import repeat
 
 import numpy as np
 
@@ -196,8 +197,8 @@ def per_query(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS, 
         judged = qrels[query_id]
         scores = run.get(query_id, {})
         ranking = ranked(scores)
-        grades = np.array([judged.get(doc_id, 0) for doc_id in ranking], dtype=np.float64)
-        n = grades.size
+        n = len(ranking)
+        grades = np.fromiter(map(judged.get, ranking, repeat(0, n)), dtype=np.float64, count=n)
         relevant = grades >= level
         hits = np.cumsum(relevant)
         n_relevant = sum(1 for grade in judged.values() if grade >= level)
