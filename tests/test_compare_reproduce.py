@@ -59,6 +59,9 @@ def test_compare_two_runs(tmp_path, capsys):
     assert rows["b"]["p_randomization"] < 0.01 and rows["b"]["p_t_test"] < 1e-6 and rows["b"]["wins"] > 40
     assert rows["c"]["p_randomization"] > 0.05 or abs(rows["c"]["difference"]) < 1e-3
     assert rows["b"]["difference"] == pytest.approx(np.mean(list(better.values())) - np.mean(list(base.values())))
+    # a metrics.json path works too (its per_query.json beside it is read)
+    again = compare([a / "metrics.json", b / "per_query.json"], permutations=2000)
+    assert again["metrics"]["nDCG@10"]["against"][0]["p_randomization"] == rows["b"]["p_randomization"]
     auc_b = result["metrics"]["AUC"]["against"][0]
     assert auc_b["queries"] == 50  # AUC is compared on the queries both defined it for
     table = markdown_comparison(result)
