@@ -38,6 +38,39 @@ RUN_FILE = "run.trec"
 REPORT_FILE = "report.md"
 
 
+class SentenceTransformerEncoder:
+    """Lets a loaded ``sentence_transformers.SentenceTransformer`` object be evaluated like any Encoder.
+
+    Uses its ``encode_query`` / ``encode_document`` (so the model's own query and document prompts
+    apply) when it has them, else ``encode``.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        card = getattr(model, "model_card_data", None)
+        self.name = getattr(card, "base_model", None) or type(model).__name__
+
+    def _encode(self, method: str, texts: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
+        encode = getattr(self.model, method, None) or self.model.encode
+        return np.asarray(encode(texts, batch_size=batch_size, show_progress_bar=show_progress,
+                                 convert_to_numpy=True), dtype=np.float32)
+
+    def encode_queries(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        return self._encode("encode_query", texts, batch_size, show_progress)
+
+    def encode_documents(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        return self._encode("encode_document", texts, batch_size, show_progress)
+
+
+def adapt(retriever: object) -> object:
+    """Wrap objects users already have (a ``SentenceTransformer``) into what ``as_retriever`` accepts."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:  # pragma: no cover - a dependency, but keep evaluate usable without it
+        return retriever
+    return SentenceTransformerEncoder(retriever) if isinstance(retriever, SentenceTransformer) else retriever
+
+
 def check_metrics(metrics: tuple[str, ...], depth: int) -> None:
     """Reject unknown metric names and cut-offs deeper than the run, before any work."""
     if not metrics:
@@ -98,7 +131,7 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
     source = None
     query_vectors = None
     if run is None:
-        source = as_retriever(retriever)
+        source = as_retriever(adapt(retriever))
         if CORPUS_AUC.lower() in bases and not can_score_corpus(source):
             raise HardnegError(f"{CORPUS_AUC} needs a retriever that scores every document (a dense model or "
                                f"bm25); {describe(source)} only searches")

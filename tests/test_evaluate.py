@@ -13,7 +13,7 @@ import pytrec_eval
 from eval.cli import main
 from eval.evaluate import evaluate
 from eval.runs import read_run, write_run
-from retriever.data import BUNDLED_DIR, Corpus, Queries, Run, load_beir
+from retriever.data import BUNDLED_DIR, Corpus, Dataset, Queries, Run, load_beir
 from retriever.io import DataError, HardnegError
 
 METRICS = ("nDCG@10", "Recall@100", "MRR@10", "MAP@100", "P@10", "AUC", "AUC-corpus", "AUC-pooled")
@@ -181,3 +181,31 @@ def test_write_then_read_run_keeps_only_split_queries(tmp_path):
     assert read_run(tmp_path / "r.trec", {"q1"}, extra_queries="ignore") == {"q1": {"d1": 1.0}}
     with pytest.raises(DataError, match="no line of the run names a query"):
         read_run(tmp_path / "r.trec", {"q9"}, extra_queries="ignore")
+
+
+def test_sentence_transformers_object(tiny_model):
+    """A loaded SentenceTransformer is evaluated as an Encoder: same numbers as its own vectors searched exactly."""
+    from sentence_transformers import SentenceTransformer
+
+    full = load_beir("nfcorpus-demo", "test")
+    keep = sorted({d for judged in list(full.qrels.values())[:8] for d in judged} | set(full.corpus.ids[:50]))
+    corpus = Corpus(ids=keep, titles=[full.corpus.titles[full.corpus.position[d]] for d in keep],
+                    bodies=[full.corpus.bodies[full.corpus.position[d]] for d in keep])
+    qrels = dict(list(full.qrels.items())[:8])
+    dataset = Dataset("demo-subset", "test", corpus, {q: full.queries[q] for q in qrels}, qrels, full.files)
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    record = evaluate(dataset, model, metrics=("nDCG@10", "Recall@100", "AUC-corpus"), depth=100)
+    documents = model.encode(dataset.corpus.texts(), batch_size=64, convert_to_numpy=True)
+    queries = model.encode(list(dataset.queries.values()), batch_size=64, convert_to_numpy=True)
+
+    class Fixed:
+        def encode_queries(self, texts):
+            return queries
+
+        def encode_documents(self, texts):
+            return documents
+
+    expected = evaluate(dataset, Fixed(), metrics=("nDCG@10", "Recall@100", "AUC-corpus"), depth=100)
+    for name in ("nDCG@10", "Recall@100", "AUC-corpus"):
+        assert record["metrics"][name] == pytest.approx(expected["metrics"][name], abs=1e-6)
+    assert record["metrics"]["nDCG@10"] > 0
