@@ -95,6 +95,8 @@ def compare(paths: list[str | os.PathLike], *, metrics: list[str] | None = None,
     """
     if len(paths) < 2:
         raise HardnegError("compare needs two or more evaluations (folders written by 'hardneg evaluate')")
+    if permutations < 1:
+        raise HardnegError(f"permutations must be >= 1, got {permutations}")
     if labels is not None and len(labels) != len(paths):
         raise HardnegError(f"{len(labels)} labels for {len(paths)} evaluations")
     runs = [load_evaluation(path, labels[i] if labels else None) for i, path in enumerate(paths)]
