@@ -139,6 +139,12 @@ def compare(paths: list[str | os.PathLike], *, metrics: list[str] | None = None,
     return result
 
 
+def p_value(p: float) -> str:
+    if p != p:
+        return "n/a"
+    return f"{p:.1e}" if p < 1e-3 else f"{p:.4f}"
+
+
 def markdown_comparison(result: dict, alpha: float = 0.05) -> str:
     """One row per metric and run: means, difference, wins/losses, both p-values (* when below ``alpha``)."""
     header = ["metric", "run", "queries", result["baseline"], "run mean", "difference", "wins/losses",
@@ -149,7 +155,7 @@ def markdown_comparison(result: dict, alpha: float = 0.05) -> str:
             star = " *" if row["p_randomization"] < alpha else ""
             rows.append([name, row["run"], str(row["queries"]), number(row["baseline_mean"]), number(row["mean"]),
                          f"{row['difference']:+.4f}{star}", f"{row['wins']}/{row['losses']}",
-                         number(row["p_t_test"]), number(row["p_randomization"])])
+                         p_value(row["p_t_test"]), p_value(row["p_randomization"])])
     note = (f"\nBaseline: {result['baseline']}. Paired two-sided tests per metric; randomization test with "
             f"{result['permutations']} sign flips (seed {result['seed']}); * marks p < {alpha}.\n")
     return markdown_table(header, rows) + note
