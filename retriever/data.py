@@ -318,11 +318,11 @@ def dataset_folder(data: str | os.PathLike, *, show_progress: bool = True) -> Pa
     :mod:`retriever.download`); a bare BEIR name (``scifact``) that is not a folder is looked up in the
     cache only, so nothing is downloaded unless asked.
     """
-    from retriever.download import BEIR_MD5, BEIR_PREFIX, cache_dir, cached_folder, download_beir, offline_hint
+    from retriever.download import BEIR_MD5, BEIR_PREFIX, cache_dir, cached_folder, offline_hint, resolve_beir
 
     text = str(data)
     if text.startswith(BEIR_PREFIX):
-        return download_beir(text[len(BEIR_PREFIX):], show_progress=show_progress)
+        return resolve_beir(text[len(BEIR_PREFIX):], show_progress=show_progress)
     folder = Path(data)
     if not folder.exists() and text in bundled_datasets():
         folder = BUNDLED_DIR / text

@@ -55,10 +55,32 @@ def cache_dir() -> Path:
     return base / "hardneg" / "beir"
 
 
+def _is_dataset(folder: Path) -> bool:
+    """A BEIR folder (``qrels/`` inside), or a bundle of them such as cqadupstack (``android/qrels/``, ...)."""
+    return (folder / "qrels").is_dir() or (folder.is_dir() and any((sub / "qrels").is_dir()
+                                                                   for sub in folder.iterdir()))
+
+
 def cached_folder(name: str, cache: str | os.PathLike | None = None) -> Path | None:
     """The unzipped dataset in the cache, if it is there."""
     folder = Path(cache or cache_dir()) / name
-    return folder if (folder / "qrels").is_dir() else None
+    return folder if _is_dataset(folder) else None
+
+
+def resolve_beir(spec: str, cache: str | os.PathLike | None = None, *, show_progress: bool = True) -> Path:
+    """``NAME`` or ``NAME/SUB`` (cqadupstack's forums: ``cqadupstack/android``) -> the dataset folder."""
+    name, _, sub = spec.partition("/")
+    folder = download_beir(name, cache, show_progress=show_progress)
+    if not sub:
+        if not (folder / "qrels").is_dir():
+            subs = sorted(p.name for p in folder.iterdir() if (p / "qrels").is_dir())
+            raise DataError(folder, f"{name} holds several datasets", hint=f"name one: {BEIR_PREFIX}{name}/{subs[0]} "
+                                                                           f"(all: {', '.join(subs)})")
+        return folder
+    if not (folder / sub / "qrels").is_dir():
+        subs = sorted(p.name for p in folder.iterdir() if (p / "qrels").is_dir())
+        raise DataError(folder / sub, "not in the downloaded dataset", hint=f"choose one of {', '.join(subs)}")
+    return folder / sub
 
 
 def offline_hint(name: str, cache: Path) -> str:
@@ -140,7 +162,7 @@ def _extract(archive: Path, destination: Path) -> None:
                 bundle.extractall(staging)
                 entries = [p for p in staging.iterdir() if not p.name.startswith("__MACOSX")]
                 top = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
-                if not (top / "qrels").is_dir():
+                if not _is_dataset(top):
                     raise DataError(archive, "no qrels/ folder inside: not a BEIR dataset zip")
                 os.replace(top, destination)
             finally:

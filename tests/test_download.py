@@ -14,7 +14,7 @@ import pytest
 
 from retriever import download
 from retriever.data import BUNDLED_DIR, dataset_folder, load_beir
-from retriever.download import BEIR_MD5, download_beir
+from retriever.download import BEIR_MD5, download_beir, resolve_beir
 from retriever.io import DataError, HardnegError
 
 
@@ -120,3 +120,22 @@ def test_published_md5_table():
     assert BEIR_MD5["nfcorpus"] == "a89dba18a62ef92f7d323ec890a0d38d"  # the md5 of ../shared/data's source zip
     assert {"scifact", "arguana", "fiqa", "quora", "trec-covid", "msmarco"} <= set(BEIR_MD5)
     assert all(len(v) == 32 and int(v, 16) >= 0 for v in BEIR_MD5.values())
+
+
+def test_bundle_of_datasets_like_cqadupstack(server, tmp_path):
+    base, root, _ = server
+    archive = root / "cq.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for forum in ("android", "gaming"):
+            for path in sorted((BUNDLED_DIR / "nfcorpus-demo").rglob("*")):
+                if path.is_file():
+                    bundle.write(path, f"cq/{forum}/{path.relative_to(BUNDLED_DIR / 'nfcorpus-demo')}")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    download_beir("cq", cache, url=f"{base}/cq.zip", md5=md5, show_progress=False)
+    assert resolve_beir("cq/gaming", cache) == cache / "cq" / "gaming"
+    assert load_beir(resolve_beir("cq/android", cache), "test").name == "android"
+    with pytest.raises(DataError, match="holds several datasets.*beir:cq/android"):
+        resolve_beir("cq", cache)
+    with pytest.raises(DataError, match="choose one of android, gaming"):
+        resolve_beir("cq/nope", cache)
