@@ -16,8 +16,8 @@ from retriever.io import HardnegError, file_checksum
 
 def _data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     group = parser.add_argument_group("data (a BEIR folder or bundled name, or explicit files)")
-    group.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or a bundled dataset "
-                                      "name such as nfcorpus-demo")
+    group.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/), a bundled dataset "
+                                      "name such as nfcorpus-demo, or beir:NAME (downloaded once, md5-checked)")
     group.add_argument("--split", default=split, help=f"qrels split (default: {split})")
     group.add_argument("--corpus", help="corpus file: BEIR corpus.jsonl[.gz] or MS MARCO collection.tsv")
     group.add_argument("--queries", help="queries file: BEIR queries.jsonl or MS MARCO queries.*.tsv")
