@@ -16,8 +16,8 @@ from retriever.io import HardnegError, file_checksum
 
 def _data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     group = parser.add_argument_group("data (a BEIR folder or bundled name, or explicit files)")
-    group.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or a bundled dataset "
-                                      "name such as nfcorpus-demo")
+    group.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/), a bundled dataset "
+                                      "name such as nfcorpus-demo, or beir:NAME (downloaded once, md5-checked)")
     group.add_argument("--split", default=split, help=f"qrels split (default: {split})")
     group.add_argument("--corpus", help="corpus file: BEIR corpus.jsonl[.gz] or MS MARCO collection.tsv")
     group.add_argument("--queries", help="queries file: BEIR queries.jsonl or MS MARCO queries.*.tsv")
@@ -117,24 +117,51 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from eval.evaluate import evaluate
+    from eval.evaluate import check_metrics, evaluate
     from eval.pipeline import format_metrics
     from eval.runs import read_run
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    check_metrics(metrics, args.depth)
+    if not args.run_file and not args.retriever:
+        raise HardnegError("give --retriever (a model directory or name, or bm25) or --run-file")
     dataset = _dataset(args)
+    options = {"metrics": metrics, "depth": args.depth, "output_dir": args.output, "config": _recorded(args),
+               "relevance_level": args.relevance_level, "ignore_identical_ids": args.ignore_identical_ids,
+               "auc_negatives": args.auc_negatives, "seed": args.seed, "plots": not args.no_plots,
+               "show_progress": not args.quiet}
     if args.run_file:
-        record = evaluate(dataset, args.run_file, run=read_run(args.run_file), metrics=metrics, depth=args.depth,
-                          output_dir=args.output, config=_recorded(args))
+        run = read_run(args.run_file, dataset.queries, extra_queries=args.extra_run_queries)
+        record = evaluate(dataset, args.run_file, run=run, **options)
     else:
-        if not args.retriever:
-            raise HardnegError("give --retriever (a model directory or name, or bm25) or --run-file")
-        record = evaluate(dataset, _retriever(args.retriever, args), metrics=metrics, depth=args.depth,
-                          output_dir=args.output, config=_recorded(args))
+        record = evaluate(dataset, _retriever(args.retriever, args), **options)
     print(f"{record['dataset']}/{record['split']} ({record['queries']} queries), {record['retriever']}:")
     print(format_metrics(record["metrics"]))
     if args.output:
-        print(f"wrote {args.output}/metrics.json and {args.output}/run.trec")
+        print(f"wrote metrics.json, per_query.json, report.md and run.trec to {args.output}")
+
+
+def cmd_compare(args) -> None:
+    from eval.compare import compare, markdown_comparison
+    from retriever.io import atomic_write, write_json
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    result = compare(args.evaluations, metrics=metrics, permutations=args.permutations, seed=args.seed)
+    table = markdown_comparison(result, alpha=args.alpha)
+    print(table, end="")
+    if args.output:
+        write_json(f"{args.output}.json" if not args.output.endswith(".json") else args.output, result)
+        with atomic_write(args.output.removesuffix(".json") + ".md") as handle:
+            handle.write(table)
+
+
+def cmd_reproduce(args) -> int:
+    from eval.reproduce import format_checks, reproduce
+
+    outcome = reproduce(args.config, expected=args.expected, output_dir=args.output,
+                        show_progress=not args.quiet)
+    print(format_checks(outcome))
+    return 0 if outcome["ok"] else 1
 
 
 def cmd_export(args) -> None:
@@ -238,9 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
     _encoder_arguments(p)
     p.add_argument("--retriever", help="a model directory or name, or bm25 / bm25:rank-bm25")
     p.add_argument("--run-file", help="evaluate this TREC run instead of retrieving")
-    p.add_argument("--metrics", default="nDCG@10,Recall@100,MRR@10,AUC")
+    p.add_argument("--extra-run-queries", choices=("error", "ignore"), default="error",
+                   help="a run line naming a query outside the split: stop (default) or drop it")
+    p.add_argument("--metrics", default="nDCG@10,Recall@100,MRR@10,MAP@100,P@10,AUC,AUC-pooled",
+                   help="comma-separated: nDCG@k, Recall@k, P@k, MAP[@k], MRR[@k], AUC (retrieved list), "
+                        "AUC-corpus (whole corpus, dense or bm25), AUC-pooled (across queries)")
     p.add_argument("--depth", type=int, default=1000, help="documents retrieved per query (default: 1000)")
-    p.add_argument("--output", help="folder for metrics.json and run.trec")
+    p.add_argument("--relevance-level", type=int, default=1,
+                   help="lowest grade counted relevant by Recall, P, MAP, MRR, AUC (trec_eval -l; default 1)")
+    identical = p.add_mutually_exclusive_group()
+    identical.add_argument("--ignore-identical-ids", dest="ignore_identical_ids", action="store_true",
+                           default=None, help="drop a hit whose id equals the query id (default: on for "
+                                              "ArguAna and Quora only, as BEIR/MTEB)")
+    identical.add_argument("--keep-identical-ids", dest="ignore_identical_ids", action="store_false")
+    p.add_argument("--auc-negatives", type=int, default=100,
+                   help="non-relevant documents sampled per query for AUC-pooled (default: 100)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the AUC-pooled sample (default: 42)")
+    p.add_argument("--no-plots", action="store_true", help="do not write roc.png and score_histogram.png")
+    p.add_argument("--output", help="folder for metrics.json, per_query.json, report.md, run.trec, plots")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write mined pools as a Hugging Face dataset, parquet, or "
@@ -258,6 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="a .parquet file, or a folder for datasets.save_to_disk")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("compare", help="compare evaluations with paired significance tests per metric")
+    p.add_argument("evaluations", nargs="+", help="two or more evaluation folders (or their per_query.json); "
+                                                 "the first is the baseline")
+    p.add_argument("--metrics", help="comma-separated subset (default: every metric they share)")
+    p.add_argument("--permutations", type=int, default=10_000, help="sign flips of the randomization test")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--alpha", type=float, default=0.05, help="mark differences with p below this")
+    p.add_argument("--output", help="also write OUTPUT.json and OUTPUT.md")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("reproduce", help="run a benchmark config and check it against the expected scores")
+    p.add_argument("config", help="an evaluation config, e.g. configs/eval-nfcorpus-minilm.yaml")
+    p.add_argument("--expected", help="expected-scores table (default: configs/expected_scores.yaml beside "
+                                      "the config)")
+    p.add_argument("--output", help="evaluation folder (default: the config's output_dir)")
+    p.set_defaults(func=cmd_reproduce)
+
     p = sub.add_parser("run", help="evaluate, mine, train and evaluate again from one config file")
     p.add_argument("config", help="a YAML file, e.g. configs/nfcorpus-demo.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. "
@@ -272,14 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except HardnegError as err:
         print(f"hardneg: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hardneg: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,28 +1,82 @@
-"""``evaluate``: retrieve for every query of a split, score the run, write ``metrics.json`` and ``run.trec``."""
+"""``evaluate``: retrieve for every query of a split, score the run, write the evaluation folder.
+
+The folder holds ``metrics.json`` (means, split, options, model, library versions, input checksums),
+``per_query.json`` (every metric for every query: what ``hardneg compare`` tests on), ``run.trec``,
+``report.md`` (a Markdown table) and, when the pooled AUC was computed, ``roc.png`` and
+``score_histogram.png``. Everything is computed first and written last, each file atomically, so a
+bad input or a crash leaves no half-written folder.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from eval.metrics import DEFAULT_METRICS, mean_metrics, parse_metric
+import numpy as np
+
+from eval.auc import AUCResult, can_score_corpus, corpus_auc, plot_auc, run_pooled_sample
+from eval.metrics import (
+    CORPUS_AUC,
+    DEFAULT_METRICS,
+    POOLED_AUC,
+    evaluated_queries,
+    mean_of,
+    needs_identical_id_filter,
+    parse_metric,
+    per_query,
+    without_identical_ids,
+)
+from eval.report import markdown_report
 from eval.runs import write_run
 from retriever.data import Dataset, Run
-from retriever.io import HardnegError, library_versions, write_json
+from retriever.io import HardnegError, atomic_write, library_versions, write_json
 from retriever.protocol import as_retriever, describe
 
 METRICS_FILE = "metrics.json"
+PER_QUERY_FILE = "per_query.json"
 RUN_FILE = "run.trec"
+REPORT_FILE = "report.md"
 
 
-def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = DEFAULT_METRICS,
-             depth: int = 1000, output_dir: str | Path | None = None, run: Run | None = None,
-             config: dict | None = None) -> dict:
-    """Score ``retriever`` (anything ``as_retriever`` accepts) or a given ``run`` on ``dataset``.
+class SentenceTransformerEncoder:
+    """Lets a loaded ``sentence_transformers.SentenceTransformer`` object be evaluated like any Encoder.
 
-    The run keeps the top ``depth`` documents per query (AUC is computed over that list; see
-    :mod:`eval.metrics`). Returns the record written to ``metrics.json``.
+    Uses its ``encode_query`` / ``encode_document`` (so the model's own query and document prompts
+    apply) when it has them, else ``encode``.
     """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        card = getattr(model, "model_card_data", None)
+        self.name = getattr(card, "base_model", None) or type(model).__name__
+
+    def _encode(self, method: str, texts: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
+        encode = getattr(self.model, method, None) or self.model.encode
+        return np.asarray(encode(texts, batch_size=batch_size, show_progress_bar=show_progress,
+                                 convert_to_numpy=True), dtype=np.float32)
+
+    def encode_queries(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        return self._encode("encode_query", texts, batch_size, show_progress)
+
+    def encode_documents(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        return self._encode("encode_document", texts, batch_size, show_progress)
+
+
+def adapt(retriever: object) -> object:
+    """Wrap objects users already have (a ``SentenceTransformer``) into what ``as_retriever`` accepts."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:  # pragma: no cover - a dependency, but keep evaluate usable without it
+        return retriever
+    return SentenceTransformerEncoder(retriever) if isinstance(retriever, SentenceTransformer) else retriever
+
+
+def check_metrics(metrics: tuple[str, ...], depth: int) -> None:
+    """Reject unknown metric names and cut-offs deeper than the run, before any work."""
+    if not metrics:
+        raise HardnegError("no metric given; e.g. --metrics nDCG@10,Recall@100")
+    if depth < 1:
+        raise HardnegError(f"depth must be >= 1, got {depth}")
     for name in metrics:
         try:
             _, cut = parse_metric(name)
@@ -30,26 +84,133 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
             raise HardnegError(str(err)) from None
         if cut is not None and cut > depth:
             raise HardnegError(f"metric {name} looks deeper than the run depth {depth}; raise --depth")
+
+
+def dense_search(source: object, dataset: Dataset, depth: int) -> tuple[Run, np.ndarray]:
+    """Exact search of a dense retriever that also returns the query vectors, reused by the corpus AUC."""
+    from retriever.index import exact_search
+
+    documents = source.corpus_embeddings(dataset.corpus)
+    vectors = np.asarray(source.query_embeddings(dataset.queries), dtype=np.float32)
+    scores, positions = exact_search(documents, vectors, depth)
+    ids = dataset.corpus.ids
+    run = {query_id: {ids[p]: s for s, p in zip(row_scores, row_positions) if p >= 0}
+           for query_id, row_scores, row_positions in zip(dataset.queries, scores.tolist(), positions.tolist())}
+    return run, vectors
+
+
+def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = DEFAULT_METRICS,
+             depth: int = 1000, output_dir: str | Path | None = None, run: Run | None = None,
+             config: dict | None = None, relevance_level: int = 1, ignore_identical_ids: bool | None = None,
+             auc_negatives: int = 100, seed: int = 42, plots: bool = True, show_progress: bool = False) -> dict:
+    """Score ``retriever`` (anything ``as_retriever`` accepts) or a given ``run`` on ``dataset``.
+
+    ``ignore_identical_ids=None`` decides by dataset (on for ArguAna and Quora, as BEIR and MTEB do);
+    the choice and its reason are recorded. ``relevance_level`` is trec_eval's ``-l`` for the binary
+    metrics. ``AUC-corpus`` needs a retriever that can score every document (dense or BM25);
+    ``AUC-pooled`` uses corpus scores when it can and the run otherwise. Returns the record written
+    to ``metrics.json``; ``record["per_query"]`` holds the per-query values (not in metrics.json).
+    """
+    metrics = tuple(metrics)
+    check_metrics(metrics, depth)
+    if relevance_level < 1:
+        raise HardnegError(f"relevance level must be >= 1, got {relevance_level}")
+    if auc_negatives < 1:
+        raise HardnegError(f"auc negatives per query must be >= 1, got {auc_negatives}")
+    bases = {parse_metric(name)[0]: name for name in metrics}
+    identical_reason = "given"
+    if ignore_identical_ids is None:
+        ignore_identical_ids = needs_identical_id_filter(dataset.name)
+        identical_reason = (f"default for {dataset.name} (BEIR/MTEB practice)" if ignore_identical_ids
+                            else "default: off for this dataset")
+    if not evaluated_queries(dataset.qrels, relevance_level):
+        raise HardnegError(f"no query of {dataset.name}/{dataset.split} has a document of grade >= "
+                           f"{relevance_level}; lower the relevance level")
+
     started = time.time()
+    source = None
+    query_vectors = None
     if run is None:
-        source = as_retriever(retriever)
-        run = source.search(dataset.corpus, dataset.queries, depth)
+        source = as_retriever(adapt(retriever))
+        if CORPUS_AUC.lower() in bases and not can_score_corpus(source):
+            raise HardnegError(f"{CORPUS_AUC} needs a retriever that scores every document (a dense model or "
+                               f"bm25); {describe(source)} only searches")
+        fetch = depth + 1 if ignore_identical_ids else depth  # one extra in case the query itself comes back
+        if hasattr(source, "corpus_embeddings") and hasattr(source, "query_embeddings"):
+            run, query_vectors = dense_search(source, dataset, fetch)
+        else:
+            run = source.search(dataset.corpus, dataset.queries, fetch)
         name = describe(source)
     else:
-        name = str(retriever)
+        if CORPUS_AUC.lower() in bases:
+            raise HardnegError(f"{CORPUS_AUC} needs document scores beyond a run file; give --retriever instead")
         unknown = sorted(set(run) - set(dataset.queries))
-        if unknown and not set(run) & set(dataset.queries):
-            raise HardnegError(f"no query of the run is in split {dataset.split!r} (e.g. {unknown[:3]})")
-    scores = mean_metrics(run, dataset.qrels, metrics)
-    record = {"dataset": dataset.name, "split": dataset.split, "retriever": name, "metrics": scores,
-              "queries": len(dataset.qrels), "depth": depth,
-              "auc_definition": "per query: P(relevant document outscores a retrieved non-relevant one); "
-                                "unretrieved relevant documents lose, ties count 1/2",
-              "skipped_qrels_rows": dataset.skipped_qrels, "library_versions": library_versions(),
-              "input_checksums": dataset.checksums(), "config": config or {},
-              "seconds": round(time.time() - started, 1)}
+        if unknown:
+            raise HardnegError(f"{len(unknown)} query id(s) of the run are not in {dataset.name}/{dataset.split} "
+                               f"(e.g. {unknown[:3]}); is the run from another split or dataset?")
+        name = str(retriever)
+    if ignore_identical_ids:
+        run = without_identical_ids(run)
+    run = _cut(run, depth)
+    search_seconds = time.time() - started
+
+    values = per_query(run, dataset.qrels, metrics, relevance_level=relevance_level)
+    auc_result: AUCResult | None = None
+    if CORPUS_AUC.lower() in bases or POOLED_AUC.lower() in bases:
+        if source is not None and can_score_corpus(source):
+            auc_result = corpus_auc(source, dataset.corpus, dataset.queries, dataset.qrels,
+                                    relevance_level=relevance_level, ignore_identical_ids=ignore_identical_ids,
+                                    negatives_per_query=auc_negatives, seed=seed, query_vectors=query_vectors,
+                                    show_progress=show_progress)
+        else:
+            auc_result = run_pooled_sample(run, dataset.qrels, relevance_level=relevance_level,
+                                           negatives_per_query=auc_negatives, seed=seed)
+        if CORPUS_AUC.lower() in bases:
+            values[bases[CORPUS_AUC.lower()]] = auc_result.per_query
+    means = {}
+    for metric in metrics:
+        if metric.lower() == POOLED_AUC.lower():
+            pooled = auc_result.pooled
+            means[metric] = float("nan") if pooled is None else pooled
+        else:
+            means[metric] = mean_of(values[metric])
+    record = {
+        "dataset": dataset.name, "split": dataset.split, "retriever": name,
+        "model": retriever if isinstance(retriever, str) else name, "metrics": means,
+        "queries": len(evaluated_queries(dataset.qrels, relevance_level)),
+        "queries_per_metric": {metric: len(v) for metric, v in values.items()},
+        "depth": depth,
+        "options": {"relevance_level": relevance_level, "ignore_identical_ids": ignore_identical_ids,
+                    "ignore_identical_ids_reason": identical_reason, "auc_negatives_per_query": auc_negatives,
+                    "seed": seed},
+        "auc_definition": "AUC: per query, P(relevant document outscores a retrieved non-relevant one), "
+                          "unretrieved relevant documents lose, ties count 1/2; AUC-corpus: the same against "
+                          "every non-relevant corpus document; AUC-pooled: Mann-Whitney U/(n_pos*n_neg) over "
+                          "all relevant pairs vs sampled non-relevant pairs of all queries",
+        "skipped_qrels_rows": dataset.skipped_qrels, "library_versions": library_versions(),
+        "input_checksums": dataset.checksums(), "config": config or {},
+        "seconds": round(time.time() - started, 1), "search_seconds": round(search_seconds, 1),
+    }
+    if auc_result is not None:
+        record["auc_pooled"] = {"source": auc_result.source, "positives": int(auc_result.pooled_positives.size),
+                                "negatives": int(auc_result.pooled_negatives.size), "value": auc_result.pooled}
     if output_dir is not None:
         output_dir = Path(output_dir)
         write_run(output_dir / RUN_FILE, run, tag=name)
+        write_json(output_dir / PER_QUERY_FILE, {"dataset": dataset.name, "split": dataset.split,
+                                                  "retriever": name, "per_query": values})
+        if auc_result is not None and plots and auc_result.pooled is not None:
+            plot_auc(auc_result, output_dir, title=f"{name} on {dataset.name}/{dataset.split}")
         write_json(output_dir / METRICS_FILE, record)
+        with atomic_write(output_dir / REPORT_FILE) as handle:
+            handle.write(markdown_report(record))
+    record["per_query"] = values
     return record
+
+
+def _cut(run: Run, depth: int) -> Run:
+    """Keep the top ``depth`` documents per query, in trec_eval order."""
+    from eval.metrics import ranked
+
+    return {query_id: (scores if len(scores) <= depth else {d: scores[d] for d in ranked(scores)[:depth]})
+            for query_id, scores in run.items()}

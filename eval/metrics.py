@@ -5,35 +5,79 @@ What trec_eval does, and so do we:
 * a run is ranked by score, highest first; equal scores are ordered by document id, *descending*
   (trec_eval's ``comp_sim_docno``), so ties never depend on dict order;
 * nDCG uses the graded relevance as gain and ``log2(rank + 1)`` as discount, the ideal ranking being
-  the query's judged grades sorted; Recall and MRR count a document as relevant when its grade >= 1;
-* ``MRR@k`` is trec_eval's ``recip_rank`` on the run cut at depth k.
+  the query's judged grades sorted (``ndcg_cut.k``);
+* the binary metrics count a document as relevant when its grade >= ``relevance_level`` (trec_eval's
+  ``-l``, default 1): ``Recall@k`` (``recall.k``), ``P@k`` (``P.k``: relevant in the top k over k, even
+  when fewer than k documents were retrieved), ``MAP@k`` (``map_cut.k``: the sum of the precisions at
+  the relevant ranks within the top k, over the number of relevant documents), ``MRR@k``
+  (``recip_rank`` on the run cut at depth k). ``MAP`` and ``MRR`` without a cut use the whole list.
 
 Unlike pytrec_eval, which silently evaluates only the queries present in the run, the mean here is
 over every query with at least one relevant document in the qrels: a query the system returned
 nothing for scores 0, as it should.
 
-AUC, per query: the probability that a relevant document outscores a non-relevant *retrieved* one.
-Positives are all documents the qrels judge relevant (grade >= 1), retrieved or not; negatives are the
-retrieved documents that are not judged relevant (judged non-relevant or unjudged). A relevant
-document missing from the run lies below the cut-off, so it loses to every retrieved negative. Ties
-count one half. Queries with no retrieved negative are left out of the AUC mean (AUC is undefined).
+``ignore_identical_ids`` removes a retrieved document whose id equals the query id before anything
+is ranked. ArguAna and Quora need it (their queries are also corpus documents, and BEIR/MTEB drop
+that trivial hit); :func:`needs_identical_id_filter` says which datasets.
+
+AUC, per query (``AUC``): the probability that a relevant document outscores a non-relevant
+*retrieved* one. Positives are all documents the qrels judge relevant, retrieved or not; negatives
+are the retrieved documents that are not judged relevant (judged non-relevant or unjudged). A
+relevant document missing from the run lies below the cut-off, so it loses to every retrieved
+negative. Ties count one half. Queries with no retrieved negative are left out of the AUC mean
+(AUC is undefined). The whole-corpus and pooled variants live in :mod:`eval.auc`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from itertools import repeat
 
 import numpy as np
 
 from retriever.data import Qrels, Run
 
 DEFAULT_METRICS = ("nDCG@10", "Recall@100", "MRR@10", "AUC")
+CORPUS_AUC = "AUC-corpus"
+POOLED_AUC = "AUC-pooled"
+_BASES = {"ndcg": "nDCG", "recall": "Recall", "mrr": "MRR", "map": "MAP", "p": "P", "precision": "P",
+          "auc": "AUC"}
+_NEED_CUT = {"ndcg", "recall", "p"}
+IDENTICAL_ID_DATASETS = ("arguana", "quora")
+"""Datasets whose queries are also documents: BEIR and MTEB drop a hit equal to the query id."""
+
+
+def needs_identical_id_filter(dataset_name: str) -> bool:
+    """Whether BEIR/MTEB practice ignores a retrieved document whose id equals the query id."""
+    name = dataset_name.lower().removeprefix("beir:").replace("_", "-")
+    return any(name == known or name.startswith(known + "-") for known in IDENTICAL_ID_DATASETS)
 
 
 def ranked(scores: dict[str, float]) -> list[str]:
-    """Document ids in trec_eval order: score descending, then document id descending."""
-    return [doc_id for doc_id, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
+    """Document ids in trec_eval order: score descending, then document id descending.
+
+    A stable sort on the score alone (linear on an already ranked run, as search results are), then
+    each run of equal scores is put in descending id order: the same order as one sort on
+    (score, id) pairs, several times faster.
+    """
+    order = sorted(scores, key=scores.__getitem__, reverse=True)
+    values = np.fromiter(map(scores.__getitem__, order), dtype=np.float64, count=len(order))
+    tied = np.flatnonzero(values[1:] == values[:-1])
+    if tied.size == 0:
+        return order
+    # runs of equal scores: [start, end) where start follows a change and end precedes one
+    starts = tied[np.r_[True, np.diff(tied) > 1]]
+    ends = tied[np.r_[np.diff(tied) > 1, True]] + 2
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        order[start:end] = sorted(order[start:end], reverse=True)
+    return order
+
+
+def without_identical_ids(run: Run) -> Run:
+    """The run with every document whose id equals its query's id removed."""
+    return {query_id: ({d: s for d, s in scores.items() if d != query_id} if query_id in scores else scores)
+            for query_id, scores in run.items()}
 
 
 def ndcg_at(ranking: list[str], judged: dict[str, int], k: int) -> float:
@@ -45,24 +89,40 @@ def ndcg_at(ranking: list[str], judged: dict[str, int], k: int) -> float:
     return dcg / ideal
 
 
-def recall_at(ranking: list[str], judged: dict[str, int], k: int) -> float:
-    relevant = {doc_id for doc_id, grade in judged.items() if grade >= 1}
+def recall_at(ranking: list[str], judged: dict[str, int], k: int, level: int = 1) -> float:
+    relevant = {doc_id for doc_id, grade in judged.items() if grade >= level}
     if not relevant:
         return 0.0
     return sum(1 for doc_id in ranking[:k] if doc_id in relevant) / len(relevant)
 
 
-def mrr_at(ranking: list[str], judged: dict[str, int], k: int) -> float:
-    for i, doc_id in enumerate(ranking[:k]):
-        if judged.get(doc_id, 0) >= 1:
+def precision_at(ranking: list[str], judged: dict[str, int], k: int, level: int = 1) -> float:
+    return sum(1 for doc_id in ranking[:k] if judged.get(doc_id, 0) >= level) / k
+
+
+def average_precision_at(ranking: list[str], judged: dict[str, int], k: int | None, level: int = 1) -> float:
+    relevant = sum(1 for grade in judged.values() if grade >= level)
+    if not relevant:
+        return 0.0
+    hits, total = 0, 0.0
+    for i, doc_id in enumerate(ranking if k is None else ranking[:k]):
+        if judged.get(doc_id, 0) >= level:
+            hits += 1
+            total += hits / (i + 1)
+    return total / relevant
+
+
+def mrr_at(ranking: list[str], judged: dict[str, int], k: int | None, level: int = 1) -> float:
+    for i, doc_id in enumerate(ranking if k is None else ranking[:k]):
+        if judged.get(doc_id, 0) >= level:
             return 1.0 / (i + 1)
     return 0.0
 
 
-def auc(scores: dict[str, float], judged: dict[str, int]) -> float | None:
+def auc(scores: dict[str, float], judged: dict[str, int], level: int = 1) -> float | None:
     """Per-query AUC as defined in the module docstring; ``None`` when there is no retrieved negative."""
-    relevant = [doc_id for doc_id, grade in judged.items() if grade >= 1]
-    negatives = np.sort(np.array([s for d, s in scores.items() if judged.get(d, 0) < 1], dtype=np.float64))
+    relevant = [doc_id for doc_id, grade in judged.items() if grade >= level]
+    negatives = np.sort(np.array([s for d, s in scores.items() if judged.get(d, 0) < level], dtype=np.float64))
     if not relevant or negatives.size == 0:
         return None
     wins = 0.0
@@ -77,44 +137,104 @@ def auc(scores: dict[str, float], judged: dict[str, int]) -> float | None:
 
 
 def parse_metric(name: str) -> tuple[str, int | None]:
-    """'nDCG@10' -> ('ndcg', 10); 'AUC' -> ('auc', None). Raises ValueError for unknown names."""
-    base, _, cut = name.partition("@")
+    """'nDCG@10' -> ('ndcg', 10); 'P@5' -> ('p', 5); 'MAP' -> ('map', None); 'AUC' -> ('auc', None).
+
+    ``AUC-corpus`` and ``AUC-pooled`` parse as ('auc-corpus', None) and ('auc-pooled', None).
+    Raises ValueError for unknown names.
+    """
+    if name.lower() in (CORPUS_AUC.lower(), POOLED_AUC.lower()):
+        return name.lower(), None
+    base, at, cut = name.partition("@")
     base = base.lower()
-    if base not in {"ndcg", "recall", "mrr", "auc"}:
-        raise ValueError(f"unknown metric {name!r}; known: nDCG@k, Recall@k, MRR@k, AUC")
+    if base not in _BASES:
+        raise ValueError(f"unknown metric {name!r}; known: nDCG@k, Recall@k, P@k, MAP[@k], MRR[@k], AUC, "
+                         f"{CORPUS_AUC}, {POOLED_AUC}")
+    base = "p" if base == "precision" else base
     if base == "auc":
-        if cut:
+        if at:
             raise ValueError("AUC takes no cut-off: it uses the whole retrieved list")
         return base, None
+    if not at and base not in _NEED_CUT:
+        return base, None
     if not cut.isdigit() or int(cut) < 1:
-        raise ValueError(f"metric {name!r} needs a positive cut-off, like {base}@10")
+        raise ValueError(f"metric {name!r} needs a positive cut-off, like {_BASES[base]}@10")
     return base, int(cut)
 
 
-def per_query(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS) -> dict[str, dict[str, float]]:
-    """metric name -> {query id -> value}, over the queries with at least one relevant document."""
+def evaluated_queries(qrels: Qrels, level: int = 1) -> list[str]:
+    """The queries a mean is taken over: those with at least one document of grade >= ``level``."""
+    return [query_id for query_id, judged in qrels.items() if any(grade >= level for grade in judged.values())]
+
+
+_DISCOUNTS = 1.0 / np.log2(np.arange(2, 1002, dtype=np.float64))
+
+
+def _discounts(n: int) -> np.ndarray:
+    global _DISCOUNTS
+    if n > _DISCOUNTS.size:
+        _DISCOUNTS = 1.0 / np.log2(np.arange(2, n + 2, dtype=np.float64))
+    return _DISCOUNTS[:n]
+
+
+def per_query(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS, *, relevance_level: int = 1,
+              ignore_identical_ids: bool = False) -> dict[str, dict[str, float]]:
+    """metric name -> {query id -> value}, over the queries with at least one relevant document.
+
+    Each query's run is ranked once; every cut-off metric is then read off the grade vector of that
+    ranking with numpy (the per-metric functions above are the plain definitions, kept as the
+    readable reference and tested equal). ``AUC-corpus`` and ``AUC-pooled`` need document scores
+    beyond the run and are skipped here (see :mod:`eval.auc`).
+    """
+    if relevance_level < 1:
+        raise ValueError(f"relevance level must be >= 1, got {relevance_level}")
     parsed = {name: parse_metric(name) for name in metrics}
+    parsed = {name: spec for name, spec in parsed.items() if spec[0] in _BASES}
+    if ignore_identical_ids:
+        run = without_identical_ids(run)
+    level = relevance_level
     results: dict[str, dict[str, float]] = {name: {} for name in parsed}
-    for query_id, judged in qrels.items():
-        if not any(grade >= 1 for grade in judged.values()):
-            continue
+    for query_id in evaluated_queries(qrels, level):
+        judged = qrels[query_id]
         scores = run.get(query_id, {})
         ranking = ranked(scores)
+        n = len(ranking)
+        grades = np.fromiter(map(judged.get, ranking, repeat(0, n)), dtype=np.float64, count=n)
+        relevant = grades >= level
+        hits = np.cumsum(relevant)
+        n_relevant = sum(1 for grade in judged.values() if grade >= level)
+        ideal_gains = np.array(sorted((g for g in judged.values() if g > 0), reverse=True), dtype=np.float64)
+        discounts = _discounts(max(n, ideal_gains.size))
         for name, (base, k) in parsed.items():
+            depth = n if k is None else min(k, n)
             if base == "ndcg":
-                results[name][query_id] = ndcg_at(ranking, judged, k)
+                m = min(k, ideal_gains.size)
+                ideal = float(ideal_gains[:m] @ discounts[:m])
+                dcg = float(np.maximum(grades[:depth], 0) @ discounts[:depth])
+                value = dcg / ideal if ideal > 0 else 0.0
             elif base == "recall":
-                results[name][query_id] = recall_at(ranking, judged, k)
+                value = float(hits[depth - 1]) / n_relevant if depth else 0.0
+            elif base == "p":
+                value = float(hits[depth - 1]) / k if depth else 0.0
+            elif base == "map":
+                ranks = np.flatnonzero(relevant[:depth])
+                value = float(np.sum(np.arange(1, ranks.size + 1) / (ranks + 1))) / n_relevant
             elif base == "mrr":
-                results[name][query_id] = mrr_at(ranking, judged, k)
+                first = np.flatnonzero(relevant[:depth])
+                value = 1.0 / (first[0] + 1) if first.size else 0.0
             else:
-                value = auc(scores, judged)
-                if value is not None:
-                    results[name][query_id] = value
+                value = auc(scores, judged, level)
+                if value is None:
+                    continue
+            results[name][query_id] = value
     return results
 
 
-def mean_metrics(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS) -> dict[str, float]:
+def mean_of(values: dict[str, float]) -> float:
+    return float(np.mean(list(values.values()))) if values else 0.0
+
+
+def mean_metrics(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS, *, relevance_level: int = 1,
+                 ignore_identical_ids: bool = False) -> dict[str, float]:
     """Mean of each metric over the evaluated queries (see :func:`per_query`)."""
-    return {name: (float(np.mean(list(values.values()))) if values else 0.0)
-            for name, values in per_query(run, qrels, metrics).items()}
+    return {name: mean_of(values) for name, values in per_query(
+        run, qrels, metrics, relevance_level=relevance_level, ignore_identical_ids=ignore_identical_ids).items()}

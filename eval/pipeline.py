@@ -39,7 +39,8 @@ DEFAULTS: dict = {
              "bm25_backend": "bm25s", "index": "Flat", "nprobe": None, "ef_search": None, "rrf_k": 60,
              "cross_encoder": None, "teacher": None, "cache_dir": None, "shard_size": 10_000},
     "train": {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "seed")},
-    "evaluate": {"split": "test", "metrics": list(DEFAULT_METRICS), "depth": 1000, "before": True},
+    "evaluate": {"split": "test", "metrics": list(DEFAULT_METRICS), "depth": 1000, "before": True,
+                 "relevance_level": 1, "ignore_identical_ids": None, "auc_negatives": 100},
 }
 
 
@@ -107,7 +108,10 @@ def _evaluate_all(splits: list[Dataset], retriever, config: dict, output: Path, 
     for dataset in splits:
         results[dataset.split] = evaluate(dataset, retriever, metrics=tuple(evaluation["metrics"]),
                                           depth=evaluation["depth"], output_dir=output / dataset.split,
-                                          config=config)["metrics"]
+                                          config=config, relevance_level=evaluation["relevance_level"],
+                                          ignore_identical_ids=evaluation["ignore_identical_ids"],
+                                          auc_negatives=evaluation["auc_negatives"],
+                                          seed=int(config["seed"]))["metrics"]
         echo(format_metrics(results[dataset.split], f"{label} {dataset.split}"))
     return results
 

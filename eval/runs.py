@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 from eval.metrics import ranked
@@ -20,8 +22,16 @@ def write_run(path: str | os.PathLike, run: Run, tag: str = "hardneg") -> None:
                 handle.write(f"{query_id} Q0 {doc_id} {rank} {scores[doc_id]:.6f} {tag}\n")
 
 
-def read_run(path: str | os.PathLike) -> Run:
-    """Read a TREC run; a line that is not six whitespace-separated fields with a numeric score is an error."""
+def read_run(path: str | os.PathLike, queries: Collection[str] | None = None, *,
+             extra_queries: str = "error") -> Run:
+    """Read a TREC run; a line that is not six whitespace-separated fields with a numeric score is an error.
+
+    With ``queries`` (the ids of the split being evaluated), a line naming another query is an error
+    that points at it (``extra_queries="error"``, the default: a run from the wrong split or dataset
+    otherwise scores quietly low), or is dropped (``"ignore"``, for a run over more queries than the split).
+    """
+    if extra_queries not in ("error", "ignore"):
+        raise ValueError(f"extra_queries must be 'error' or 'ignore', got {extra_queries!r}")
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "run file not found")
@@ -38,7 +48,16 @@ def read_run(path: str | os.PathLike) -> Run:
                 score = float(parts[4])
             except ValueError:
                 raise DataError(path, f"score {parts[4]!r} is not a number", line=number, field="score") from None
+            if not math.isfinite(score):
+                raise DataError(path, f"score {parts[4]!r} is not finite", line=number, field="score")
+            if queries is not None and parts[0] not in queries:
+                if extra_queries == "ignore":
+                    continue
+                raise DataError(path, f"query {parts[0]!r} is not in the evaluated split", line=number, field="qid",
+                                hint="is the run from another split or dataset? --extra-run-queries ignore drops "
+                                     "such lines")
             run.setdefault(parts[0], {})[parts[2]] = score
     if not run:
-        raise DataError(path, "the run file is empty")
+        raise DataError(path, "the run file is empty" if queries is None else "no line of the run names a query "
+                        "of the evaluated split")
     return run

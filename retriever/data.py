@@ -311,15 +311,33 @@ def bundled_datasets() -> list[str]:
     return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "qrels").is_dir()) if BUNDLED_DIR.is_dir() else []
 
 
-def dataset_folder(data: str | os.PathLike) -> Path:
-    """The folder of a dataset given as a path or as the name of a bundled dataset (``nfcorpus-demo``)."""
+def dataset_folder(data: str | os.PathLike, *, show_progress: bool = True) -> Path:
+    """The folder of a dataset given as a path, a bundled name (``nfcorpus-demo``), or a BEIR name.
+
+    ``beir:NAME`` downloads BEIR's ``NAME.zip`` into the cache on first use (md5-checked, see
+    :mod:`retriever.download`); a bare BEIR name (``scifact``) that is not a folder is looked up in the
+    cache only, so nothing is downloaded unless asked.
+    """
+    from retriever.download import BEIR_MD5, BEIR_PREFIX, cache_dir, cached_folder, offline_hint, resolve_beir
+
+    text = str(data)
+    if text.startswith(BEIR_PREFIX):
+        return resolve_beir(text[len(BEIR_PREFIX):], show_progress=show_progress)
     folder = Path(data)
-    if not folder.exists() and str(data) in bundled_datasets():
-        folder = BUNDLED_DIR / str(data)
+    if not folder.exists() and text in bundled_datasets():
+        folder = BUNDLED_DIR / text
+    if not folder.exists() and text in BEIR_MD5:
+        cached = cached_folder(text)
+        if cached is not None:
+            return cached
+        raise DataError(folder, "dataset folder not found",
+                        hint=f"--data {BEIR_PREFIX}{text} downloads BEIR's {text} into {cache_dir()}; "
+                             + offline_hint(text, cache_dir()))
     if not folder.is_dir():
         known = ", ".join(bundled_datasets()) or "none"
         raise DataError(folder, "dataset folder not found",
-                        hint=f"give a BEIR folder with corpus.jsonl, queries.jsonl and qrels/; bundled: {known}")
+                        hint=f"give a BEIR folder with corpus.jsonl, queries.jsonl and qrels/, a bundled name "
+                             f"({known}), or {BEIR_PREFIX}NAME to download a BEIR dataset")
     return folder
 
 

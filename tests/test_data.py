@@ -178,6 +178,29 @@ def test_real_trec_qrels_dl19(msmarco_folder):
     assert set(topics) == set(qrels)
 
 
+def test_real_dl19_topics_and_graded_qrels_with_the_sample_corpus(msmarco_folder):
+    """TREC DL 2019: anserini topics (qid<TAB>query, .txt) and graded TREC qrels over the 5,000-passage sample."""
+    data = load_msmarco(msmarco_folder / "beir-sample" / "corpus.jsonl",
+                        msmarco_folder / "anserini" / "topics.dl19-passage.txt",
+                        msmarco_folder / "anserini" / "qrels.dl19-passage.txt", split="dl19")
+    assert data.split == "dl19" and len(data.queries) == 43
+    assert sum(len(judged) for judged in data.qrels.values()) == 4102  # every judged-relevant passage is there
+    assert data.skipped_qrels == 9260 - 4102  # judged non-relevant passages outside the sample, counted
+    assert {grade for judged in data.qrels.values() for grade in judged.values()} == {1, 2, 3}
+
+
+def test_real_dev_small_trec_qrels(msmarco_folder):
+    qrels = load_qrels(msmarco_folder / "anserini" / "qrels.msmarco-passage.dev-subset.txt")
+    assert len(qrels) == 6980 and sum(len(judged) for judged in qrels.values()) == 7437
+    queries = load_queries(msmarco_folder / "anserini" / "topics.msmarco-passage.dev-subset.txt")
+    assert set(queries) == set(qrels)
+    # the 101-passage head of the collection holds none of the judged passages: a clear error, not 0 queries
+    with pytest.raises(DataError, match="no qrels row refers to a known query and document"):
+        load_msmarco(msmarco_folder / "collection.head101.tsv",
+                     msmarco_folder / "anserini" / "topics.msmarco-passage.dev-subset.txt",
+                     msmarco_folder / "anserini" / "qrels.msmarco-passage.dev-subset.txt")
+
+
 # ----------------------------------------------------------------------------------------- real NFCorpus
 
 

@@ -8,7 +8,20 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-from eval.metrics import auc, mean_metrics, parse_metric, per_query, ranked
+from eval.metrics import (
+    auc,
+    average_precision_at,
+    mean_metrics,
+    mrr_at,
+    ndcg_at,
+    needs_identical_id_filter,
+    parse_metric,
+    per_query,
+    precision_at,
+    ranked,
+    recall_at,
+    without_identical_ids,
+)
 from eval.runs import read_run, write_run
 from retriever.io import DataError
 
@@ -37,39 +50,107 @@ def random_case(seed: int, n_queries: int = 50, n_docs: int = 30, pool: int = 60
     return qrels, run
 
 
-def pytrec(qrels, run, measures):
-    return pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+def pytrec(qrels, run, measures, level=1):
+    return pytrec_eval.RelevanceEvaluator(qrels, measures, relevance_level=level).evaluate(run)
 
 
 def truncated(run, k):
     return {query_id: {doc_id: scores[doc_id] for doc_id in ranked(scores)[:k]} for query_id, scores in run.items()}
 
 
+@pytest.mark.parametrize("level", [1, 2])
 @pytest.mark.parametrize("seed", range(6))
-def test_ndcg_recall_mrr_equal_pytrec_eval(seed):
+def test_every_metric_equals_pytrec_eval(seed, level):
+    """nDCG, Recall, P, MAP at several cuts, MAP and MRR on the whole list, MRR@k: equal to 1e-9, ties included."""
     qrels, run = random_case(seed)
     assert set(qrels) <= set(run)
-    names = [f"nDCG@{k}" for k in CUTS] + [f"Recall@{k}" for k in CUTS] + [f"MRR@{k}" for k in CUTS]
-    ours = per_query(run, qrels, names)
-    evaluated = {q for q, judged in qrels.items() if any(g >= 1 for g in judged.values())}
+    names = ([f"nDCG@{k}" for k in CUTS] + [f"Recall@{k}" for k in CUTS] + [f"MRR@{k}" for k in CUTS]
+             + [f"P@{k}" for k in CUTS] + [f"MAP@{k}" for k in CUTS] + ["MAP", "MRR"])
+    ours = per_query(run, qrels, names, relevance_level=level)
+    evaluated = {q for q, judged in qrels.items() if any(g >= level for g in judged.values())}
     assert all(set(values) == evaluated for values in ours.values())
-    assert 30 < len(evaluated) < 50
+    assert 15 < len(evaluated) < 50
 
     cuts = ",".join(map(str, CUTS))
-    reference = pytrec(qrels, run, {f"ndcg_cut.{cuts}", f"recall.{cuts}"})
+    reference = pytrec(qrels, run, {f"ndcg_cut.{cuts}", f"recall.{cuts}", f"P.{cuts}", f"map_cut.{cuts}", "map",
+                                    "recip_rank"}, level)
     for query_id in evaluated:
+        expected = reference[query_id]
         for k in CUTS:
-            assert ours[f"nDCG@{k}"][query_id] == pytest.approx(reference[query_id][f"ndcg_cut_{k}"], abs=1e-9)
-            assert ours[f"Recall@{k}"][query_id] == pytest.approx(reference[query_id][f"recall_{k}"], abs=1e-9)
+            assert ours[f"nDCG@{k}"][query_id] == pytest.approx(expected[f"ndcg_cut_{k}"], abs=1e-9)
+            assert ours[f"Recall@{k}"][query_id] == pytest.approx(expected[f"recall_{k}"], abs=1e-9)
+            assert ours[f"P@{k}"][query_id] == pytest.approx(expected[f"P_{k}"], abs=1e-9)
+            assert ours[f"MAP@{k}"][query_id] == pytest.approx(expected[f"map_cut_{k}"], abs=1e-9)
+        assert ours["MAP"][query_id] == pytest.approx(expected["map"], abs=1e-9)
+        assert ours["MRR"][query_id] == pytest.approx(expected["recip_rank"], abs=1e-9)
     for k in CUTS:
-        reference = pytrec(qrels, truncated(run, k), {"recip_rank"})
+        reference = pytrec(qrels, truncated(run, k), {"recip_rank"}, level)
         for query_id in evaluated:
             assert ours[f"MRR@{k}"][query_id] == pytest.approx(reference[query_id]["recip_rank"], abs=1e-9)
 
     # The means over evaluated queries equal the means of pytrec_eval's values over the same queries.
-    means = mean_metrics(run, qrels, ["nDCG@10"])
-    reference = pytrec(qrels, run, {"ndcg_cut.10"})
+    means = mean_metrics(run, qrels, ["nDCG@10", "P@5"], relevance_level=level)
+    reference = pytrec(qrels, run, {"ndcg_cut.10", "P.5"}, level)
     assert means["nDCG@10"] == pytest.approx(np.mean([reference[q]["ndcg_cut_10"] for q in evaluated]), abs=1e-9)
+    assert means["P@5"] == pytest.approx(np.mean([reference[q]["P_5"] for q in evaluated]), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_path_equals_the_plain_definitions(seed):
+    """per_query reads every metric off one grade vector; the one-metric functions are the plain definitions."""
+    qrels, run = random_case(200 + seed, n_docs=40)
+    names = ["nDCG@7", "Recall@7", "P@7", "MAP@7", "MRR@7", "MAP", "MRR", "nDCG@40"]
+    for level in (1, 3):
+        ours = per_query(run, qrels, names, relevance_level=level)
+        for query_id, values in ours["nDCG@7"].items():
+            judged, ranking = qrels[query_id], ranked(run[query_id])
+            assert values == pytest.approx(ndcg_at(ranking, judged, 7), abs=1e-12)
+            assert ours["nDCG@40"][query_id] == pytest.approx(ndcg_at(ranking, judged, 40), abs=1e-12)
+            assert ours["Recall@7"][query_id] == pytest.approx(recall_at(ranking, judged, 7, level), abs=1e-12)
+            assert ours["P@7"][query_id] == pytest.approx(precision_at(ranking, judged, 7, level), abs=1e-12)
+            assert ours["MAP@7"][query_id] == pytest.approx(average_precision_at(ranking, judged, 7, level), abs=1e-12)
+            assert ours["MAP"][query_id] == pytest.approx(average_precision_at(ranking, judged, None, level), abs=1e-12)
+            assert ours["MRR@7"][query_id] == pytest.approx(mrr_at(ranking, judged, 7, level), abs=1e-12)
+            assert ours["MRR"][query_id] == pytest.approx(mrr_at(ranking, judged, None, level), abs=1e-12)
+
+
+def test_ranked_equals_sorting_on_score_then_id():
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        scores = {f"d{int(j)}": float(rng.integers(0, 4)) / 3 for j in rng.integers(0, 200, size=rng.integers(0, 50))}
+        expected = [d for d, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
+        assert ranked(scores) == expected
+
+
+def test_short_run_precision_divides_by_k():
+    """P@10 of a run with 3 documents is hits / 10 (trec_eval), not hits / 3."""
+    qrels, run = {"q": {"a": 1, "b": 1}}, {"q": {"a": 3.0, "x": 2.0, "b": 1.0}}
+    assert per_query(run, qrels, ["P@10"])["P@10"]["q"] == pytest.approx(0.2)
+    assert pytrec(qrels, run, {"P.10"})["q"]["P_10"] == pytest.approx(0.2)
+
+
+def test_identical_ids_option_changes_exactly_the_self_hit():
+    """ArguAna-like: the query's own document is in the corpus and scores highest."""
+    qrels = {"q1": {"d2": 1}, "q2": {"d9": 1}}
+    run = {"q1": {"q1": 0.99, "d2": 0.9, "d3": 0.5}, "q2": {"d8": 0.8, "q2": 0.7, "d9": 0.6}}
+    kept = per_query(run, qrels, ["nDCG@10", "MRR@10", "P@1", "Recall@1", "AUC"])
+    dropped = per_query(run, qrels, ["nDCG@10", "MRR@10", "P@1", "Recall@1", "AUC"], ignore_identical_ids=True)
+    assert kept["MRR@10"] == {"q1": 0.5, "q2": pytest.approx(1 / 3)}
+    assert dropped["MRR@10"] == {"q1": 1.0, "q2": 0.5}
+    assert kept["P@1"] == {"q1": 0.0, "q2": 0.0} and dropped["P@1"] == {"q1": 1.0, "q2": 0.0}
+    assert kept["Recall@1"]["q1"] == 0.0 and dropped["Recall@1"]["q1"] == 1.0
+    assert kept["nDCG@10"]["q1"] == pytest.approx(1 / math.log2(3)) and dropped["nDCG@10"]["q1"] == 1.0
+    assert dropped["nDCG@10"]["q2"] == pytest.approx(1 / math.log2(3))
+    assert kept["AUC"] == {"q1": 0.5, "q2": 0.0} and dropped["AUC"] == {"q1": 1.0, "q2": 0.0}
+    # Same as what pytrec_eval gives on the run with the self-hits removed by hand.
+    by_hand = {"q1": {"d2": 0.9, "d3": 0.5}, "q2": {"d8": 0.8, "d9": 0.6}}
+    reference = pytrec(qrels, by_hand, {"ndcg_cut.10", "recip_rank", "P.1"})
+    for q in qrels:
+        assert dropped["nDCG@10"][q] == pytest.approx(reference[q]["ndcg_cut_10"], abs=1e-12)
+        assert dropped["P@1"][q] == pytest.approx(reference[q]["P_1"], abs=1e-12)
+    assert without_identical_ids(run) == by_hand
+    assert needs_identical_id_filter("arguana") and needs_identical_id_filter("Quora")
+    assert not needs_identical_id_filter("nfcorpus") and not needs_identical_id_filter("scifact")
 
 
 def test_tie_order_is_trec_evals():
@@ -159,13 +240,17 @@ def test_auc_edge_cases():
 
 
 def test_parse_metric():
+    assert parse_metric("MAP@10") == ("map", 10) and parse_metric("MAP") == ("map", None)
+    assert parse_metric("P@5") == ("p", 5) and parse_metric("precision@5") == ("p", 5)
+    assert parse_metric("MRR") == ("mrr", None)
+    assert parse_metric("AUC-corpus") == ("auc-corpus", None) and parse_metric("auc-pooled") == ("auc-pooled", None)
     assert parse_metric("nDCG@10") == ("ndcg", 10)
     assert parse_metric("recall@100") == ("recall", 100)
     assert parse_metric("MRR@1") == ("mrr", 1)
     assert parse_metric("AUC") == ("auc", None)
 
 
-@pytest.mark.parametrize("name", ["MAP@10", "precision@5", "", "ndcg10", "nDCG@", "nDCG", "Recall@0", "MRR@-1",
+@pytest.mark.parametrize("name", ["MAP@0", "P@", "P", "", "ndcg10", "bpref", "nDCG@", "nDCG", "Recall@0", "MRR@-1",
                                   "MRR@ten", "nDCG@1.5", "AUC@10"])
 def test_parse_metric_rejects(name):
     with pytest.raises(ValueError):

@@ -1,0 +1,211 @@
+"""``evaluate`` end to end: the evaluation folder, options recorded, custom retrievers, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytrec_eval
+
+from eval.cli import main
+from eval.evaluate import evaluate
+from eval.runs import read_run, write_run
+from retriever.data import BUNDLED_DIR, Corpus, Dataset, Queries, Run, load_beir
+from retriever.io import DataError, HardnegError
+
+METRICS = ("nDCG@10", "Recall@100", "MRR@10", "MAP@100", "P@10", "AUC", "AUC-corpus", "AUC-pooled")
+
+
+@pytest.fixture(scope="module")
+def bm25_evaluation(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    dataset = load_beir("nfcorpus-demo", "test")
+    record = evaluate(dataset, "bm25", metrics=METRICS, depth=200, output_dir=folder)
+    return dataset, record, folder
+
+
+def test_evaluation_folder(bm25_evaluation):
+    dataset, record, folder = bm25_evaluation
+    for name in ("metrics.json", "per_query.json", "run.trec", "report.md", "roc.png", "score_histogram.png"):
+        assert (folder / name).is_file(), name
+    stored = json.loads((folder / "metrics.json").read_text())
+    assert stored["split"] == "test" and stored["queries"] == 80 and stored["depth"] == 200
+    assert stored["options"]["ignore_identical_ids"] is False and stored["options"]["relevance_level"] == 1
+    assert stored["auc_pooled"]["source"] == "corpus" and stored["auc_pooled"]["negatives"] == 80 * 100
+    assert set(stored["input_checksums"]) == {str(p) for p in dataset.files}
+    per_query = json.loads((folder / "per_query.json").read_text())["per_query"]
+    for name in METRICS[:-1]:
+        assert stored["metrics"][name] == pytest.approx(np.mean(list(per_query[name].values())), abs=1e-12)
+    assert len(per_query["nDCG@10"]) == 80
+    # The numbers are trec_eval's, recomputed from run.trec by pytrec_eval.
+    run = read_run(folder / "run.trec", dataset.queries)
+    assert len(run) < len(dataset.queries)  # some queries share no term with any document
+    assert all(len(docs) <= 200 for docs in run.values())
+    measured = pytrec_eval.RelevanceEvaluator(dataset.qrels, {"ndcg_cut.10", "map_cut.100", "P.10"}).evaluate(run)
+    for ours, theirs in (("nDCG@10", "ndcg_cut_10"), ("MAP@100", "map_cut_100"), ("P@10", "P_10")):
+        # a query BM25 returns nothing for is missing from pytrec_eval's output; it counts 0 in the mean
+        expected = np.mean([measured.get(q, {}).get(theirs, 0.0) for q in dataset.qrels])
+        assert stored["metrics"][ours] == pytest.approx(expected, abs=1e-6)
+    report = (folder / "report.md").read_text()
+    assert "| nDCG@10 | " + f"{stored['metrics']['nDCG@10']:.4f}" in report
+    assert (folder / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_file_evaluation_equals_retriever_evaluation(bm25_evaluation, tmp_path, capsys):
+    dataset, record, folder = bm25_evaluation
+    code = main(["--quiet", "evaluate", "--data", "nfcorpus-demo", "--run-file", str(folder / "run.trec"),
+                 "--metrics", "nDCG@10,MAP@100,P@10,AUC,AUC-pooled", "--depth", "200", "--output", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    stored = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("nDCG@10", "MAP@100", "P@10", "AUC"):
+        assert stored["metrics"][name] == pytest.approx(record["metrics"][name], abs=1e-6)
+    assert stored["auc_pooled"]["source"] == "run"
+
+
+class SearchOnly:
+    """A custom Retriever: only ``search``. Scores = number of query words in the document."""
+
+    description = "word-overlap"
+
+    def search(self, corpus: Corpus, queries: Queries, top_k: int) -> Run:
+        documents = [set(corpus.text(i).lower().split()) for i in range(len(corpus))]
+        run = {}
+        for query_id, text in queries.items():
+            words = set(text.lower().split())
+            scores = {doc_id: float(len(words & documents[i])) for i, doc_id in enumerate(corpus.ids)}
+            best = sorted(scores, key=scores.get, reverse=True)[:top_k]
+            run[query_id] = {doc_id: scores[doc_id] for doc_id in best}
+        return run
+
+
+def test_custom_retriever(tmp_path):
+    dataset = load_beir("nfcorpus-demo", "test")
+    record = evaluate(dataset, SearchOnly(), metrics=("nDCG@10", "AUC-pooled"), depth=50, output_dir=tmp_path)
+    assert record["retriever"] == "word-overlap" and 0 < record["metrics"]["nDCG@10"] < 1
+    assert record["auc_pooled"]["source"] == "run"
+    with pytest.raises(HardnegError, match="AUC-corpus needs a retriever that scores every document"):
+        evaluate(dataset, SearchOnly(), metrics=("AUC-corpus",), depth=50, output_dir=tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+
+
+def make_arguana_like(folder: Path) -> Path:
+    """Queries that are also corpus documents, as in ArguAna."""
+    folder.mkdir(parents=True)
+    docs = [("a1", "cats are better pets than dogs"), ("a2", "dogs are loyal pets"), ("a3", "pets need care"),
+            ("a4", "cats sleep most of the day")]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n"
+                                                 for i, t in docs))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in docs[:2]))
+    (folder / "qrels").mkdir()
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\na1\ta2\t1\na2\ta1\t1\n")
+    return folder
+
+
+def test_identical_ids_default_by_dataset(tmp_path):
+    for name, default in (("arguana", True), ("other", False)):
+        dataset = load_beir(make_arguana_like(tmp_path / name), "test")
+        record = evaluate(dataset, SearchOnly(), metrics=("MRR@4", "P@1"), depth=4)
+        assert record["options"]["ignore_identical_ids"] is default
+        # the query's own text matches itself best: with the self-hit kept, the relevant one is second
+        assert record["metrics"]["P@1"] == (1.0 if default else 0.0)
+        forced = evaluate(dataset, SearchOnly(), metrics=("P@1",), depth=4, ignore_identical_ids=not default)
+        assert forced["metrics"]["P@1"] == (0.0 if default else 1.0)
+        assert forced["options"]["ignore_identical_ids_reason"] == "given"
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("hardneg: error:"), err
+    return err
+
+
+def test_run_file_with_unknown_query_ids(bm25_evaluation, tmp_path, capsys):
+    _, _, folder = bm25_evaluation
+    lines = (folder / "run.trec").read_text().splitlines()
+    lines.insert(3, "NOT-A-QUERY Q0 MED-10 1 9.5 bm25")
+    bad = tmp_path / "bad.trec"
+    bad.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert main(["--quiet", "evaluate", "--data", "nfcorpus-demo", "--run-file", str(bad), "--output", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert "bad.trec:4:" in err and "field 'qid'" in err and "NOT-A-QUERY" in err
+    assert not out.exists()
+    with pytest.raises(DataError) as info:
+        read_run(bad, load_beir("nfcorpus-demo", "test").queries)
+    assert info.value.line == 4 and info.value.field == "qid"
+    # dropping such lines is an explicit choice
+    assert main(["--quiet", "evaluate", "--data", "nfcorpus-demo", "--run-file", str(bad), "--extra-run-queries",
+                 "ignore", "--metrics", "nDCG@10", "--output", str(out)]) == 0
+    assert (out / "metrics.json").is_file()
+
+
+def test_qrels_with_non_integer_grade(tmp_path, capsys):
+    folder = tmp_path / "data"
+    shutil.copytree(BUNDLED_DIR / "nfcorpus-demo", folder)
+    lines = (folder / "qrels" / "test.tsv").read_text().splitlines()
+    lines[7] = "\t".join(lines[7].split("\t")[:2] + ["1.5"])
+    (folder / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert main(["--quiet", "evaluate", "--data", str(folder), "--retriever", "bm25", "--output", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert "test.tsv:8:" in err and "field 'score'" in err and "'1.5'" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--metrics", "nDCG@10,bpref"], "unknown metric 'bpref'"),
+    (["--metrics", "AUC-corpus", "--run-file", "{run}"], "AUC-corpus needs document scores"),
+    (["--metrics", "nDCG@10", "--relevance-level", "0"], "relevance level must be >= 1"),
+    (["--metrics", "Recall@100", "--depth", "10"], "deeper than the run depth"),
+])
+def test_bad_options(argv, expected, bm25_evaluation, tmp_path, capsys):
+    _, _, folder = bm25_evaluation
+    argv = [a.replace("{run}", str(folder / "run.trec")) for a in argv]
+    if "--run-file" not in argv:
+        argv += ["--retriever", "bm25"]
+    out = tmp_path / "out"
+    assert main(["--quiet", "evaluate", "--data", "nfcorpus-demo", *argv, "--output", str(out)]) == 2
+    assert expected in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_write_then_read_run_keeps_only_split_queries(tmp_path):
+    run = {"q1": {"d1": 1.0}, "q2": {"d2": 0.5}}
+    write_run(tmp_path / "r.trec", run)
+    assert read_run(tmp_path / "r.trec", {"q1"}, extra_queries="ignore") == {"q1": {"d1": 1.0}}
+    with pytest.raises(DataError, match="no line of the run names a query"):
+        read_run(tmp_path / "r.trec", {"q9"}, extra_queries="ignore")
+
+
+def test_sentence_transformers_object(tiny_model):
+    """A loaded SentenceTransformer is evaluated as an Encoder: same numbers as its own vectors searched exactly."""
+    from sentence_transformers import SentenceTransformer
+
+    full = load_beir("nfcorpus-demo", "test")
+    keep = sorted({d for judged in list(full.qrels.values())[:8] for d in judged} | set(full.corpus.ids[:50]))
+    corpus = Corpus(ids=keep, titles=[full.corpus.titles[full.corpus.position[d]] for d in keep],
+                    bodies=[full.corpus.bodies[full.corpus.position[d]] for d in keep])
+    qrels = dict(list(full.qrels.items())[:8])
+    dataset = Dataset("demo-subset", "test", corpus, {q: full.queries[q] for q in qrels}, qrels, full.files)
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    record = evaluate(dataset, model, metrics=("nDCG@10", "Recall@100", "AUC-corpus"), depth=100)
+    documents = model.encode(dataset.corpus.texts(), batch_size=64, convert_to_numpy=True)
+    queries = model.encode(list(dataset.queries.values()), batch_size=64, convert_to_numpy=True)
+
+    class Fixed:
+        def encode_queries(self, texts):
+            return queries
+
+        def encode_documents(self, texts):
+            return documents
+
+    expected = evaluate(dataset, Fixed(), metrics=("nDCG@10", "Recall@100", "AUC-corpus"), depth=100)
+    for name in ("nDCG@10", "Recall@100", "AUC-corpus"):
+        assert record["metrics"][name] == pytest.approx(expected["metrics"][name], abs=1e-6)
+    assert record["metrics"]["nDCG@10"] > 0
