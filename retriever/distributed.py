@@ -33,7 +33,9 @@ once per step. Ranks must run the same number of collective calls: shard batches
 API: :func:`init_from_env` (torchrun environment -> process group: gloo on CPU, nccl on CUDA; a no-op
 for a single process), :func:`world_size`, :func:`rank`, :func:`is_main` (write files only there),
 :func:`shard`, :func:`global_columns`, :func:`all_gather_with_grad`, :func:`gather_embeddings`,
-:func:`all_reduce_mean`, :func:`barrier`, :func:`device`, :func:`cleanup`.
+:func:`all_reduce_mean`, :func:`barrier`, :func:`device`, :func:`cleanup`, and :func:`wrap_ddp`, which
+freezes the parameters the embedding never uses (BERT's pooler: DDP would otherwise stop, waiting for
+their gradients) and wraps the encoder in DDP without per-forward buffer syncs (identity for one process).
 """
 
 from __future__ import annotations
@@ -161,6 +163,30 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
 def gather_embeddings(queries: Tensor, documents: Tensor) -> tuple[Tensor, Tensor]:
     """Global query and document embeddings for the loss (rank order), differentiable."""
     return all_gather_with_grad(queries), all_gather_with_grad(documents)
+
+
+def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The encoder wrapped in ``DistributedDataParallel`` (the model itself when not distributed).
+
+    A probe forward/backward (in eval mode, so no random numbers are drawn) finds the parameters that do
+    not reach the embedding, e.g. the BERT pooler, and freezes them: they never get a gradient, and DDP
+    would otherwise wait for one forever. Buffers are synced once at construction, not at every forward
+    (the gradient cache runs chunked forwards, whose number may differ between ranks on a ragged batch).
+    """
+    if not is_distributed():
+        return model
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    model(model.tokenize(["probe"], is_query=True)).sum().backward()
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    ids = [next(model.parameters()).device.index] if on_cuda else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
 def all_reduce_mean(value: float | Tensor) -> float:

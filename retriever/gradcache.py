@@ -21,7 +21,8 @@ API::
 
 - ``model``: a :class:`retriever.encoder.DualEncoder`, or one wrapped in ``DistributedDataParallel``
   (then every chunk but the last is replayed under ``no_sync()``, so gradients are all-reduced once;
-  build DDP with ``broadcast_buffers=False`` when ranks may run different numbers of chunks).
+  build it with :func:`retriever.distributed.wrap_ddp`, which freezes unused parameters and turns off
+  per-forward buffer syncs, so ranks may run different numbers of chunks).
 - ``loss_fn(query_embeddings [Q, D], document_embeddings [C, D]) -> scalar``: e.g.
   ``lambda q, d: loss_module(q @ d.T, targets, negatives)``; it may all-gather across ranks
   (:mod:`retriever.distributed`).
