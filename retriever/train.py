@@ -196,14 +196,14 @@ def pools_fingerprint(pools: list[Pool]) -> str:
 def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: str | Path, *,
           show_progress: bool = True, provenance: dict | None = None, resume: str | Path | None = None,
           evaluator: Callable[[DualEncoder], float] | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int, DualEncoder], None] | None = None) -> dict:
     """Train and save a model folder to ``output_dir``; returns a summary (steps, losses, seconds, best).
 
     ``resume``: ``"latest"`` or a checkpoint/run folder to continue from. ``evaluator`` maps the model
     to a dev score (higher is better); with ``config.eval_steps`` it is called every that many steps and
-    at the end, and the best model is kept in ``output_dir/best``. ``on_step(step)`` is called after each
-    finished step (and its checkpoint), e.g. to stop a run from a test. ``provenance`` maps input files
-    to checksums, recorded beside the model.
+    at the end, and the best model is kept in ``output_dir/best``. ``on_step(step, model)`` is called
+    after each finished step (and its checkpoint): a hook for custom logging, or to stop a run in a test.
+    ``provenance`` maps input files to checksums, recorded beside the model.
     """
     config.check()
     output_dir = Path(output_dir)
@@ -359,7 +359,7 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
                     if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                         checkpoint_now()
                     if on_step is not None:
-                        on_step(step)
+                        on_step(step, model)
     except HardnegError:
         raise
     except BaseException:
