@@ -274,10 +274,7 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
             warnings.warn(f"resuming on {world} processes, the checkpoint has {len(rngs)}: the data order is the "
                           "same, the dropout RNG is not", stacklevel=2)
 
-    # find_unused_parameters: the encoder's pooler head (if any) is not used by mean/CLS pooling.
-    trained = (torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-        find_unused_parameters=True) if world > 1 else model)
+    trained = distributed.wrap_ddp(model)  # the model itself for one process
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
     meta = {"identity": identity, "model_identity": _model_identity(model), "world_size": world}
 
