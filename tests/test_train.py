@@ -254,3 +254,14 @@ def test_torchrun_two_processes_train_and_write_once(small, tiny_model, tmp_path
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
     assert json.loads((tmp_path / "out" / TRAIN_CONFIG).read_text())["summary"]["world_size"] == 2
     SentenceTransformer(str(tmp_path / "out"), device="cpu")
+
+
+def test_pipeline_keep_best_needs_a_dev_split_before_the_reported_one(tmp_path):
+    from eval.pipeline import load_config, run_pipeline
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("data: {path: nfcorpus-demo}\ntrain: {eval_steps: 5}\nevaluate: {split: test}\n")
+    with pytest.raises(HardnegError, match="list a dev split before the reported one"):
+        run_pipeline(load_config(config_file, [f"output_dir={tmp_path / 'out'}"]), show_progress=False)
+    assert not (tmp_path / "out").exists()
+    assert load_config(config_file, ["train.loss=mw", "train.resume=latest"])["train"]["loss"] == "mw"
