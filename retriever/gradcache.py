@@ -3,13 +3,15 @@
 A contrastive loss couples every query with every document of the batch, so the batch cannot simply be
 split into accumulation steps. GradCache (Gao et al., 2021) splits the *encoder* work instead:
 
-1. forward every chunk of queries and documents under ``no_grad`` (no activations kept), recording the
-   CPU and CUDA random-number state before each chunk;
+1. forward every chunk of queries and documents in inference mode (no activations kept), recording the
+   CPU and CUDA random-number state before each chunk; the last chunk alone runs with autograd and keeps
+   its graph (it is the only one alive, through the loss, so memory is still one chunk of activations);
 2. compute the loss on the cached embeddings, turned into leaf tensors that require grad, and backward:
    this gives d loss / d embedding for every text (and the gradient of any learnable loss parameter,
    such as a temperature, which is why the loss must be a closure over those parameters);
-3. re-forward each chunk with its random state restored, so dropout draws the same masks, and backward
-   with the cached embedding gradients; parameter gradients accumulate across chunks.
+3. backward the kept chunk with its cached embedding gradients, then re-forward every other chunk with
+   its random state restored, so dropout draws the same masks, and backward it likewise; parameter
+   gradients accumulate across chunks. Keeping the last chunk saves one of the n re-encodings.
 
 The parameter gradients equal those of one autograd graph over the same chunked forwards (tested to 1e-5
 with dropout on, for every loss). Texts are tokenised once per chunk and reused by the second pass.
@@ -102,16 +104,30 @@ def encode_and_backward(model: torch.nn.Module, queries: list[str], documents: l
     if chunk_size < 1:
         raise HardnegError(f"gradient cache: chunk size must be >= 1, got {chunk_size}")
 
-    # Pass 1: embeddings of every chunk without activations; remember each chunk's features and RNG state.
+    # Pass 1: embeddings of every chunk without activations (inference mode), remembering each chunk's
+    # features and RNG state. The last chunk alone runs with autograd and keeps its graph: pass 2 then
+    # backpropagates through it directly instead of re-encoding it. Memory stays at one chunk of
+    # activations (this one lives only through the loss), and one of the n forwards is saved.
+    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    plan = [(chunk, True) for chunk in _chunks(queries, chunk_size)]
+    plan += [(chunk, False) for chunk in _chunks(documents, chunk_size)]
     chunks: list[tuple[dict[str, Tensor], _RandomState]] = []
     cached: list[Tensor] = []
-    for texts, is_query in ((queries, True), (documents, False)):
-        for chunk in _chunks(texts, chunk_size):
-            features = encoder.tokenize(chunk, is_query=is_query)
-            state = _RandomState(device)
-            with torch.no_grad(), _autocast(device, autocast):
+    kept: Tensor | None = None
+    for index, (texts, is_query) in enumerate(plan):
+        features = encoder.tokenize(texts, is_query=is_query)
+        state = _RandomState(device)
+        if index < len(plan) - 1:
+            with torch.inference_mode(), _autocast(device, autocast):
                 cached.append(encoder(features).float())
-            chunks.append((features, state))
+        else:
+            # Under DDP the gradient all-reduce must come with the last backward: if other chunks follow
+            # this one's backward, it runs unsynchronised (the forward decides, hence the context here).
+            sync = model.no_sync() if is_ddp and len(plan) > 1 else contextlib.nullcontext()
+            with sync, _autocast(device, autocast):
+                kept = model(features)
+            cached.append(kept.detach().float())
+        chunks.append((features, state))
     state_after = _RandomState(device)
     num_query_chunks = -(-len(queries) // chunk_size)
 
@@ -123,16 +139,19 @@ def encode_and_backward(model: torch.nn.Module, queries: list[str], documents: l
     _backward(loss, scaler)
     gradients = [*_gradient_of(query_leaf).split(chunk_size), *_gradient_of(document_leaf).split(chunk_size)]
 
-    # Pass 2: replay each chunk with its RNG state and push its cached gradient into the parameters.
-    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    for index, ((features, state), gradient) in enumerate(zip(chunks, gradients)):
-        last = index == len(chunks) - 1
+    # Pass 2: the kept last chunk first, then replay every other chunk with its RNG state (same dropout)
+    # and push its cached gradient into the parameters; under DDP the final replay synchronises.
+    kept.backward(gradients[-1].to(kept.dtype))
+    del kept
+    for index in range(len(plan) - 1):
+        features, state = chunks[index]
+        last = index == len(plan) - 2
         sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
         state.restore()
         with sync:
             with _autocast(device, autocast):
                 embeddings = model(features)
-            embeddings.backward(gradient.to(embeddings.dtype))
+            embeddings.backward(gradients[index].to(embeddings.dtype))
     state_after.restore()
     return loss.detach()
 
