@@ -235,6 +235,24 @@ def test_cli_refuses_bad_training_settings_before_work(extra, message, small, ti
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_keeps_the_best_model_on_a_dev_split(small, tiny_model, tmp_path, capsys):
+    from eval.cli import main
+
+    _, pools = small
+    write_pools(tmp_path / "pools.jsonl", pools)
+    code = main(["--quiet", "train", "--pools", str(tmp_path / "pools.jsonl"), "--data", "nfcorpus-demo",
+                 "--model", str(tiny_model), "--output", str(tmp_path / "out"), "--train-batch-size", "8",
+                 "--max-length", "24", "--lr", "1e-3", "--eval-steps", "2", "--dev-split", "test",
+                 "--loss", "mw", "--mw-weight", "0.5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    dev = {r["step"]: r["dev"] for r in _log(tmp_path / "out") if "dev" in r}
+    assert sorted(dev) == [2, 3]
+    best_step = max(dev, key=lambda s: (dev[s], -s))
+    assert f"best nDCG@10 on test: {dev[best_step]:.4f} at step {best_step}" in out
+    assert (tmp_path / "out" / "best" / "model.safetensors").is_file()
+
+
 def test_torchrun_two_processes_train_and_write_once(small, tiny_model, tmp_path):
     """A real 2-process gloo run through the CLI: each rank takes half of every batch, rank 0 writes."""
     _, pools = small
