@@ -193,7 +193,7 @@ def main() -> None:
         return
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    needed = max((args.steps + 1) * args.batch_size, *args.memory_batches, *args.uncached_batches)
+    needed = max([(args.steps + 1) * args.batch_size, *args.memory_batches, *args.uncached_batches])
     triples = build_triples(args.data, needed + 64)
     if len(triples) < needed:
         raise SystemExit(f"only {len(triples)} triples; need {needed}")
