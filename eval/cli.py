@@ -102,18 +102,59 @@ def cmd_train(args) -> None:
     from retriever.train import TrainConfig, train
 
     config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.train_batch_size,
-                         learning_rate=args.lr, warmup_ratio=args.warmup_ratio, temperature=args.temperature,
-                         positives_per_query=args.positives_per_query, negatives_per_query=args.negatives_per_query,
+                         learning_rate=args.lr, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                         loss=args.loss, temperature=args.temperature,
+                         learnable_temperature=args.learnable_temperature, symmetric=args.symmetric,
+                         mw_pairs=args.mw_pairs, mw_weight=args.mw_weight,
+                         positives_per_query=args.positives_per_step, negatives_per_query=args.negatives_per_query,
                          max_length=args.max_length, pooling=args.pooling, query_prefix=args.query_prefix,
-                         document_prefix=args.document_prefix, seed=args.seed)
+                         document_prefix=args.document_prefix, max_grad_norm=args.max_grad_norm,
+                         cache_chunk=args.cache_chunk, precision=args.precision, save_steps=args.save_steps,
+                         save_total_limit=args.save_total_limit, eval_steps=args.eval_steps, seed=args.seed)
     config.check()
+    evaluator = None
+    if args.eval_steps:
+        evaluator = _dev_evaluator(args)
     corpus = load_corpus_of(args.data, args.corpus)
     pools_path = os.path.join(args.pools, "pools.jsonl") if os.path.isdir(args.pools) else args.pools
     pools = read_pools(pools_path, corpus)
     summary = train(pools, corpus, config, args.output, show_progress=not args.quiet,
-                    provenance={pools_path: file_checksum(pools_path)})
-    print(f"trained {summary['steps']} steps in {summary['seconds']}s (loss {summary['first_loss']} -> "
-          f"{summary['final_loss']}); model saved to {args.output}")
+                    provenance={pools_path: file_checksum(pools_path)}, resume=args.resume, evaluator=evaluator)
+    from retriever import distributed
+
+    if distributed.is_main():
+        print(f"trained {summary['steps']} steps in {summary['seconds']}s (loss {summary['first_loss']} -> "
+              f"{summary['final_loss']}); model saved to {args.output}")
+        if summary["best_step"] is not None:
+            print(f"best {args.dev_metric} on {args.dev_split}: {summary['best_dev']:.4f} at step "
+                  f"{summary['best_step']}; saved to {os.path.join(args.output, 'best')}")
+    distributed.cleanup()
+
+
+def _dev_evaluator(args):
+    """A dev-set scorer for keep-best (loaded now, so a bad split fails before training)."""
+    from eval.evaluate import evaluate
+    from retriever.data import load_dataset
+    from retriever.dense import DenseRetriever
+
+    dev = load_dataset(args.dev_data or args.data, args.dev_split,
+                       corpus=None if args.dev_data else args.corpus)
+    metric = args.dev_metric
+
+    def score(model) -> float:
+        retriever = DenseRetriever(model, batch_size=args.batch_size, show_progress=False)
+        return evaluate(dev, retriever, metrics=(metric,), depth=max(100, _cut(metric)))["metrics"][metric]
+
+    return score
+
+
+def _cut(metric: str) -> int:
+    from eval.metrics import parse_metric
+
+    try:
+        return parse_metric(metric)[1] or 1000
+    except ValueError as err:
+        raise HardnegError(str(err)) from None
 
 
 def cmd_evaluate(args) -> None:
@@ -240,24 +281,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for pools.jsonl and pools.meta.json")
     p.set_defaults(func=cmd_mine)
 
-    p = sub.add_parser("train", help="train a dual encoder on mined pools")
+    p = sub.add_parser("train", help="train a dual encoder on mined pools (torchrun for several GPUs/processes)")
     p.add_argument("--pools", required=True, help="pools.jsonl, or the folder holding it")
     p.add_argument("--data", help="dataset folder or bundled name whose corpus the pools refer to")
     p.add_argument("--corpus", help="or the corpus file itself")
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="HF or sentence-transformers model name/directory")
-    p.add_argument("--output", required=True, help="folder for the trained model")
+    p.add_argument("--output", required=True, help="folder for the trained model, checkpoints/, best/ and logs")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--train-batch-size", type=int, default=32, help="queries per step (default: 32)")
+    p.add_argument("--train-batch-size", type=int, default=32,
+                   help="queries per step, all processes together (default: 32)")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--positives-per-query", type=int, default=1, help="examples per query per epoch")
-    p.add_argument("--negatives-per-query", type=int, default=1, help="hard negatives per example")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--positives-per-step", "--positives-per-query", dest="positives_per_step", type=int, default=1,
+                   help="positives per query in each step, sampled per epoch (default: 1)")
+    p.add_argument("--negatives-per-query", type=int, default=1, help="mined hard negatives per query per step")
     p.add_argument("--max-length", type=int, help="token limit for queries and documents (default: the model's)")
     p.add_argument("--pooling", choices=("mean", "cls"), help="default: the model's, else mean")
     p.add_argument("--query-prefix", help="text put before every query, e.g. 'query: '")
     p.add_argument("--document-prefix", help="text put before every document, e.g. 'passage: '")
     p.add_argument("--seed", type=int, default=42)
+    group = p.add_argument_group("loss")
+    group.add_argument("--loss", default="infonce", help="infonce, mw (Mann-Whitney/AUC) or decoupled "
+                                                         "(decoupled softmax) (default: infonce)")
+    group.add_argument("--temperature", type=float, default=0.05, help="(initial) temperature (default: 0.05)")
+    group.add_argument("--learnable-temperature", action="store_true", help="train the temperature too")
+    group.add_argument("--symmetric", action="store_true", help="infonce: add the document->query term")
+    group.add_argument("--mw-pairs", default="query", choices=("query", "global"),
+                       help="mw: pair positives with their query's negatives or with every negative of the batch")
+    group.add_argument("--mw-weight", type=float, help="mw: train InfoNCE + this weight x MW instead of MW alone")
+    group = p.add_argument_group("memory and speed")
+    group.add_argument("--cache-chunk", type=int, help="gradient cache: encode this many texts per pass "
+                                                       "(same gradients, memory of one chunk)")
+    group.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                       help="autocast precision (fp16: CUDA only, with a loss scaler)")
+    group.add_argument("--batch-size", type=int, default=64, help="encoding batch size of dev evaluations")
+    group = p.add_argument_group("checkpoints and keep-best")
+    group.add_argument("--save-steps", type=int, help="write a checkpoint every N steps (and at the end)")
+    group.add_argument("--save-total-limit", type=int, help="keep only the last N checkpoints")
+    group.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint folder, or the "
+                                                                    "latest one in --output (bare --resume)")
+    group.add_argument("--eval-steps", type=int, help="score the dev split every N steps and at the end; the "
+                                                      "best model is kept in OUTPUT/best")
+    group.add_argument("--dev-data", help="dataset for --eval-steps (default: --data)")
+    group.add_argument("--dev-split", default="dev", help="qrels split for --eval-steps (default: dev)")
+    group.add_argument("--dev-metric", default="nDCG@10", help="metric that picks the best model (default: "
+                                                               "nDCG@10)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a model, BM25 or a run file on a split")

@@ -25,7 +25,7 @@ from mining.sources import build_rescorer, build_source, check_source_settings
 from retriever.data import Dataset, load_dataset, read_pools
 from retriever.io import HardnegError, atomic_write, file_checksum, library_versions, write_json
 from retriever.protocol import as_retriever, describe
-from retriever.train import TrainConfig, train
+from retriever.train import BEST_DIR, TrainConfig, train
 
 DEFAULTS: dict = {
     "name": "run",
@@ -38,7 +38,8 @@ DEFAULTS: dict = {
              "filter": "topk-percpos", "filter_params": {"perc": 0.95}, "anchor": "min", "sampling": "top",
              "bm25_backend": "bm25s", "index": "Flat", "nprobe": None, "ef_search": None, "rrf_k": 60,
              "cross_encoder": None, "teacher": None, "cache_dir": None, "shard_size": 10_000},
-    "train": {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "seed")},
+    "train": {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "seed")}
+    | {"resume": None, "dev_metric": "nDCG@10"},
     "evaluate": {"split": "test", "metrics": list(DEFAULT_METRICS), "depth": 1000, "before": True,
                  "relevance_level": 1, "ignore_identical_ids": None, "auc_negatives": 100},
 }
@@ -130,8 +131,12 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     specs = ["model" if spec == config["model"] else spec for spec in specs]
     source_options = {key: mining[key] for key in ("bm25_backend", "index", "nprobe", "ef_search", "rrf_k")}
     check_source_settings(specs, cross_encoder=mining["cross_encoder"], teacher=mining["teacher"], **source_options)
-    train_config = TrainConfig(model=config["model"], seed=seed, **training)
+    train_options = {key: value for key, value in training.items() if key not in ("resume", "dev_metric")}
+    train_config = TrainConfig(model=config["model"], seed=seed, **train_options)
     train_config.check()
+    if train_config.eval_steps and len(_splits(config)) < 2:
+        raise HardnegError("config: train.eval_steps keeps the best model on the first evaluate.split; list a dev "
+                           "split before the reported one, e.g. evaluate.split: [dev, test]")
     mine_split, eval_splits = _datasets(config)
     output = Path(config["output_dir"])
     encode = {"batch_size": config["encode"]["batch_size"], "show_progress": show_progress}
@@ -158,11 +163,19 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     del base, source, rescorer  # free the base model before training loads its own copy
     echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)")
     pools_file = output / "pools" / POOLS_FILE
+    evaluator = _keep_best_evaluator(eval_splits[0], training["dev_metric"], encode) if train_config.eval_steps \
+        else None
     summary = train(read_pools(pools_file, mine_split.corpus), mine_split.corpus, train_config, output / "model",
-                    show_progress=show_progress, provenance={str(pools_file): file_checksum(pools_file)})
+                    show_progress=show_progress, provenance={str(pools_file): file_checksum(pools_file)},
+                    resume=training["resume"], evaluator=evaluator)
     echo(f"      {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
+    trained = output / "model"
+    if summary["best_step"] is not None:
+        trained = output / "model" / BEST_DIR
+        echo(f"      best {training['dev_metric']} on {eval_splits[0].split}: {summary['best_dev']:.4f} at step "
+             f"{summary['best_step']} (model/{BEST_DIR})")
     echo(f"[4/4] evaluating the trained model on {names}")
-    results["after"] = _evaluate_all(eval_splits, as_retriever(str(output / "model"), **encode), config,
+    results["after"] = _evaluate_all(eval_splits, as_retriever(str(trained), **encode), config,
                                      output / "eval", echo, "after")
     for split, after in results["after"].items():
         if "before" in results:
@@ -174,6 +187,28 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
               "mining": mined.meta["counts"], "library_versions": library_versions(), "input_checksums": checksums}
     write_json(output / "run.json", record)
     return record
+
+
+def _keep_best_evaluator(dev: Dataset, metric: str, encode: dict):
+    """``train.eval_steps``: score the model on the first evaluation split (e.g. dev) for keep-best."""
+    from retriever.dense import DenseRetriever
+
+    def score(model) -> float:
+        retriever = DenseRetriever(model, batch_size=encode["batch_size"], show_progress=False)
+        return evaluate(dev, retriever, metrics=(metric,), depth=_metric_depth(metric))["metrics"][metric]
+
+    _metric_depth(metric)  # a bad metric name fails now, not after the first steps
+    return score
+
+
+def _metric_depth(metric: str) -> int:
+    from eval.metrics import parse_metric
+
+    try:
+        cut = parse_metric(metric)[1]
+    except ValueError as err:
+        raise HardnegError(f"config: train.dev_metric: {err}") from None
+    return max(cut or 1000, 100)
 
 
 def format_metrics(metrics: dict[str, float], label: str = "") -> str:

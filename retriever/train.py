@@ -1,22 +1,37 @@
-"""``train``: fit a dual encoder on mined pools with InfoNCE over in-batch and hard negatives.
+"""``train``: fit a dual encoder on mined pools with InfoNCE, the MW (AUC) loss or decoupled softmax.
 
-Each epoch, every pool yields ``positives_per_query`` examples, each a (query, one of its positives,
-``negatives_per_query`` of its mined negatives) triple drawn with a seeded generator; examples are
-shuffled and batched. A batch scores every query against every document in it, masking any document
-that is a labelled positive of that query (see :mod:`retriever.losses`). AdamW with linear warm-up
-then linear decay, as in sentence-transformers and Tevatron.
+A step takes a batch of ``batch_size`` queries. For each, ``positives_per_query`` of its labelled
+positives and ``negatives_per_query`` of its mined negatives are drawn once per epoch with a seeded
+generator. All those documents are the columns of one shared (queries x documents) score matrix:
+every query is scored against every document of the batch, so each also serves as an in-batch
+negative for the other queries. The masks come from :func:`retriever.losses.build_masks`: a column
+that is a labelled positive of a query (by document id, another copy of it included) is never that
+query's negative.
 
-Determinism: the same pools, config and seed give the same batches in the same order; weights then
-differ only by floating-point non-determinism of the kernels (none on CPU in our tests, possible on
-GPU with non-deterministic cuBLAS/atomics).
+Scale: ``cache_chunk`` encodes in chunks and replays the gradients from the cached embeddings
+(:mod:`retriever.gradcache`), so the batch size is bounded by the score matrix, not by activations.
+Under ``torchrun`` every process takes its slice of each global batch, the embeddings of all
+processes are gathered with gradients (:mod:`retriever.distributed`) and the loss is the one of the
+global batch, so N processes train like one with the N-times batch; only rank 0 writes.
+
+Determinism and resume: the batches of an epoch are a pure function of (pools, seed, epoch); a
+checkpoint (:mod:`retriever.checkpoint`) stores the model, optimizer, scheduler, grad scaler,
+temperature, RNG states and the data position, so ``resume`` continues exactly as an uninterrupted run
+(bit-identical on CPU; on GPU up to the non-determinism of cuBLAS/atomics).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,13 +40,30 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from retriever import distributed
+from retriever.checkpoint import (
+    check_compatible,
+    checkpoint_dirs,
+    find_checkpoint,
+    load_checkpoint_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from retriever.data import Corpus, Pool
-from retriever.encoder import DualEncoder
+from retriever.encoder import DualEncoder, default_device
+from retriever.gradcache import encode_and_backward
 from retriever.io import HardnegError, atomic_write, file_checksum, library_versions, write_json
-from retriever.losses import false_negative_mask, info_nce
+from retriever.losses import build_masks, make_loss
 
 TRAIN_LOG = "train_log.jsonl"
 TRAIN_CONFIG = "training_config.json"
+LOSS_PLOT = "loss_curve.png"
+BEST_DIR = "best"
+LOSSES = ("infonce", "mw", "decoupled")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Settings that may change when resuming: they change speed, memory or bookkeeping, not the result.
+RESUMABLE_CHANGES = ("cache_chunk", "save_steps", "save_total_limit", "eval_steps")
 
 
 @dataclass
@@ -42,7 +74,12 @@ class TrainConfig:
     learning_rate: float = 2e-5
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
+    loss: str = "infonce"
     temperature: float = 0.05
+    learnable_temperature: bool = False
+    symmetric: bool = False
+    mw_pairs: str = "query"
+    mw_weight: float | None = None
     positives_per_query: int = 1
     negatives_per_query: int = 1
     max_length: int | None = None
@@ -51,60 +88,122 @@ class TrainConfig:
     query_prefix: str | None = None
     document_prefix: str | None = None
     max_grad_norm: float = 1.0
+    cache_chunk: int | None = None
+    precision: str = "fp32"
+    save_steps: int | None = None
+    save_total_limit: int | None = None
+    eval_steps: int | None = None
     seed: int = 42
 
     def check(self) -> None:
-        """Refuse settings that cannot train before the model is loaded."""
+        """Refuse settings that cannot train, before the model is loaded."""
+        if self.loss not in LOSSES:
+            raise HardnegError(f"train: unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.precision not in PRECISIONS:
+            raise HardnegError(f"train: unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.mw_pairs not in ("query", "global"):
+            raise HardnegError(f"train: mw_pairs must be 'query' or 'global', got {self.mw_pairs!r}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
                     "temperature": self.temperature, "positives_per_query": self.positives_per_query}
         for name, value in positive.items():
             if not value > 0:
                 raise HardnegError(f"train: {name} must be positive, got {value}")
+        for name in ("cache_chunk", "save_steps", "save_total_limit", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise HardnegError(f"train: {name} must be a positive integer (or unset), got {value!r}")
         if self.negatives_per_query < 0:
             raise HardnegError(f"train: negatives_per_query must be >= 0, got {self.negatives_per_query}")
         if not 0 <= self.warmup_ratio < 1:
             raise HardnegError(f"train: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.cache_chunk is not None and self.cache_chunk > self.batch_size:
+            raise HardnegError(f"train: cache_chunk {self.cache_chunk} is larger than the batch size "
+                               f"{self.batch_size}; a chunk splits a batch, so it must be <= batch_size "
+                               "(or unset for no gradient cache)")
+        if self.mw_weight is not None and (self.loss != "mw" or not self.mw_weight >= 0):
+            raise HardnegError("train: mw_weight (InfoNCE + mw_weight x MW) needs loss 'mw' and a value >= 0, "
+                               f"got loss {self.loss!r}, mw_weight {self.mw_weight!r}")
+        if self.symmetric and not (self.loss == "infonce" or (self.loss == "mw" and self.mw_weight is not None)):
+            raise HardnegError(f"train: symmetric applies to an InfoNCE term; loss {self.loss!r} has none "
+                               "(use infonce, or mw with mw_weight to mix in InfoNCE)")
 
 
 @dataclass
-class Example:
+class QueryExample:
+    """One query of a step: the positives trained this epoch, its hard negatives, all its labelled ids."""
+
+    query_id: str
     query: str
-    positive: str
+    positives: list[str]
     negatives: list[str]
-    positive_ids: set[str]
+    positive_ids: frozenset[str]
 
 
-def epoch_examples(pools: list[Pool], config: TrainConfig, epoch: int) -> list[Example]:
-    """The shuffled examples of one epoch, a pure function of (pools, config, epoch)."""
+def epoch_batches(pools: list[Pool], config: TrainConfig, epoch: int) -> list[list[QueryExample]]:
+    """The batches of one epoch, a pure function of (pools, seed, epoch) so that resume is exact."""
     rng = random.Random(config.seed * 1_000_003 + epoch)
     examples = []
     for pool in pools:
-        positive_ids = {p.doc_id for p in pool.positives}
-        ordered_positives = [p.doc_id for p in pool.positives]
-        chosen = rng.sample(ordered_positives, min(config.positives_per_query, len(ordered_positives)))
-        negative_ids = [n.doc_id for n in pool.negatives]
-        for positive in chosen:
-            negatives = rng.sample(negative_ids, min(config.negatives_per_query, len(negative_ids)))
-            examples.append(Example(pool.query, positive, negatives, positive_ids))
+        positives = [p.doc_id for p in pool.positives]
+        negatives = [n.doc_id for n in pool.negatives]
+        examples.append(QueryExample(
+            pool.query_id, pool.query,
+            rng.sample(positives, min(config.positives_per_query, len(positives))),
+            rng.sample(negatives, min(config.negatives_per_query, len(negatives))),
+            frozenset(positives)))
     rng.shuffle(examples)
-    return examples
+    return [examples[start:start + config.batch_size] for start in range(0, len(examples), config.batch_size)]
 
 
-def batch_tensors(batch: list[Example]) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
-    """Query texts, document ids (positives first, then hard negatives), labels and false-negative mask."""
-    queries = [example.query for example in batch]
-    doc_ids = [example.positive for example in batch] + [n for example in batch for n in example.negatives]
-    labels = list(range(len(batch)))
-    mask = false_negative_mask([example.positive_ids for example in batch], doc_ids, labels)
-    return queries, doc_ids, torch.tensor(labels), mask
+def batch_columns(batch: list[QueryExample]) -> tuple[list[str], list[str], list[list[int]]]:
+    """Query texts, column document ids (the positives of all queries, then their hard negatives) and
+    each query's target columns."""
+    column_ids = [doc_id for example in batch for doc_id in example.positives]
+    targets, start = [], 0
+    for example in batch:
+        targets.append(list(range(start, start + len(example.positives))))
+        start += len(example.positives)
+    column_ids += [doc_id for example in batch for doc_id in example.negatives]
+    return [example.query for example in batch], column_ids, targets
+
+
+def rank_slices(batch: list[QueryExample], world_size: int) -> list[list[QueryExample]]:
+    """Each process's contiguous share of a global batch (:func:`retriever.distributed.shard`)."""
+    return [batch[distributed.shard(len(batch), r, world_size)] for r in range(world_size)]
+
+
+def global_layout(slices: list[list[QueryExample]]) -> tuple[list[frozenset[str]], list[str], list[list[int]]]:
+    """Positive ids, column ids and target columns of the global batch, in the order the processes'
+    embeddings are gathered (rank 0's queries and columns first)."""
+    positive_ids, column_ids, targets = [], [], []
+    for part in slices:
+        _, columns, part_targets = batch_columns(part)
+        targets += [[len(column_ids) + c for c in row] for row in part_targets]
+        column_ids += columns
+        positive_ids += [example.positive_ids for example in part]
+    return positive_ids, column_ids, targets
+
+
+def pools_fingerprint(pools: list[Pool]) -> str:
+    """A digest of what the data order depends on, so a resume on other pools is refused."""
+    digest = hashlib.sha256()
+    for pool in pools:
+        digest.update(json.dumps([pool.query_id, pool.query, [p.doc_id for p in pool.positives],
+                                  [n.doc_id for n in pool.negatives]]).encode())
+    return "sha256:" + digest.hexdigest()
 
 
 def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: str | Path, *,
-          show_progress: bool = True, provenance: dict | None = None) -> dict:
-    """Train and save a model folder to ``output_dir``; returns a summary (steps, final loss, seconds).
+          show_progress: bool = True, provenance: dict | None = None, resume: str | Path | None = None,
+          evaluator: Callable[[DualEncoder], float] | None = None,
+          on_step: Callable[[int, DualEncoder], None] | None = None) -> dict:
+    """Train and save a model folder to ``output_dir``; returns a summary (steps, losses, seconds, best).
 
-    ``provenance`` maps input files (e.g. the pools file) to their checksums, recorded beside the model
-    with the config, the seed and the library versions.
+    ``resume``: ``"latest"`` or a checkpoint/run folder to continue from. ``evaluator`` maps the model
+    to a dev score (higher is better); with ``config.eval_steps`` it is called every that many steps and
+    at the end, and the best model is kept in ``output_dir/best``. ``on_step(step, model)`` is called
+    after each finished step (and its checkpoint): a hook for custom logging, or to stop a run in a test.
+    ``provenance`` maps input files to checksums, recorded beside the model.
     """
     config.check()
     output_dir = Path(output_dir)
@@ -112,16 +211,40 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
                       pool.negatives] if d not in corpus})
     if missing:
         raise HardnegError(f"{len(missing)} document ids of the pools are not in the corpus, e.g. {missing[:3]}")
+    if not pools:
+        raise HardnegError("train: no pools to train on")
+    if config.eval_steps and evaluator is None:
+        raise HardnegError("train: eval_steps needs a dev set to evaluate on (--dev-data/--dev-split)")
 
+    identity = {f"config.{key}": value for key, value in asdict(config).items()}
+    identity["pools"] = pools_fingerprint(pools)
+    checkpoint, state = None, None
+    if resume is not None:
+        checkpoint = find_checkpoint(output_dir, resume)
+        state, saved = load_checkpoint_state(checkpoint)
+        check_compatible(checkpoint, saved["identity"], identity, tuple(f"config.{k}" for k in RESUMABLE_CHANGES))
+    elif checkpoint_dirs(output_dir):
+        raise HardnegError(f"{output_dir} already holds checkpoints of a run; continue it with --resume latest, "
+                           "or train into another output folder")
+
+    distributed.init_from_env()
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    device = _device(world)
+    if config.precision == "fp16" and device.type != "cuda":
+        raise HardnegError("train: fp16 needs a CUDA GPU (it relies on a loss scaler for CUDA); use bf16 on CPU")
     random.seed(config.seed)
     np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    model = DualEncoder.load(config.model, pooling=config.pooling, normalize=config.normalize,
+    torch.manual_seed(config.seed + rank)
+
+    source = checkpoint / "model" if checkpoint else config.model
+    model = DualEncoder.load(source, pooling=config.pooling, normalize=config.normalize,
                              query_prefix=config.query_prefix, document_prefix=config.document_prefix,
-                             max_length=config.max_length)
+                             max_length=config.max_length, device=device)
+    model.name = config.model
     model.train()
-    steps_per_epoch = math.ceil(sum(min(config.positives_per_query, len(p.positives)) for p in pools)
-                                / config.batch_size)
+    loss_module = _loss_module(config).to(device)
+
+    steps_per_epoch = math.ceil(len(pools) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
     groups = [
@@ -129,48 +252,245 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
          "weight_decay": config.weight_decay},
         {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
     ]
+    if list(loss_module.parameters()):
+        groups.append({"params": list(loss_module.parameters()), "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
 
-    log = []
+    log: list[dict] = []
+    step, best = 0, {"step": None, "score": None}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loss_module.load_state_dict(state["loss"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, log, best = state["step"], list(state["log"]), dict(state["best"])
+        rngs = state["rng"]
+        if len(rngs) == world:
+            set_rng_state(rngs[rank])
+        elif main:
+            warnings.warn(f"resuming on {world} processes, the checkpoint has {len(rngs)}: the data order is the "
+                          "same, the dropout RNG is not", stacklevel=2)
+
+    trained = distributed.wrap_ddp(model)  # the model itself for one process
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+    meta = {"identity": identity, "model_identity": _model_identity(model), "world_size": world}
+
+    def checkpoint_now() -> None:
+        rngs = _all_rng_states(world)
+        if main:
+            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "loss": loss_module.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                             "rng": rngs, "step": step, "epoch": step // steps_per_epoch, "log": log, "best": best}
+            save_checkpoint(output_dir, step, model, trainer_state,
+                            meta | {"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
+                                    "best": best, "config": asdict(config)}, config.save_total_limit)
+            _write_log(output_dir, log)
+        distributed.barrier()
+
+    def evaluate_now() -> None:
+        if main:
+            saved_rng = rng_state()  # evaluation must not shift the dropout RNG of the training
+            score = float(evaluator(model))
+            set_rng_state(saved_rng)
+            model.train()
+            log[-1]["dev"] = round(score, 6)
+            if best["score"] is None or score > best["score"]:
+                best.update(step=step, score=score)
+                model.save(output_dir / BEST_DIR)
+        distributed.barrier()
+
     started = time.time()
-    step = 0
-    with tqdm(total=total_steps, desc="train", unit="step", disable=not show_progress) as bar:
-        for epoch in range(config.epochs):
-            examples = epoch_examples(pools, config, epoch)
-            for start in range(0, len(examples), config.batch_size):
-                batch = examples[start:start + config.batch_size]
-                tick = time.time()
-                queries, doc_ids, labels, mask = batch_tensors(batch)
-                query_vectors = model.embed(queries, is_query=True)
-                doc_vectors = model.embed([corpus.text_of(d) for d in doc_ids], is_query=False)
-                loss = info_nce(query_vectors, doc_vectors, labels, mask, config.temperature)
-                if not torch.isfinite(loss):
-                    raise HardnegError(f"train: loss is {loss.item()} at step {step + 1} (epoch {epoch}, "
-                                       f"examples {start}-{start + len(batch) - 1}); lower the learning rate "
-                                       "or raise the temperature")
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 6),
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
-                          "examples_per_s": round(len(batch) / (time.time() - tick), 2)}
-                log.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                ex_s=record["examples_per_s"])
-                bar.update(1)
+    examples_seen = 0
+    try:
+        with tqdm(total=total_steps, initial=step, desc=f"train {config.loss}", unit="step",
+                  disable=not (show_progress and main)) as bar:
+            for epoch in range(step // steps_per_epoch, config.epochs):
+                batches = epoch_batches(pools, config, epoch)
+                for index in range(step - epoch * steps_per_epoch, len(batches)):
+                    batch = batches[index]
+                    tick = time.time()
+                    slices = rank_slices(batch, world)
+                    if any(not part for part in slices):  # fewer queries than processes: nothing to split
+                        step += 1
+                        scheduler.step()
+                        continue
+                    loss = _train_step(trained, loss_module, slices, rank, corpus, config, autocast, scaler,
+                                       device)
+                    if not math.isfinite(loss):
+                        if main:
+                            _write_log(output_dir, log)
+                        last = checkpoint_dirs(output_dir)
+                        raise HardnegError(
+                            f"train: loss is {loss} at step {step + 1} (epoch {epoch}, batch {index} of the epoch, "
+                            f"queries {', '.join(e.query_id for e in batch[:5])}{', ...' if len(batch) > 5 else ''}); "
+                            "stopped without updating the model"
+                            + (f"; the last good checkpoint is {last[-1]}" if last else "")
+                            + ". Lower the learning rate, raise the temperature, or use fp32/bf16")
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    examples_seen += len(batch)
+                    record = {"step": step, "epoch": epoch, "loss": round(loss, 6),
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
+                              "examples_per_s": round(len(batch) / (time.time() - tick), 2)}
+                    if config.learnable_temperature:
+                        record["temperature"] = round(float(loss_module.temperature.detach()), 6)
+                    log.append(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    ex_s=record["examples_per_s"])
+                    bar.update(1)
+                    if evaluator is not None and config.eval_steps and (step % config.eval_steps == 0
+                                                                         or step == total_steps):
+                        evaluate_now()
+                    if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                        checkpoint_now()
+                    if on_step is not None:
+                        on_step(step, model)
+    except HardnegError:
+        raise
+    except BaseException:
+        if main and log:
+            _write_log(output_dir, log)
+        raise
 
-    model.save(output_dir)
+    if config.save_steps:
+        checkpoint_now()
+    summary = {"steps": step, "epochs": config.epochs, "queries_per_epoch": len(pools),
+               "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
+               "seconds": round(time.time() - started, 1), "examples_seen_this_session": examples_seen,
+               "resumed_from": str(checkpoint) if checkpoint else None, "world_size": world,
+               "best_step": best["step"], "best_dev": best["score"]}
+    if any("temperature" in r for r in log):
+        summary["final_temperature"] = log[-1].get("temperature")
+    if main:
+        _save_model_into(model, output_dir)
+        _write_log(output_dir, log)
+        _plot_losses(output_dir / LOSS_PLOT, log)
+        corpus_checksum = {str(corpus.path): file_checksum(corpus.path)} if corpus.path else {}
+        write_json(output_dir / TRAIN_CONFIG, {"config": asdict(config), "summary": summary,
+                                               "model_identity": meta["model_identity"],
+                                               "library_versions": library_versions(),
+                                               "input_checksums": corpus_checksum | (provenance or {})})
+    distributed.barrier()
+    return summary
+
+
+def _train_step(trained, loss_module, slices, rank, corpus, config, autocast, scaler, device) -> float:
+    """Encode this process's slice, score it against the gathered global batch, back-propagate."""
+    positive_ids, column_ids, target_columns = global_layout(slices)
+    targets, negatives = build_masks(positive_ids, column_ids, target_columns)
+    targets, negatives = targets.to(device), negatives.to(device)
+    queries, local_columns, _ = batch_columns(slices[rank])
+
+    def loss_fn(query_vectors: torch.Tensor, document_vectors: torch.Tensor) -> torch.Tensor:
+        # Loss scale 1: the gather's backward sums over ranks and DDP averages (retriever.distributed).
+        all_queries, all_documents = distributed.gather_embeddings(query_vectors, document_vectors)
+        return loss_module(all_queries @ all_documents.T, targets, negatives)
+
+    loss = encode_and_backward(trained, queries, [corpus.text_of(d) for d in local_columns], loss_fn,
+                               chunk_size=config.cache_chunk, autocast=autocast, scaler=scaler)
+    return float(loss)
+
+
+def _device(world: int) -> torch.device:
+    return distributed.device() if world > 1 else default_device()
+
+
+def _loss_module(config: TrainConfig) -> torch.nn.Module:
+    """The loss of ``config``: ``mw`` with ``mw_weight`` is InfoNCE + mw_weight x MW."""
+    params = {"temperature": config.temperature, "learn_temperature": config.learnable_temperature}
+    if config.loss == "mw" and config.mw_weight is not None:
+        return make_loss("combined", mw_weight=config.mw_weight, pairs=config.mw_pairs, symmetric=config.symmetric,
+                         **params)
+    if config.loss == "mw":
+        return make_loss("mw", pairs=config.mw_pairs, **params)
+    if config.loss == "infonce":
+        return make_loss("infonce", symmetric=config.symmetric, **params)
+    return make_loss(config.loss, **params)
+
+
+def _model_identity(model: DualEncoder) -> dict:
+    config = model.model.config
+    return {"name": model.name, "model_type": getattr(config, "model_type", None),
+            "hidden_size": getattr(config, "hidden_size", None),
+            "layers": getattr(config, "num_hidden_layers", None), "vocab_size": getattr(config, "vocab_size", None),
+            "pooling": model.pooling, "normalize": model.normalize, "max_length": model.max_length}
+
+
+def _all_rng_states(world: int) -> list[dict]:
+    """Every process's RNG states (rank order), so each resumes its own dropout stream."""
+    if world == 1:
+        return [rng_state()]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def _save_model_into(model: DualEncoder, output_dir: Path) -> None:
+    """Put the final model files at the top of ``output_dir`` without touching checkpoints/ and best/.
+
+    Each entry is renamed into place from a finished staging copy, so a crash leaves a loadable model.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+    try:
+        model.save(staging / "model")
+        for entry in sorted((staging / "model").iterdir()):
+            target = output_dir / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_log(output_dir: Path, log: list[dict]) -> None:
     with atomic_write(output_dir / TRAIN_LOG) as handle:
         handle.writelines(json.dumps(record) + "\n" for record in log)
-    summary = {"steps": step, "epochs": config.epochs, "examples_per_epoch": len(examples) if step else 0,
-               "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
-               "seconds": round(time.time() - started, 1)}
-    corpus_checksum = {str(corpus.path): file_checksum(corpus.path)} if corpus.path else {}
-    write_json(output_dir / TRAIN_CONFIG, {"config": asdict(config), "summary": summary,
-                                           "library_versions": library_versions(),
-                                           "input_checksums": corpus_checksum | (provenance or {})})
-    return summary
+
+
+def _plot_losses(path: Path, log: list[dict]) -> None:
+    """The training loss per step (and its running mean, and dev scores when evaluated) as a PNG."""
+    if not log:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is a convenience; training results do not depend on it
+        warnings.warn("matplotlib is not installed: no loss plot written", stacklevel=2)
+        return
+    steps = [r["step"] for r in log]
+    losses = [r["loss"] for r in log]
+    window = max(1, len(losses) // 20)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(steps, losses, color="tab:blue", alpha=0.35, label="loss")
+    axis.plot(steps[window - 1:], smooth, color="tab:blue", label=f"running mean ({window} steps)")
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss")
+    dev = [(r["step"], r["dev"]) for r in log if "dev" in r]
+    if dev:
+        other = axis.twinx()
+        other.plot(*zip(*dev), "o-", color="tab:orange", label="dev")
+        other.set_ylabel("dev score")
+        other.legend(loc="upper right")
+    axis.legend(loc="upper left" if dev else "best")
+    figure.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=100)
+    plt.close(figure)
+
+

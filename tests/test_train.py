@@ -1,10 +1,14 @@
-"""Training: the loss equals a direct implementation, positives are never negatives, runs are reproducible."""
+"""Training: batches, masks, every loss learns, outputs, refusals; the CLI and a 2-process torchrun run."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,53 +16,24 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from mining.mine import mine
-from retriever.data import Dataset
+from retriever.data import Dataset, write_pools
 from retriever.encoder import DualEncoder
 from retriever.io import HardnegError
-from retriever.losses import false_negative_mask, info_nce
-from retriever.train import TRAIN_CONFIG, TRAIN_LOG, Example, TrainConfig, batch_tensors, epoch_examples, train
+from retriever.losses import build_masks
+from retriever.train import (
+    LOSS_PLOT,
+    TRAIN_CONFIG,
+    TRAIN_LOG,
+    QueryExample,
+    TrainConfig,
+    batch_columns,
+    epoch_batches,
+    global_layout,
+    rank_slices,
+    train,
+)
 
-
-def test_info_nce_equals_a_loop_implementation():
-    torch.manual_seed(0)
-    queries = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    docs = torch.nn.functional.normalize(torch.randn(10, 8), dim=-1)
-    labels = torch.tensor([0, 1, 2, 3])
-    mask = torch.zeros(4, 10, dtype=torch.bool)
-    mask[0, 5] = mask[2, 1] = mask[3, 9] = True
-    expected = 0.0
-    for i in range(4):
-        logits = [float(queries[i] @ docs[j]) / 0.05 for j in range(10) if not mask[i, j]]
-        positive = float(queries[i] @ docs[labels[i]]) / 0.05
-        expected += -(positive - math.log(sum(math.exp(x) for x in logits)))
-    assert info_nce(queries, docs, labels, mask, 0.05).item() == pytest.approx(expected / 4, rel=1e-5)
-
-
-def test_labelled_positives_are_never_negatives():
-    batch = [Example("q0", "d1", ["d2", "d9"], {"d1", "d3"}),
-             Example("q1", "d3", ["d1"], {"d3"}),
-             Example("q2", "d1", ["d4"], {"d1"})]  # the same document twice in the batch
-    _, doc_ids, labels, mask = batch_tensors(batch)
-    assert doc_ids == ["d1", "d3", "d1", "d2", "d9", "d1", "d4"]
-    expected = torch.zeros(3, 7, dtype=torch.bool)
-    for i, example in enumerate(batch):
-        for j, doc_id in enumerate(doc_ids):
-            expected[i, j] = j != labels[i] and doc_id in example.positive_ids
-    assert torch.equal(mask, expected)
-    assert mask[0, 1] and mask[0, 2] and mask[0, 5]  # d3 (its other positive) and both copies of d1
-    assert not mask[1, 0] and mask[2, 0]
-    assert torch.equal(mask, false_negative_mask([e.positive_ids for e in batch], doc_ids, labels.tolist()))
-
-
-def test_epochs_are_seeded_and_differ(demo_train):
-    pools = mine(_small(demo_train), "bm25", depth=20, num_negatives=4).pools
-    config = TrainConfig(positives_per_query=2, negatives_per_query=2, seed=3)
-    first, again = epoch_examples(pools, config, 0), epoch_examples(pools, config, 0)
-    assert [(e.query, e.positive, e.negatives) for e in first] == [(e.query, e.positive, e.negatives) for e in again]
-    assert [e.positive for e in first] != [e.positive for e in epoch_examples(pools, config, 1)]
-    assert len(first) == sum(min(2, len(p.positives)) for p in pools)
-    for example in first:
-        assert example.positive in example.positive_ids and not set(example.negatives) & example.positive_ids
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _small(dataset: Dataset, queries: int = 24) -> Dataset:
@@ -66,35 +41,163 @@ def _small(dataset: Dataset, queries: int = 24) -> Dataset:
     return replace(dataset, qrels={q: dataset.qrels[q] for q in keep}, queries={q: dataset.queries[q] for q in keep})
 
 
-def test_training_learns_saves_and_is_reproducible(demo_train, tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def small(demo_train):
     data = _small(demo_train)
-    pools = mine(data, "bm25", depth=20, num_negatives=4).pools
-    config = TrainConfig(model=str(tiny_model), epochs=6, batch_size=8, learning_rate=2e-3, warmup_ratio=0.1,
-                         positives_per_query=2, negatives_per_query=2, max_length=64, seed=1)
-    summary = train(pools, data.corpus, config, tmp_path / "a", show_progress=False)
-    log = [json.loads(line) for line in (tmp_path / "a" / TRAIN_LOG).read_text().splitlines()]
-    assert len(log) == summary["steps"] == 6 * math.ceil(48 / 8)
-    first_epoch = np.mean([r["loss"] for r in log if r["epoch"] == 0])
-    last_epoch = np.mean([r["loss"] for r in log if r["epoch"] == 5])
-    assert last_epoch < first_epoch * 0.9, (first_epoch, last_epoch)
+    return data, mine(data, "bm25", depth=20, num_negatives=4).pools
+
+
+def _config(model, **changes) -> TrainConfig:
+    base = TrainConfig(model=str(model), epochs=3, batch_size=8, learning_rate=2e-3, warmup_ratio=0.1,
+                       positives_per_query=2, negatives_per_query=2, max_length=48, seed=1)
+    return replace(base, **changes)
+
+
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / TRAIN_LOG).read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+def test_epoch_batches_are_a_seeded_function_of_the_epoch(small):
+    _, pools = small
+    config = TrainConfig(batch_size=5, positives_per_query=2, negatives_per_query=2, seed=3)
+    first, again = epoch_batches(pools, config, 0), epoch_batches(pools, config, 0)
+    flat = [e for batch in first for e in batch]
+    assert [(e.query_id, e.positives, e.negatives) for e in flat] == \
+        [(e.query_id, e.positives, e.negatives) for batch in again for e in batch]
+    assert [len(b) for b in first] == [5, 5, 5, 5, 4]
+    assert sorted(e.query_id for e in flat) == sorted(p.query_id for p in pools)  # each query once per epoch
+    other = [e for batch in epoch_batches(pools, config, 1) for e in batch]
+    assert [(e.query_id, e.positives) for e in flat] != [(e.query_id, e.positives) for e in other]
+    by_id = {p.query_id: p for p in pools}
+    for example in flat:
+        pool = by_id[example.query_id]
+        assert len(example.positives) == min(2, len(pool.positives)) == len(set(example.positives))
+        assert set(example.positives) <= example.positive_ids == {p.doc_id for p in pool.positives}
+        assert set(example.negatives) <= {n.doc_id for n in pool.negatives}
+        assert not set(example.negatives) & example.positive_ids
+
+
+def _reference_masks(batch: list[QueryExample]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Loop reference: positives of every query first, then negatives; a cell is a negative iff the
+    column's document is not a labelled positive of the row's query."""
+    columns, owners = [], []
+    for i, example in enumerate(batch):
+        for doc_id in example.positives:
+            columns.append(doc_id)
+            owners.append(i)
+    for example in batch:
+        columns += example.negatives
+        owners += [-1] * len(example.negatives)
+    targets = torch.zeros(len(batch), len(columns), dtype=torch.bool)
+    negatives = torch.zeros(len(batch), len(columns), dtype=torch.bool)
+    for i, example in enumerate(batch):
+        for j, doc_id in enumerate(columns):
+            targets[i, j] = owners[j] == i
+            negatives[i, j] = doc_id not in example.positive_ids
+    return columns, targets, negatives
+
+
+def test_multi_positive_batch_masks_never_make_a_labelled_positive_a_negative():
+    batch = [QueryExample("q0", "a", ["d1", "d3"], ["d2", "d9"], frozenset({"d1", "d3", "d7"})),
+             QueryExample("q1", "b", ["d3"], ["d1"], frozenset({"d3"})),           # q0's positive as a negative
+             QueryExample("q2", "c", ["d1", "d7"], ["d4"], frozenset({"d1", "d7"})),  # duplicates of q0's positives
+             QueryExample("q3", "d", ["d5"], [], frozenset({"d5"}))]
+    queries, column_ids, target_columns = batch_columns(batch)
+    assert queries == ["a", "b", "c", "d"]
+    assert column_ids == ["d1", "d3", "d3", "d1", "d7", "d5", "d2", "d9", "d1", "d4"]
+    assert target_columns == [[0, 1], [2], [3, 4], [5]]
+    columns, expected_targets, expected_negatives = _reference_masks(batch)
+    assert columns == column_ids
+    targets, negatives = build_masks([e.positive_ids for e in batch], column_ids, target_columns)
+    assert torch.equal(targets, expected_targets) and torch.equal(negatives, expected_negatives)
+    # q0: both copies of d1 and d3 (one is q1's positive, one q2's) and q2's d7 are not negatives
+    assert not negatives[0, [0, 1, 2, 3, 4, 8]].any() and negatives[0, [5, 6, 7, 9]].all()
+    assert negatives[1, 0] and not negatives[1, 1] and not negatives[1, 2]
+
+    # Split over 3 processes, the gathered layout is the same batch with the same masks.
+    slices = rank_slices(batch, 3)
+    assert [len(s) for s in slices] == [2, 1, 1]
+    positive_ids, global_columns, global_targets = global_layout(slices)
+    targets_3, negatives_3 = build_masks(positive_ids, global_columns, global_targets)
+    assert global_columns == ["d1", "d3", "d3", "d2", "d9", "d1", "d1", "d7", "d4", "d5"]
+    for i, example in enumerate(batch):
+        assert [global_columns[j] for j in global_targets[i]] == example.positives
+        for j, doc_id in enumerate(global_columns):
+            assert negatives_3[i, j] == (doc_id not in example.positive_ids)
+            assert targets_3[i, j] == (j in global_targets[i])
+
+
+# --------------------------------------------------------------------------------------------- train
+
+@pytest.mark.parametrize("loss, options", [("infonce", {"learnable_temperature": True}),
+                                           ("mw", {"mw_pairs": "global"}),
+                                           ("decoupled", {"cache_chunk": 5})])
+def test_each_loss_trains(loss, options, small, tiny_model, tmp_path):
+    data, pools = small
+    config = _config(tiny_model, loss=loss, epochs=4, **options)
+    summary = train(pools, data.corpus, config, tmp_path / loss, show_progress=False)
+    log = _log(tmp_path / loss)
+    assert len(log) == summary["steps"] == 4 * math.ceil(24 / 8)
+    first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-3:]])
+    assert last < first * 0.93, (loss, first, last)
+    if options.get("learnable_temperature"):
+        assert log[-1]["temperature"] != pytest.approx(0.05, abs=1e-6)
+        assert summary["final_temperature"] == log[-1]["temperature"]
+
+
+def test_training_saves_a_loadable_model_and_is_reproducible(small, tiny_model, tmp_path):
+    data, pools = small
+    config = _config(tiny_model, warmup_ratio=0.3)
+    train(pools, data.corpus, config, tmp_path / "a", show_progress=False)
+    log = _log(tmp_path / "a")
     assert log[0]["lr"] < max(r["lr"] for r in log)  # warm-up
+    assert {"loss", "lr", "grad_norm", "examples_per_s", "epoch"} <= set(log[0])
+    assert (tmp_path / "a" / LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "a" / TRAIN_CONFIG).read_text())
-    assert saved["config"]["seed"] == 1 and saved["library_versions"]["torch"]
+    assert saved["config"]["loss"] == "infonce" and saved["library_versions"]["torch"]
     SentenceTransformer(str(tmp_path / "a"), device="cpu")  # loads
 
     train(pools, data.corpus, config, tmp_path / "b", show_progress=False)
     texts = [data.corpus.text(i) for i in range(20)]
     a = DualEncoder.load(tmp_path / "a").encode(texts)
-    b = DualEncoder.load(tmp_path / "b").encode(texts)
-    assert np.array_equal(a, b)
-    assert not np.allclose(a, DualEncoder.load(tiny_model, max_length=64).encode(texts), atol=1e-3)
+    assert np.array_equal(a, DualEncoder.load(tmp_path / "b").encode(texts))
+    assert not np.allclose(a, DualEncoder.load(tiny_model, max_length=48).encode(texts), atol=1e-3)
 
 
-@pytest.mark.parametrize("field, value", [("batch_size", 0), ("learning_rate", -1.0), ("warmup_ratio", 1.5),
-                                          ("negatives_per_query", -1), ("temperature", 0.0)])
-def test_invalid_settings_are_refused(field, value):
-    with pytest.raises(HardnegError, match=field):
-        replace(TrainConfig(), **{field: value}).check()
+def test_bf16_autocast_trains_on_cpu(small, tiny_model, tmp_path):
+    data, pools = small
+    summary = train(pools, data.corpus, _config(tiny_model, epochs=1, precision="bf16"), tmp_path / "m",
+                    show_progress=False)
+    assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"loss": "triplet"}, "unknown loss 'triplet'"),
+    ({"cache_chunk": 9}, "cache_chunk 9 is larger than the batch size 8"),
+    ({"precision": "fp8"}, "unknown precision"),
+    ({"mw_pairs": "all"}, "mw_pairs"),
+    ({"mw_weight": 0.5}, "mw_weight"),
+    ({"loss": "decoupled", "symmetric": True}, "symmetric"),
+    ({"save_steps": 0}, "save_steps"),
+    ({"batch_size": 0}, "batch_size"), ({"learning_rate": -1.0}, "learning_rate"),
+    ({"warmup_ratio": 1.5}, "warmup_ratio"), ({"negatives_per_query": -1}, "negatives_per_query"),
+    ({"temperature": 0.0}, "temperature"),
+])
+def test_invalid_settings_are_refused(changes, message):
+    with pytest.raises(HardnegError, match=message.replace("(", r"\(")):
+        replace(TrainConfig(batch_size=8), **changes).check()
+
+
+def test_fp16_needs_cuda_and_keep_best_needs_a_dev_set(small, tiny_model, tmp_path):
+    data, pools = small
+    if not torch.cuda.is_available():
+        with pytest.raises(HardnegError, match="fp16 needs a CUDA GPU"):
+            train(pools, data.corpus, _config(tiny_model, precision="fp16"), tmp_path / "m", show_progress=False)
+    with pytest.raises(HardnegError, match="eval_steps needs a dev set"):
+        train(pools, data.corpus, _config(tiny_model, eval_steps=2), tmp_path / "m", show_progress=False)
+    assert not (tmp_path / "m").exists()
 
 
 def test_pools_must_match_the_corpus(demo_train, demo_test, tmp_path):
@@ -104,3 +207,79 @@ def test_pools_must_match_the_corpus(demo_train, demo_test, tmp_path):
     with pytest.raises(HardnegError, match="not in the corpus"):
         train(pools, other, TrainConfig(), tmp_path / "m", show_progress=False)
     assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def _cli(*args: str, env_extra: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"} | (env_extra or {})
+    command = (launcher or [sys.executable, "-m"]) + ["eval.cli", "--quiet", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--loss", "listnet"], "unknown loss 'listnet'; choose one of infonce, mw, decoupled"),
+    (["--cache-chunk", "16", "--train-batch-size", "8"], "cache_chunk 16 is larger than the batch size 8"),
+    (["--resume"], "no checkpoint in"),
+])
+def test_cli_refuses_bad_training_settings_before_work(extra, message, small, tiny_model, tmp_path, capsys):
+    from eval.cli import main
+
+    _, pools = small
+    write_pools(tmp_path / "pools.jsonl", pools)
+    code = main(["--quiet", "train", "--pools", str(tmp_path / "pools.jsonl"), "--data", "nfcorpus-demo",
+                 "--model", str(tiny_model), "--output", str(tmp_path / "out"), *extra])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("hardneg: error: ") and error.count("\n") == 1
+    assert message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_keeps_the_best_model_on_a_dev_split(small, tiny_model, tmp_path, capsys):
+    from eval.cli import main
+
+    _, pools = small
+    write_pools(tmp_path / "pools.jsonl", pools)
+    code = main(["--quiet", "train", "--pools", str(tmp_path / "pools.jsonl"), "--data", "nfcorpus-demo",
+                 "--model", str(tiny_model), "--output", str(tmp_path / "out"), "--train-batch-size", "8",
+                 "--max-length", "24", "--lr", "1e-3", "--eval-steps", "2", "--dev-split", "test",
+                 "--loss", "mw", "--mw-weight", "0.5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    dev = {r["step"]: r["dev"] for r in _log(tmp_path / "out") if "dev" in r}
+    assert sorted(dev) == [2, 3]
+    best_step = max(dev, key=lambda s: (dev[s], -s))
+    assert f"best nDCG@10 on test: {dev[best_step]:.4f} at step {best_step}" in out
+    assert (tmp_path / "out" / "best" / "model.safetensors").is_file()
+
+
+def test_torchrun_two_processes_train_and_write_once(small, tiny_model, tmp_path):
+    """A real 2-process gloo run through the CLI: each rank takes half of every batch, rank 0 writes."""
+    _, pools = small
+    write_pools(tmp_path / "pools.jsonl", pools)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(29500 + os.getpid() % 1000), "-m"]
+    result = _cli("train", "--pools", str(tmp_path / "pools.jsonl"), "--data", "nfcorpus-demo", "--model",
+                  str(tiny_model), "--output", str(tmp_path / "out"), "--train-batch-size", "12",
+                  "--positives-per-step", "2", "--negatives-per-query", "2", "--max-length", "32", "--lr", "1e-3",
+                  "--save-steps", "1", "--cache-chunk", "4", launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained 2 steps") == 1  # printed by rank 0 only
+    log = _log(tmp_path / "out")
+    assert [r["step"] for r in log] == [1, 2]
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    assert json.loads((tmp_path / "out" / TRAIN_CONFIG).read_text())["summary"]["world_size"] == 2
+    SentenceTransformer(str(tmp_path / "out"), device="cpu")
+
+
+def test_pipeline_keep_best_needs_a_dev_split_before_the_reported_one(tmp_path):
+    from eval.pipeline import load_config, run_pipeline
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("data: {path: nfcorpus-demo}\ntrain: {eval_steps: 5}\nevaluate: {split: test}\n")
+    with pytest.raises(HardnegError, match="list a dev split before the reported one"):
+        run_pipeline(load_config(config_file, [f"output_dir={tmp_path / 'out'}"]), show_progress=False)
+    assert not (tmp_path / "out").exists()
+    assert load_config(config_file, ["train.loss=mw", "train.resume=latest"])["train"]["loss"] == "mw"

@@ -1,0 +1,214 @@
+"""Training step time and memory: hardneg's losses and gradient cache vs sentence-transformers, same process.
+
+On NFCorpus train triples (query, a relevant document, the top BM25 non-relevant document), with
+all-MiniLM-L6-v2 on the CPU, it measures one training step = tokenise + forward + loss + backward (the
+optimizer step, identical for all, is left out so the ratios are not diluted):
+
+- hardneg InfoNCE (one pass) vs sentence-transformers ``MultipleNegativesRankingLoss``, same batch;
+- hardneg gradient-cached InfoNCE vs ``CachedMultipleNegativesRankingLoss``, same batch and chunk
+  (``mini_batch_size``); and hardneg cached / hardneg uncached (target <= 1.35);
+- the peak resident memory of one cached step as the batch grows (each in a fresh subprocess, since
+  the CPU allocator does not return memory and tracemalloc does not see torch tensors), with the
+  uncached step beside it for contrast.
+
+The methods run interleaved, step by step on the same batches, and medians are reported, so load from
+other processes on the machine hits all of them alike. Example (~8 minutes on 2 cores)::
+
+    OMP_NUM_THREADS=2 flock /tmp/hardneg-heavy.lock python bench/bench_training.py \\
+        --data ../shared/data/beir/nfcorpus --output bench/results/training.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from retriever.bm25 import BM25Retriever  # noqa: E402
+from retriever.data import load_beir  # noqa: E402
+from retriever.encoder import DualEncoder, resolve_model_path  # noqa: E402
+from retriever.gradcache import encode_and_backward  # noqa: E402
+from retriever.io import write_json  # noqa: E402
+from retriever.losses import make_loss  # noqa: E402
+
+
+def build_triples(data: str, count: int) -> list[tuple[str, str, str]]:
+    """(query, relevant document, top BM25 non-relevant document) for the first ``count`` train queries."""
+    dataset = load_beir(data, "train")
+    query_ids = [q for q in dataset.queries if dataset.relevant(q)][:count]
+    run = BM25Retriever().search(dataset.corpus, {q: dataset.queries[q] for q in query_ids}, top_k=50)
+    triples = []
+    for query_id in query_ids:
+        relevant = dataset.relevant(query_id)
+        positive = max(sorted(relevant), key=lambda d: relevant[d])
+        negative = next((d for d in run.get(query_id, {}) if d not in relevant), None)
+        if negative is not None:
+            triples.append((dataset.queries[query_id], dataset.corpus.text_of(positive),
+                            dataset.corpus.text_of(negative)))
+    return triples
+
+
+def hardneg_step(model: DualEncoder, loss_module, batch, chunk_size: int | None) -> float:
+    queries = [q for q, _, _ in batch]
+    documents = [p for _, p, _ in batch] + [n for _, _, n in batch]
+    size = len(batch)
+    targets = torch.zeros(size, 2 * size, dtype=torch.bool)
+    targets[torch.arange(size), torch.arange(size)] = True
+    negatives = ~targets    # distinct queries with one positive each: every other column is a negative
+
+    def loss_fn(q, d):
+        return loss_module(q @ d.T, targets, negatives)
+
+    return float(encode_and_backward(model, queries, documents, loss_fn, chunk_size=chunk_size))
+
+
+def st_step(model, loss, batch) -> float:
+    features = [model.preprocess([row[k] for row in batch]) for k in range(3)]
+    value = loss(features, None)
+    value.backward()
+    return float(value)
+
+
+def time_steps(args, triples) -> dict:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    path = str(resolve_model_path(args.model))
+    hardneg = DualEncoder.load(path, device="cpu", max_length=args.max_length)
+    hardneg.train()
+    st_model = SentenceTransformer(path, device="cpu")
+    st_model.max_seq_length = args.max_length
+    st_model.train()
+    infonce = make_loss("infonce", temperature=0.05)      # = ST's scale 20 with cosine similarity
+    methods = {
+        "hardneg_infonce": (hardneg, lambda b: hardneg_step(hardneg, infonce, b, None)),
+        "st_mnrl": (st_model, lambda b: st_step(st_model, MultipleNegativesRankingLoss(st_model), b)),
+        "hardneg_cached": (hardneg, lambda b: hardneg_step(hardneg, infonce, b, args.chunk_size)),
+        "st_cached_mnrl": (st_model, lambda b: st_step(
+            st_model, CachedMultipleNegativesRankingLoss(st_model, mini_batch_size=args.chunk_size), b)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    losses: dict[str, list[float]] = {name: [] for name in methods}
+    for step in range(args.steps + 1):   # step 0 warms up every method and is not counted
+        batch = triples[step * args.batch_size:(step + 1) * args.batch_size]
+        for name, (model, run) in methods.items():
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(step)
+            tick = time.perf_counter()
+            value = run(batch)
+            elapsed = time.perf_counter() - tick
+            if step:
+                times[name].append(elapsed)
+                losses[name].append(value)
+            print(f"step {step} {name}: {elapsed:.2f}s loss {value:.4f}", file=sys.stderr, flush=True)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "seconds_per_step": {k: round(v, 3) for k, v in medians.items()},
+        "all_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "losses": {k: [round(x, 4) for x in v] for k, v in losses.items()},
+        "ratios": {
+            "hardneg_infonce / st_mnrl": round(medians["hardneg_infonce"] / medians["st_mnrl"], 3),
+            "hardneg_cached / hardneg_infonce": round(medians["hardneg_cached"] / medians["hardneg_infonce"], 3),
+            "hardneg_cached / st_cached_mnrl": round(medians["hardneg_cached"] / medians["st_cached_mnrl"], 3),
+        },
+    }
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS, so loading is not counted."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def memory_child(args) -> None:
+    """One fresh process: load, one cached (or uncached) step, print the step's peak RSS and its growth."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    triples = [tuple(t) for t in json.loads(Path(args.triples).read_text())][:args.child_batch]
+    model = DualEncoder.load(resolve_model_path(args.model), device="cpu", max_length=args.max_length)
+    model.train()
+    loss_module = make_loss("infonce", temperature=0.05)
+    baseline = _status_mb("VmRSS")
+    _reset_peak_rss()
+    tick = time.perf_counter()
+    hardneg_step(model, loss_module, triples, args.child_chunk or None)
+    seconds = time.perf_counter() - tick
+    peak = _status_mb("VmHWM")
+    print(json.dumps({"batch": len(triples), "chunk": args.child_chunk or None, "rss_after_load_mb": round(baseline),
+                      "peak_rss_mb": round(peak), "step_growth_mb": round(peak - baseline),
+                      "seconds": round(seconds, 1)}))
+
+
+def measure_memory(args, triples_file: Path) -> list[dict]:
+    rows = []
+    plan = [(b, c) for c in args.memory_chunks for b in args.memory_batches]
+    plan += [(b, 0) for b in args.uncached_batches]
+    for batch, chunk in plan:
+        command = [sys.executable, __file__, "--memory-child", "--triples", str(triples_file), "--model", args.model,
+                   "--max-length", str(args.max_length), "--child-batch", str(batch), "--child-chunk", str(chunk)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        print(f"memory: {row}", file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/beir/nfcorpus")
+    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method (after one warm-up)")
+    parser.add_argument("--memory-batches", type=int, nargs="*", default=[32, 64, 128, 256])
+    parser.add_argument("--memory-chunks", type=int, nargs="*", default=[16, 32])
+    parser.add_argument("--uncached-batches", type=int, nargs="*", default=[32, 64, 128])
+    parser.add_argument("--output", default="bench/results/training.json")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--triples", help=argparse.SUPPRESS)
+    parser.add_argument("--child-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-chunk", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    needed = max([(args.steps + 1) * args.batch_size, *args.memory_batches, *args.uncached_batches])
+    triples = build_triples(args.data, needed + 64)
+    if len(triples) < needed:
+        raise SystemExit(f"only {len(triples)} triples; need {needed}")
+    output = Path(args.output)
+    triples_file = output.with_suffix(".triples.json")
+    write_json(triples_file, [list(t) for t in triples[:needed]])
+    report = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("child") and k != "triples"},
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    report["timing"] = time_steps(args, triples)
+    report["memory"] = measure_memory(args, triples_file)
+    triples_file.unlink()
+    write_json(output, report)
+    print(json.dumps({"timing": report["timing"]["seconds_per_step"], "ratios": report["timing"]["ratios"],
+                      "memory": report["memory"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

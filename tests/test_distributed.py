@@ -1,0 +1,167 @@
+"""Two gloo processes with DDP and cross-device negatives give the gradients of one process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from retriever import distributed
+from retriever.encoder import DualEncoder
+from retriever.gradcache import encode_and_backward
+from retriever.losses import build_masks, make_loss
+
+WORLD = 2
+
+
+@dataclass
+class Example:
+    query: str
+    positives: list[tuple[str, str]]      # (doc id, text) trained on this step
+    negative: tuple[str, str]
+    positive_ids: set[str]
+
+
+# (name, loss, parameters, chunk size, rank scores only its own query rows)
+CASES = [
+    ("infonce-symmetric", "infonce", {"symmetric": True, "learn_temperature": True}, None, False),
+    ("infonce-symmetric-cached", "infonce", {"symmetric": True, "learn_temperature": True}, 2, False),
+    ("mw-global-cached", "mw", {"pairs": "global", "learn_temperature": True}, 2, False),
+    ("decoupled-cached", "decoupled", {}, 3, False),
+    ("infonce-local-rows", "infonce", {}, None, True),
+]
+
+
+def _columns(examples: list[Example]) -> list[tuple[str, str]]:
+    """A rank's document columns: the positives of its examples, then their hard negatives."""
+    return [p for e in examples for p in e.positives] + [e.negative for e in examples]
+
+
+def _global_batch(examples: list[Example], world: int):
+    """Global column ids/texts (rank order), targets and negatives masks, as every rank builds them."""
+    per_rank = [_columns(examples[distributed.shard(len(examples), r, world)]) for r in range(world)]
+    column_ids, _ = distributed.global_columns([[doc_id for doc_id, _ in cols] for cols in per_rank])
+    texts = [text for cols in per_rank for _, text in cols]
+    targets, offset = [], 0
+    for r in range(world):                  # examples are in rank order: rank r's columns start at `offset`
+        local = examples[distributed.shard(len(examples), r, world)]
+        start = offset
+        for e in local:
+            targets.append(list(range(start, start + len(e.positives))))
+            start += len(e.positives)
+        offset += len(per_rank[r])
+    target_mask, negative_mask = build_masks([e.positive_ids for e in examples], column_ids, targets)
+    return texts, target_mask, negative_mask
+
+
+def _loss_gradients(model, loss_module) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads |= {"loss." + n: p.grad.clone() for n, p in loss_module.named_parameters() if p.grad is not None}
+    return grads
+
+
+def _worker(rank: int, port: int, model_path: str, examples: list[Example], output: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    assert distributed.init_from_env()
+    try:
+        assert distributed.world_size() == WORLD and distributed.rank() == rank
+        assert distributed.is_main() == (rank == 0)
+        model = DualEncoder.load(model_path, device="cpu", max_length=32)
+        model.eval()  # dropout off: the ranks' and the single process's dropout streams cannot coincide
+        ddp = distributed.wrap_ddp(model)
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        local = examples[distributed.shard(len(examples))]
+        texts, targets, negatives = _global_batch(examples, WORLD)
+        rows = distributed.shard(len(examples))
+        for name, loss_name, params, chunk_size, local_rows in CASES:
+            loss_module = make_loss(loss_name, temperature=0.05, **params)
+            if local_rows:
+                scale = distributed.local_rows_scale(int(targets[rows].sum()), int(targets.sum()))
+
+                def loss_fn(q, d, loss_module=loss_module, scale=scale):
+                    scores = q @ distributed.all_gather_with_grad(d).T
+                    return loss_module(scores, targets[rows], negatives[rows]) * scale
+            else:
+                def loss_fn(q, d, loss_module=loss_module):
+                    all_q, all_d = distributed.gather_embeddings(q, d)
+                    return loss_module(all_q @ all_d.T, targets, negatives)
+            ddp.zero_grad(set_to_none=True)
+            loss = encode_and_backward(ddp, [e.query for e in local], [t for _, t in _columns(local)], loss_fn,
+                                       chunk_size=chunk_size)
+            grads = _loss_gradients(model, loss_module)
+            torch.save({"loss": distributed.all_reduce_mean(loss) if local_rows else loss.item(), "grads": grads},
+                       os.path.join(output, f"{name}-{rank}.pt"))
+    finally:
+        distributed.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def examples(demo_train) -> list[Example]:
+    """5 examples (uneven shards 3 + 2), 1-2 positives each, a document shared across ranks."""
+    query_ids = [q for q in demo_train.queries if len(demo_train.relevant(q)) >= 2][:5]
+    text = demo_train.corpus.text_of
+    result = []
+    for i, query_id in enumerate(query_ids):
+        relevant = sorted(demo_train.relevant(query_id))
+        chosen = relevant[:1 + i % 2]
+        negative = next(d for d in demo_train.corpus.ids[50 * i:] if d not in relevant)
+        result.append(Example(demo_train.queries[query_id], [(d, text(d)) for d in chosen], (negative, text(negative)),
+                              set(relevant)))
+    result[4].negative = result[0].positives[0]   # a rank-1 column repeats a rank-0 positive
+    result[4].positive_ids = result[4].positive_ids - {result[0].positives[0][0]}
+    return result
+
+
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tiny_model, examples, tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tiny_model), examples, str(tmp_path)), nprocs=WORLD, join=True)
+
+    model = DualEncoder.load(tiny_model, device="cpu", max_length=32)
+    model.eval()
+    texts, targets, negatives = _global_batch(examples, WORLD)
+    assert targets.sum() > len(examples), "some query must have several positives"
+    for name, loss_name, params, _, _ in CASES:
+        loss_module = make_loss(loss_name, temperature=0.05, **params)
+        model.zero_grad(set_to_none=True)
+        loss = encode_and_backward(model, [e.query for e in examples], texts,
+                                   lambda q, d, m=loss_module: m(q @ d.T, targets, negatives), chunk_size=None)
+        expected = _loss_gradients(model, loss_module)
+        for rank in range(WORLD):
+            result = torch.load(tmp_path / f"{name}-{rank}.pt")
+            assert result["loss"] == pytest.approx(loss.item(), rel=1e-5), (name, rank)
+            assert result["grads"].keys() == expected.keys(), (name, rank)
+            for key, grad in expected.items():
+                torch.testing.assert_close(result["grads"][key], grad, atol=1e-5, rtol=1e-4,
+                                           msg=lambda m, k=key, r=rank, c=name: f"{c} rank {r} {k}: {m}")
+        if params.get("learn_temperature"):
+            assert expected["loss.learnable.log_temperature"].abs() > 0
+
+
+def test_single_process_helpers_are_no_ops():
+    assert not distributed.init_from_env()
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    tensor = torch.randn(3, 2, requires_grad=True)
+    assert distributed.all_gather_with_grad(tensor) is tensor
+    assert distributed.all_reduce_mean(2.5) == 2.5
+
+
+def test_shards_cover_the_batch_in_rank_order():
+    for total in range(0, 12):
+        for world in (1, 2, 3, 4):
+            slices = [distributed.shard(total, r, world) for r in range(world)]
+            covered = [i for s in slices for i in range(total)[s]]
+            assert covered == list(range(total))
+            assert max(len(range(total)[s]) for s in slices) - min(len(range(total)[s]) for s in slices) <= 1
+    columns, offsets = distributed.global_columns([["a", "b"], ["c"], ["d", "e"]])
+    assert columns == ["a", "b", "c", "d", "e"] and offsets == [0, 2, 3]
