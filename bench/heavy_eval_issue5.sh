@@ -3,7 +3,7 @@
 #   flock /tmp/hardneg-heavy.lock bash bench/heavy_eval_issue5.sh > runs/heavy_eval.log 2>&1
 set -x
 export OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
-PY=${PYTHON:-/work/main/.venv/bin/python}
+PY=${PYTHON:-python}
 for config in eval-nfcorpus-bm25 eval-msmarco-sample-bm25 eval-msmarco-sample-minilm eval-nfcorpus-minilm; do
   /usr/bin/time -f "$config: %e s" $PY -m eval.cli --quiet reproduce configs/$config.yaml
 done

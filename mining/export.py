@@ -18,14 +18,12 @@ hardneg's encoders see them (:meth:`retriever.data.Corpus.text`).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from retriever.data import Candidate, Corpus, Pool
-from retriever.io import HardnegError, atomic_write
+from retriever.io import HardnegError, atomic_directory, atomic_write
 
 FORMATS = ("pools", "triplets", "ntuples")
 
@@ -161,20 +159,8 @@ def save_dataset(dataset, path: str | os.PathLike) -> Path:
         return path
     if path.exists() and not path.is_dir():
         raise HardnegError(f"output '{path}' exists and is not a folder; give a folder or a .parquet file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as staging:
         dataset.save_to_disk(str(staging))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "previous")
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 

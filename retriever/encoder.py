@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from retriever.io import HardnegError
+from retriever.io import HardnegError, atomic_directory
 
 POOLINGS = ("mean", "cls")
 
@@ -173,24 +171,10 @@ class DualEncoder(torch.nn.Module):
         The folder is assembled beside ``path`` and renamed into place, so an interrupted save never
         leaves a half-written model where a previous one was.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path) as staging:
             self.model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
             self._write_sentence_transformers_files(staging)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(staging, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     def _write_sentence_transformers_files(self, folder: Path) -> None:
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
