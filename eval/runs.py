@@ -13,13 +13,18 @@ from retriever.io import DataError, atomic_write
 
 
 def write_run(path: str | os.PathLike, run: Run, tag: str = "hardneg") -> None:
-    """Write a run in trec_eval's order (score descending, ties by document id descending)."""
+    """Write a run in trec_eval's order (score descending, ties by document id descending).
+
+    Scores are written with Python's shortest round-trip repr, not a fixed 6 decimals: rounding would
+    turn near-ties into exact ties, which trec_eval then breaks by document id, so the file would score
+    differently from the run it came from (seen with close cosine scores of a small model).
+    """
     tag = tag.replace(" ", "_") or "hardneg"
     with atomic_write(path) as handle:
         for query_id in sorted(run):
             scores = run[query_id]
             for rank, doc_id in enumerate(ranked(scores), start=1):
-                handle.write(f"{query_id} Q0 {doc_id} {rank} {scores[doc_id]:.6f} {tag}\n")
+                handle.write(f"{query_id} Q0 {doc_id} {rank} {float(scores[doc_id])!r} {tag}\n")
 
 
 def read_run(path: str | os.PathLike, queries: Collection[str] | None = None, *,
