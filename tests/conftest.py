@@ -11,12 +11,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from retriever.data import Dataset, load_beir  # noqa: E402
+from retriever.data import Corpus, Dataset, load_beir  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -42,6 +43,20 @@ def build_tiny_bert(folder: Path, texts: list[str], seed: int = 0) -> Path:
     BertModel(config).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def small(dataset: Dataset, queries: int = 60, documents: int | None = None) -> Dataset:
+    """The first ``queries`` queries; with ``documents``, the corpus cut to their judged documents plus the
+    first ``documents`` others, so tests that encode the corpus with a model take seconds."""
+    keep = sorted(dataset.qrels)[:queries]
+    data = replace(dataset, qrels={q: dataset.qrels[q] for q in keep}, queries={q: dataset.queries[q] for q in keep})
+    if documents is None:
+        return data
+    corpus = dataset.corpus
+    wanted = {d for q in keep for d in dataset.qrels[q]} | set(corpus.ids[:documents])
+    rows = [i for i, doc_id in enumerate(corpus.ids) if doc_id in wanted]
+    return replace(data, corpus=Corpus([corpus.ids[i] for i in rows], [corpus.titles[i] for i in rows],
+                                       [corpus.bodies[i] for i in rows]))
 
 
 @pytest.fixture(scope="session")

@@ -7,26 +7,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import small
 
 from mining.filters import TopK, TopKPercPos
 from mining.mine import META_FILE, POOLS_FILE, mine
 from retriever.bm25 import BM25Retriever
-from retriever.data import Dataset, read_pools
+from retriever.data import read_pools
 from retriever.io import HardnegError
-
-
-def small(dataset: Dataset, queries: int = 60, documents: int | None = None) -> Dataset:
-    """The first ``queries`` queries; with ``documents``, the corpus cut to their judged documents plus the
-    first ``documents`` others, so tests that encode the corpus with a model take seconds."""
-    keep = sorted(dataset.qrels)[:queries]
-    data = replace(dataset, qrels={q: dataset.qrels[q] for q in keep}, queries={q: dataset.queries[q] for q in keep})
-    if documents is None:
-        return data
-    corpus = dataset.corpus
-    wanted = {d for q in keep for d in dataset.qrels[q]} | set(corpus.ids[:documents])
-    rows = [i for i, doc_id in enumerate(corpus.ids) if doc_id in wanted]
-    return replace(data, corpus=type(corpus)([corpus.ids[i] for i in rows], [corpus.titles[i] for i in rows],
-                                             [corpus.bodies[i] for i in rows]))
 
 
 def test_bm25_pools_follow_the_filter_exactly(demo_train, tmp_path):

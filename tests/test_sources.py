@@ -4,34 +4,19 @@ really change the scores the filters use, and bad source settings are refused be
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_bert
+from conftest import build_tiny_bert, small
 
 from mining.filters import TopK, TopKMarginPos, TopKPercPos
 from mining.mine import META_FILE, mine
 from mining.sources import CrossEncoderScorer, Hybrid, Rescored, bm25, build_source, check_source_settings, dense
 from retriever.bm25 import BM25Retriever
-from retriever.data import Corpus, Dataset
+from retriever.data import Corpus
 from retriever.encoder import DualEncoder
 from retriever.io import HardnegError
-
-
-def small(dataset: Dataset, queries: int, documents: int | None = None) -> Dataset:
-    """The first ``queries`` queries; with ``documents``, a corpus cut to their judged documents plus the first
-    ``documents`` others, so that tests encoding the corpus with a model take seconds."""
-    keep = sorted(dataset.qrels)[:queries]
-    data = replace(dataset, qrels={q: dataset.qrels[q] for q in keep}, queries={q: dataset.queries[q] for q in keep})
-    if documents is None:
-        return data
-    corpus = dataset.corpus
-    wanted = {d for q in keep for d in dataset.qrels[q]} | set(corpus.ids[:documents])
-    rows = [i for i, doc_id in enumerate(corpus.ids) if doc_id in wanted]
-    return replace(data, corpus=Corpus([corpus.ids[i] for i in rows], [corpus.titles[i] for i in rows],
-                                       [corpus.bodies[i] for i in rows]))
 
 
 class FixedRun:
