@@ -11,8 +11,10 @@ optimizer step, identical for all, is left out so the ratios are not diluted):
   the CPU allocator does not return memory and tracemalloc does not see torch tensors), with the
   uncached step beside it for contrast.
 
-The methods run interleaved, step by step on the same batches, and medians are reported, so load from
-other processes on the machine hits all of them alike. Example (~8 minutes on 2 cores)::
+The methods run interleaved, step by step on the same batches, the order rotated every step (the method
+that runs first pays for memory the previous step's graph released), and medians are reported, so load
+from other processes on the machine hits all of them alike. ``--device cuda`` times the steps on a GPU
+(synchronised; memory is then the CUDA allocator's peak, in process). Example (~8 minutes on 2 cores)::
 
     OMP_NUM_THREADS=2 flock /tmp/hardneg-heavy.lock python bench/bench_training.py \\
         --data ../shared/data/beir/nfcorpus --output bench/results/training.json
@@ -67,13 +69,14 @@ def hardneg_step(model: DualEncoder, loss_module, batch, chunk_size: int | None)
     negatives = ~targets    # distinct queries with one positive each: every other column is a negative
 
     def loss_fn(q, d):
-        return loss_module(q @ d.T, targets, negatives)
+        return loss_module(q @ d.T, targets.to(q.device), negatives.to(q.device))
 
     return float(encode_and_backward(model, queries, documents, loss_fn, chunk_size=chunk_size))
 
 
 def st_step(model, loss, batch) -> float:
-    features = [model.preprocess([row[k] for row in batch]) for k in range(3)]
+    features = [{key: value.to(model.device) if isinstance(value, torch.Tensor) else value
+                 for key, value in model.preprocess([row[k] for row in batch]).items()} for k in range(3)]
     value = loss(features, None)
     value.backward()
     return float(value)
@@ -81,15 +84,18 @@ def st_step(model, loss, batch) -> float:
 
 def time_steps(args, triples) -> dict:
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.losses import (
-        CachedMultipleNegativesRankingLoss,
-        MultipleNegativesRankingLoss,
-    )
+    try:
+        from sentence_transformers.sentence_transformer.losses import (
+            CachedMultipleNegativesRankingLoss,
+            MultipleNegativesRankingLoss,
+        )
+    except ImportError:   # sentence-transformers before the 6.x package layout
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
 
     path = str(resolve_model_path(args.model))
-    hardneg = DualEncoder.load(path, device="cpu", max_length=args.max_length)
+    hardneg = DualEncoder.load(path, device=args.device, max_length=args.max_length)
     hardneg.train()
-    st_model = SentenceTransformer(path, device="cpu")
+    st_model = SentenceTransformer(path, device=args.device)
     st_model.max_seq_length = args.max_length
     st_model.train()
     infonce = make_loss("infonce", temperature=0.05)      # = ST's scale 20 with cosine similarity
@@ -102,13 +108,17 @@ def time_steps(args, triples) -> dict:
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
     losses: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
     for step in range(args.steps + 1):   # step 0 warms up every method and is not counted
         batch = triples[step * args.batch_size:(step + 1) * args.batch_size]
-        for name, (model, run) in methods.items():
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            model, run = methods[name]
             model.zero_grad(set_to_none=True)
             torch.manual_seed(step)
+            _synchronize(args.device)
             tick = time.perf_counter()
             value = run(batch)
+            _synchronize(args.device)
             elapsed = time.perf_counter() - tick
             if step:
                 times[name].append(elapsed)
@@ -125,6 +135,11 @@ def time_steps(args, triples) -> dict:
             "hardneg_cached / st_cached_mnrl": round(medians["hardneg_cached"] / medians["st_cached_mnrl"], 3),
         },
     }
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _status_mb(field: str) -> float:
@@ -157,11 +172,36 @@ def memory_child(args) -> None:
                       "seconds": round(seconds, 1)}))
 
 
+def cuda_memory(args, triples) -> list[dict]:
+    """Peak CUDA memory of one step over the loaded model: the allocator's own counter, so in process."""
+    model = DualEncoder.load(resolve_model_path(args.model), device=args.device, max_length=args.max_length)
+    model.train()
+    loss_module = make_loss("infonce", temperature=0.05)
+    rows = []
+    for batch, chunk in _memory_plan(args):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        tick = time.perf_counter()
+        hardneg_step(model, loss_module, triples[:batch], chunk or None)
+        torch.cuda.synchronize()
+        rows.append({"batch": batch, "chunk": chunk or None, "cuda_allocated_after_load_mb": round(baseline / 2**20),
+                     "step_growth_mb": round((torch.cuda.max_memory_allocated() - baseline) / 2**20),
+                     "seconds": round(time.perf_counter() - tick, 3)})
+        print(f"memory: {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _memory_plan(args) -> list[tuple[int, int]]:
+    plan = [(b, c) for c in args.memory_chunks for b in args.memory_batches]
+    return plan + [(b, 0) for b in args.uncached_batches]
+
+
 def measure_memory(args, triples_file: Path) -> list[dict]:
     rows = []
-    plan = [(b, c) for c in args.memory_chunks for b in args.memory_batches]
-    plan += [(b, 0) for b in args.uncached_batches]
-    for batch, chunk in plan:
+    for batch, chunk in _memory_plan(args):
         command = [sys.executable, __file__, "--memory-child", "--triples", str(triples_file), "--model", args.model,
                    "--max-length", str(args.max_length), "--child-batch", str(batch), "--child-chunk", str(chunk)]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -182,6 +222,7 @@ def main() -> None:
     parser.add_argument("--memory-batches", type=int, nargs="*", default=[32, 64, 128, 256])
     parser.add_argument("--memory-chunks", type=int, nargs="*", default=[16, 32])
     parser.add_argument("--uncached-batches", type=int, nargs="*", default=[32, 64, 128])
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the steps on a GPU")
     parser.add_argument("--output", default="bench/results/training.json")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--triples", help=argparse.SUPPRESS)
@@ -202,8 +243,11 @@ def main() -> None:
     write_json(triples_file, [list(t) for t in triples[:needed]])
     report = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("child") and k != "triples"},
               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if args.device.startswith("cuda"):
+        report["gpu"] = torch.cuda.get_device_name()
     report["timing"] = time_steps(args, triples)
-    report["memory"] = measure_memory(args, triples_file)
+    report["memory"] = (cuda_memory(args, triples) if args.device.startswith("cuda")
+                        else measure_memory(args, triples_file))
     triples_file.unlink()
     write_json(output, report)
     print(json.dumps({"timing": report["timing"]["seconds_per_step"], "ratios": report["timing"]["ratios"],

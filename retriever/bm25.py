@@ -13,13 +13,20 @@ scores of labelled positives that positive-aware mining needs.
 
 from __future__ import annotations
 
-import bm25s
-import numpy as np
-import Stemmer
+import os
+
+# bm25s runs a JAX top-k at import when JAX is installed; on a GPU machine that makes JAX take 75 % of the
+# GPU's memory before the encoder gets any (and fails outright with several processes per GPU). hardneg
+# only asks bm25s for scores, never its top-k, so JAX stays on the CPU unless the user chose otherwise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import bm25s  # noqa: E402
+import numpy as np  # noqa: E402
+import Stemmer  # noqa: E402
 from tqdm.auto import tqdm
 
-from retriever.data import Corpus, Queries, Run
-from retriever.io import HardnegError
+from retriever.data import Corpus, Queries, Run  # noqa: E402
+from retriever.io import HardnegError  # noqa: E402
 
 BACKENDS = ("bm25s", "rank-bm25")
 

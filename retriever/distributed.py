@@ -81,7 +81,7 @@ def init_from_env(backend: str | None = None) -> bool:
         raise HardnegError(f"WORLD_SIZE={size} but {', '.join(missing)} not set: launch with torchrun")
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device())
     dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
     return True
 
@@ -89,7 +89,12 @@ def init_from_env(backend: str | None = None) -> bool:
 def device() -> torch.device:
     """This process's device: its ``LOCAL_RANK`` GPU under CUDA, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= count:
+            raise HardnegError(f"process LOCAL_RANK={local_rank} has no GPU: this machine has {count}; launch "
+                               f"at most {count} processes per node (torchrun --nproc-per-node {count}), or hide "
+                               "the GPUs (CUDA_VISIBLE_DEVICES=) to run every process on the CPU with gloo")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -186,7 +191,8 @@ def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     model.train(was_training)
     on_cuda = next(model.parameters()).device.type == "cuda"
     ids = [next(model.parameters()).device.index] if on_cuda else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    # The encoder's buffers (position ids) are constants: no need to broadcast them every forward.
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def all_reduce_mean(value: float | Tensor) -> float:

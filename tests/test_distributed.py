@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from retriever import distributed
 from retriever.encoder import DualEncoder
 from retriever.gradcache import encode_and_backward
+from retriever.io import HardnegError
 from retriever.losses import build_masks, make_loss
 
 WORLD = 2
@@ -124,7 +125,8 @@ def examples(demo_train) -> list[Example]:
     return result
 
 
-def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tiny_model, examples, tmp_path):
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tiny_model, examples, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")   # the workers are CPU/gloo processes, GPU or not
     mp.spawn(_worker, args=(_free_port(), str(tiny_model), examples, str(tmp_path)), nprocs=WORLD, join=True)
 
     model = DualEncoder.load(tiny_model, device="cpu", max_length=32)
@@ -165,3 +167,10 @@ def test_shards_cover_the_batch_in_rank_order():
             assert max(len(range(total)[s]) for s in slices) - min(len(range(total)[s]) for s in slices) <= 1
     columns, offsets = distributed.global_columns([["a", "b"], ["c"], ["d", "e"]])
     assert columns == ["a", "b", "c", "d", "e"] and offsets == [0, 2, 3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_process_without_a_gpu_of_its_own_is_refused(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
+    with pytest.raises(HardnegError, match="has no GPU"):
+        distributed.device()

@@ -1,4 +1,7 @@
-"""Gradient caching gives the parameter gradients of one autograd graph over the batch, dropout on."""
+"""Gradient caching gives the parameter gradients of one autograd graph over the batch, dropout on.
+
+Every test runs on the CPU, and again on the GPU where CUDA is present (fp16 with a loss scaler there too).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,12 @@ from retriever.gradcache import encode_and_backward
 from retriever.io import HardnegError
 from retriever.losses import build_masks, make_loss
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA GPU"))]
+
 
 @pytest.fixture(scope="module")
-def batch(demo_train):
+def cpu_batch(demo_train):
     """10 queries with 1-3 positives each and 1 hard negative, drawn from the demo qrels (varied lengths)."""
     queries, documents, positive_ids, column_ids, targets = [], [], [], [], []
     query_ids = [q for q in demo_train.queries if len(demo_train.relevant(q)) >= 3][:10]
@@ -31,19 +37,25 @@ def batch(demo_train):
     return queries, documents, mask_targets, mask_negatives
 
 
-@pytest.fixture
-def model(tiny_model):
-    encoder = DualEncoder.load(tiny_model, device="cpu", max_length=64)
+@pytest.fixture(params=DEVICES)
+def model(tiny_model, request):
+    encoder = DualEncoder.load(tiny_model, device=request.param, max_length=64)
     assert encoder.model.config.hidden_dropout_prob == 0.1 and encoder.model.config.attention_probs_dropout_prob > 0
     encoder.train()  # dropout ON
     return encoder
+
+
+@pytest.fixture
+def batch(cpu_batch, model):
+    queries, documents, targets, negatives = cpu_batch
+    return queries, documents, targets.to(model.device), negatives.to(model.device)
 
 
 def _gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
-def _reference(model, queries, documents, loss_fn, chunk_size, autocast=None):
+def _reference(model, queries, documents, loss_fn, chunk_size, autocast=None, scale=None):
     """Plain autograd over the same chunked forwards (same dropout draws), one backward: no caching.
 
     Under autocast each chunk gets its own autocast region, as in the replay: inside one region the
@@ -53,17 +65,18 @@ def _reference(model, queries, documents, loss_fn, chunk_size, autocast=None):
     def encode(texts, is_query):
         parts = []
         for i in range(0, len(texts), chunk_size):
-            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            with torch.autocast(model.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                 parts.append(model(model.tokenize(texts[i:i + chunk_size], is_query=is_query)))
         return torch.cat(parts)
 
     query_embeddings, document_embeddings = encode(queries, True), encode(documents, False)
     loss = loss_fn(query_embeddings.float(), document_embeddings.float())
-    loss.backward()
+    (loss * (scale or 1.0)).backward()   # scaled as the cached side is, so fp16 underflows alike
     return loss.detach()
 
 
-def _compare(model, loss_module, batch, chunk_size, *, autocast=None, atol=1e-5, rtol=1e-4, norm_rtol=None):
+def _compare(model, loss_module, batch, chunk_size, *, autocast=None, atol=1e-5, rtol=1e-4, norm_rtol=None,
+             scale=None):
     queries, documents, targets, negatives = batch
 
     def loss_fn(q, d):
@@ -72,13 +85,17 @@ def _compare(model, loss_module, batch, chunk_size, *, autocast=None, atol=1e-5,
     model.zero_grad(set_to_none=True)
     loss_module.zero_grad(set_to_none=True)
     torch.manual_seed(123)
-    cached = encode_and_backward(model, queries, documents, loss_fn, chunk_size=chunk_size, autocast=autocast)
-    cached_grads = _gradients(model) | {"loss." + k: v for k, v in _gradients(loss_module).items()}
+    scaler = torch.amp.GradScaler(model.device.type, init_scale=scale) if scale else None
+    cached = encode_and_backward(model, queries, documents, loss_fn, chunk_size=chunk_size, autocast=autocast,
+                                 scaler=scaler)
+    cached_grads = {k: v / (scale or 1.0) for k, v in _gradients(model).items()}
+    cached_grads |= {"loss." + k: v / (scale or 1.0) for k, v in _gradients(loss_module).items()}
     model.zero_grad(set_to_none=True)
     loss_module.zero_grad(set_to_none=True)
     torch.manual_seed(123)
-    expected = _reference(model, queries, documents, loss_fn, chunk_size, autocast)
-    expected_grads = _gradients(model) | {"loss." + k: v for k, v in _gradients(loss_module).items()}
+    expected = _reference(model, queries, documents, loss_fn, chunk_size, autocast, scale)
+    expected_grads = {k: v / (scale or 1.0) for k, v in _gradients(model).items()}
+    expected_grads |= {"loss." + k: v / (scale or 1.0) for k, v in _gradients(loss_module).items()}
     assert cached.item() == pytest.approx(expected.item(), rel=1e-6 if autocast is None else 1e-3)
     assert cached_grads.keys() == expected_grads.keys() and len(cached_grads) > 20
     for name, grad in expected_grads.items():
@@ -139,12 +156,23 @@ def test_cached_equals_one_unchunked_pass_without_dropout(model, batch):
         torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_cached_gradients_under_cpu_bf16_autocast(model, batch):
-    """bf16 autocast: each gradient tensor within 1e-4 of its norm (measured: ~3e-6).
+def test_cached_gradients_under_bf16_autocast(model, batch):
+    """bf16 autocast: each gradient tensor within 1e-4 of its norm (measured on CPU: ~3e-6).
 
     Not bitwise: with several threads the CPU bf16 kernels' accumulation order varies between runs.
     """
     _compare(model, make_loss("infonce"), batch, chunk_size=4, autocast=torch.bfloat16, norm_rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["infonce", "mw", "decoupled"])
+def test_cached_gradients_under_cuda_fp16_autocast_with_a_loss_scaler(tiny_model, cpu_batch, name):
+    """fp16 on CUDA, as the trainer runs it: autocast plus a GradScaler; unscaled gradients match the graph."""
+    model = DualEncoder.load(tiny_model, device="cuda", max_length=64)
+    model.train()
+    queries, documents, targets, negatives = cpu_batch
+    batch = queries, documents, targets.cuda(), negatives.cuda()
+    _compare(model, make_loss(name), batch, chunk_size=4, autocast=torch.float16, norm_rtol=2e-3, scale=2.0**10)
 
 
 def test_grad_scaler_scales_the_parameter_gradients(model, batch):
@@ -160,7 +188,7 @@ def test_grad_scaler_scales_the_parameter_gradients(model, batch):
     expected = _gradients(model)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(5)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(model.device.type, init_scale=1024.0)
     scaled = encode_and_backward(model, queries, documents, loss_fn, chunk_size=5, scaler=scaler)
     assert scaled.item() == pytest.approx(plain.item(), rel=1e-6)
     for name, grad in _gradients(model).items():
@@ -177,10 +205,10 @@ def test_rng_continues_as_after_one_pass(model, batch):
 
     torch.manual_seed(9)
     encode_and_backward(model, queries, documents, loss_fn, chunk_size=4)
-    after_cached = torch.rand(3)
+    after_cached = torch.rand(3, device=model.device)   # dropout draws from the generator of the model's device
     torch.manual_seed(9)
     _reference(model, queries, documents, loss_fn, 4)
-    after_plain = torch.rand(3)
+    after_plain = torch.rand(3, device=model.device)
     torch.testing.assert_close(after_cached, after_plain, rtol=0, atol=0)
 
 
