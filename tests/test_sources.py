@@ -4,6 +4,10 @@ really change the scores the filters use, and bad source settings are refused be
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +170,14 @@ def test_build_source_fuses_several_specs(tiny_model):
     fused = build_source(["bm25", str(tiny_model)], index="HNSW32", rrf_k=10, show_progress=False)
     assert isinstance(fused, Hybrid) and fused.k == 10
     assert fused.sources[1].index_spec == "HNSW32"
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "cpu"), ("cuda", "cuda")])
+def test_bm25_keeps_jax_off_the_gpu_unless_asked(preset, expected):
+    """bm25s runs a JAX top-k at import; on a GPU that would take 75 % of its memory before training starts."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | ({"JAX_PLATFORMS": preset} if preset else {})
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    code = "import retriever.bm25, os; print(os.environ['JAX_PLATFORMS'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == expected
