@@ -11,6 +11,14 @@ k in {1, 3, 5, 10, 100, 1000} and MRR@10. The script also checks that the two ag
 
 The embeddings are computed once (about 4 minutes on 2 cores) and cached in
 ``runs/cache/nfcorpus-minilm-test.npz``.
+
+``--end-to-end`` times the whole evaluation of all-MiniLM-L6-v2 instead, model load to metrics, encoding
+included (issue 10): sentence-transformers ``encode`` behind BEIR's ``models.SentenceBERT`` +
+``EvaluateRetrieval`` (the peer, fp32 as both libraries default to) against ``hardneg evaluate``'s
+``evaluate()`` with ``--encode-precision auto`` and ``fp32``, rotated, the same metrics. It also reports the
+quality guard: nDCG@10 of auto against fp32 (within 0.002), and fp32 against the peer.
+
+    OMP_NUM_THREADS=2 flock /tmp/hardneg-heavy.lock python bench/bench_eval.py --end-to-end --repeats 2
 """
 
 from __future__ import annotations
@@ -80,7 +88,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "beir" / "nfcorpus"))
     parser.add_argument("--cache", default=str(REPO / "runs" / "cache" / "nfcorpus-minilm-test.npz"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--end-to-end", action="store_true", help="time model load + encoding + search + metrics")
+    parser.add_argument("--batch-size", type=int, default=32, help="--end-to-end: encoding batch size, both sides")
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "eval-end-to-end.json"))
     args = parser.parse_args()
+    if args.end_to_end:
+        end_to_end(args)
+        return
 
     import torch
     from beir.retrieval.evaluation import EvaluateRetrieval
@@ -145,6 +159,63 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if worst > 1e-4:  # BEIR rounds to 5 decimals
         raise SystemExit(f"hardneg and BEIR disagree by {worst}")
+
+
+def end_to_end(args) -> None:
+    import torch
+    from beir.retrieval import models
+    from beir.retrieval.evaluation import EvaluateRetrieval
+    from beir.retrieval.search.dense import DenseRetrievalExactSearch
+
+    from retriever.encoder import resolve_model_path
+    from retriever.protocol import as_retriever
+
+    torch.set_num_threads(2)
+    dataset = load_beir(args.data, "test")
+    path = resolve_model_path("all-MiniLM-L6-v2")
+    beir_corpus = {doc_id: {"_id": doc_id, "title": dataset.corpus.titles[i], "text": dataset.corpus.bodies[i]}
+                   for i, doc_id in enumerate(dataset.corpus.ids)}
+    metrics = tuple(f"{m}@{k}" for m in ("nDCG", "MAP", "Recall", "P") for k in K_VALUES) + ("MRR@10",)
+
+    def run_peer() -> dict:
+        model = models.SentenceBERT(path, device="cpu")
+        retriever = EvaluateRetrieval(DenseRetrievalExactSearch(model, batch_size=args.batch_size),
+                                      score_function="cos_sim", k_values=K_VALUES)
+        results = retriever.retrieve(beir_corpus, dataset.queries)
+        ndcg, _map, recall, precision = retriever.evaluate(dataset.qrels, results, K_VALUES)
+        mrr = retriever.evaluate_custom(dataset.qrels, results, [10], metric="mrr")
+        return ndcg | _map | recall | precision | mrr
+
+    def run_hardneg(precision: str) -> dict:
+        retriever = as_retriever(path, batch_size=args.batch_size, precision=precision, show_progress=False)
+        return evaluate(dataset, retriever, metrics=metrics, depth=1000)["metrics"]
+
+    runs = {"st+beir": run_peer, "hardneg-auto": lambda: run_hardneg("auto"),
+            "hardneg-fp32": lambda: run_hardneg("fp32")}
+    names = list(runs)
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    outputs = {}
+    for repeat in range(args.repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            started = time.perf_counter()
+            outputs[name] = runs[name]()
+            timings[name].append(time.perf_counter() - started)
+            print(f"repeat {repeat + 1} {name}: {timings[name][-1]:.1f}s", flush=True)
+    median = {name: statistics.median(values) for name, values in timings.items()}
+    ndcg = {"st+beir": outputs["st+beir"]["NDCG@10"], "hardneg-auto": outputs["hardneg-auto"]["nDCG@10"],
+            "hardneg-fp32": outputs["hardneg-fp32"]["nDCG@10"]}
+    report = {
+        "data": f"{dataset.name}/{dataset.split}", "queries": len(dataset.queries), "documents": len(dataset.corpus),
+        "batch_size": args.batch_size, "repeats": args.repeats, "timings": timings,
+        "median_seconds": {name: round(value, 1) for name, value in median.items()},
+        "speedup_vs_peer": {name: round(median["st+beir"] / median[name], 2) for name in names[1:]},
+        "nDCG@10": ndcg, "auto_minus_fp32_nDCG@10": ndcg["hardneg-auto"] - ndcg["hardneg-fp32"],
+        "fp32_minus_peer_nDCG@10": ndcg["hardneg-fp32"] - ndcg["st+beir"],
+        "metrics": {name: {k: v for k, v in outputs[name].items()} for name in names},
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in report.items() if k != "metrics"}, indent=2))
 
 
 if __name__ == "__main__":

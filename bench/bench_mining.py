@@ -85,7 +85,7 @@ def run_hardneg(dataset, model: str, depth: int, negatives: int, batch_size: int
                   sampling="top", output_dir=output, show_progress=False)
     seconds = time.perf_counter() - started
     negatives_by_query = {pool.query_id: [c.doc_id for c in pool.negatives] for pool in result.pools}
-    return {"seconds": seconds, "negatives": negatives_by_query,
+    return {"seconds": seconds, "negatives": negatives_by_query, "encoding": result.meta["encoding"],
             "negatives_written": result.meta["counts"]["negatives_written"]}
 
 
@@ -153,6 +153,8 @@ def bench_st(args) -> dict:
             "max_length": args.max_length, "hardneg_seconds": [round(t, 1) for t in hardneg_times],
             "sentence_transformers_seconds": [round(t, 1) for t in st_times],
             "speedup_best_of": round(best_st / best_ours, 2),
+            "speedup_median": round(float(np.median(st_times)) / float(np.median(hardneg_times)), 2),
+            "hardneg_encoding": ours["encoding"],
             "hardneg_negatives_written": ours["negatives_written"], "sentence_transformers_rows": st["rows"],
             "mean_overlap_of_hardneg_negatives_with_st": round(float(np.mean(overlaps)), 4) if overlaps else None,
             "peak_rss_mb": round(peak_rss_mb())}

@@ -60,7 +60,7 @@ def build_triples(data: str, count: int) -> list[tuple[str, str, str]]:
     return triples
 
 
-def hardneg_step(model: DualEncoder, loss_module, batch, chunk_size: int | None) -> float:
+def hardneg_step(model: DualEncoder, loss_module, batch, chunk_size: int | None, autocast=None) -> float:
     queries = [q for q, _, _ in batch]
     documents = [p for _, p, _ in batch] + [n for _, _, n in batch]
     size = len(batch)
@@ -71,7 +71,7 @@ def hardneg_step(model: DualEncoder, loss_module, batch, chunk_size: int | None)
     def loss_fn(q, d):
         return loss_module(q @ d.T, targets.to(q.device), negatives.to(q.device))
 
-    return float(encode_and_backward(model, queries, documents, loss_fn, chunk_size=chunk_size))
+    return float(encode_and_backward(model, queries, documents, loss_fn, chunk_size=chunk_size, autocast=autocast))
 
 
 def st_step(model, loss, batch) -> float:
@@ -135,6 +135,38 @@ def time_steps(args, triples) -> dict:
             "hardneg_cached / st_cached_mnrl": round(medians["hardneg_cached"] / medians["st_cached_mnrl"], 3),
         },
     }
+
+
+def time_precisions(args, triples) -> dict:
+    """``--precisions``: hardneg's InfoNCE step (plain and gradient-cached) in fp32 and under bf16 autocast,
+    rotated step by step on the same batches, as ``train --precision`` runs it (issue 10)."""
+    model = DualEncoder.load(str(resolve_model_path(args.model)), device=args.device, max_length=args.max_length)
+    model.train()
+    infonce = make_loss("infonce", temperature=0.05)
+    methods = {f"{kind}_{name}": (chunk, dtype) for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
+               for kind, chunk in (("plain", None), ("cached", args.chunk_size))}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    losses: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
+    for step in range(args.steps + 1):
+        batch = triples[step * args.batch_size:(step + 1) * args.batch_size]
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            chunk, dtype = methods[name]
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(step)
+            tick = time.perf_counter()
+            value = hardneg_step(model, infonce, batch, chunk, autocast=dtype)
+            elapsed = time.perf_counter() - tick
+            if step:
+                times[name].append(elapsed)
+                losses[name].append(value)
+            print(f"step {step} {name}: {elapsed:.2f}s loss {value:.4f}", file=sys.stderr, flush=True)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"seconds_per_step": {k: round(v, 3) for k, v in medians.items()},
+            "all_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "losses": {k: [round(x, 4) for x in v] for k, v in losses.items()},
+            "ratios": {f"{kind} fp32 / bf16": round(medians[f"{kind}_fp32"] / medians[f"{kind}_bf16"], 3)
+                       for kind in ("plain", "cached")}}
 
 
 def _synchronize(device: str) -> None:
@@ -224,6 +256,7 @@ def main() -> None:
     parser.add_argument("--uncached-batches", type=int, nargs="*", default=[32, 64, 128])
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the steps on a GPU")
     parser.add_argument("--output", default="bench/results/training.json")
+    parser.add_argument("--precisions", action="store_true", help="only time fp32 against bf16 autocast steps")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--triples", help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", type=int, help=argparse.SUPPRESS)
@@ -245,6 +278,12 @@ def main() -> None:
               "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()
+    if args.precisions:
+        report["precisions"] = time_precisions(args, triples)
+        triples_file.unlink()
+        write_json(output, report)
+        print(json.dumps({k: report["precisions"][k] for k in ("seconds_per_step", "ratios")}, indent=1))
+        return
     report["timing"] = time_steps(args, triples)
     report["memory"] = (cuda_memory(args, triples) if args.device.startswith("cuda")
                         else measure_memory(args, triples_file))

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from retriever.encoding import ENCODE_DEFAULTS, PRECISIONS
 from retriever.io import HardnegError, file_checksum
 
 
@@ -24,10 +25,30 @@ def _data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     group.add_argument("--qrels", help="qrels file: BEIR TSV, MS MARCO TSV or TREC 'qid 0 docid rel'")
 
 
-def _encoder_arguments(parser: argparse.ArgumentParser) -> None:
+def _encoder_arguments(parser: argparse.ArgumentParser, *, batch_size: bool = True) -> None:
     group = parser.add_argument_group("encoder")
-    group.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: 64)")
-    group.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's)")
+    if batch_size:
+        group.add_argument("--batch-size", type=int, default=ENCODE_DEFAULTS["batch_size"],
+                           help="full-length texts per encoding batch; batches hold this many texts' worth of "
+                                f"tokens, so short texts go in larger ones (default: {ENCODE_DEFAULTS['batch_size']})")
+        group.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's)")
+    group.add_argument("--encode-precision", default=ENCODE_DEFAULTS["precision"], choices=PRECISIONS,
+                       help="precision of every encode: auto (bf16 where the CPU or GPU runs it natively, else "
+                            "fp32), fp32, bf16, fp16 (CUDA only); embeddings are float32 either way "
+                            f"(default: {ENCODE_DEFAULTS['precision']})")
+
+
+def _encode_options(args) -> dict:
+    """The CLI's encoding flags as the options a model loader takes; says which precision will run."""
+    from retriever.encoder import default_device
+    from retriever.encoding import describe_precision, encode_options
+
+    options = encode_options({"batch_size": getattr(args, "batch_size", None), "max_length": args.max_length,
+                              "precision": args.encode_precision}, show_progress=not args.quiet)
+    note = describe_precision(options["precision"], default_device())
+    if not args.quiet:
+        print(f"hardneg: {note}", file=sys.stderr)
+    return options
 
 
 def _dataset(args):
@@ -39,9 +60,7 @@ def _dataset(args):
 def _retriever(spec: str, args):
     from retriever.protocol import as_retriever
 
-    options = {"batch_size": args.batch_size, "show_progress": not args.quiet}
-    if args.max_length:
-        options["max_length"] = args.max_length
+    options = _encode_options(args) if not spec.lower().startswith("bm25") else {"show_progress": not args.quiet}
     return as_retriever(spec, **options)
 
 
@@ -74,7 +93,9 @@ def cmd_mine(args) -> None:
     from mining.mine import check_settings, mine
     from mining.sources import build_rescorer, build_source, check_source_settings
     from retriever.dense import DEFAULT_CACHE_DIR
+    from retriever.encoding import check_precision
 
+    check_precision(args.encode_precision)
     check_settings(args.depth, args.num_negatives, args.sampling, args.shard_size)
     flt = _mining_filter(args)
     specs = args.retriever or ["bm25"]
@@ -82,9 +103,7 @@ def cmd_mine(args) -> None:
                           ef_search=args.ef_search, rrf_k=args.rrf_k, cross_encoder=args.cross_encoder,
                           teacher=args.teacher)
     cache_dir = None if args.no_cache else (args.cache_dir or DEFAULT_CACHE_DIR)
-    encode = {"batch_size": args.batch_size, "show_progress": not args.quiet}
-    if args.max_length:
-        encode["max_length"] = args.max_length
+    encode = _encode_options(args)
     rescorer = build_rescorer(cross_encoder=args.cross_encoder, teacher=args.teacher, cache_dir=cache_dir,
                               cross_encoder_batch_size=args.cross_encoder_batch_size, **encode)
     source = build_source(specs, bm25_backend=args.bm25_backend, index=args.index, nprobe=args.nprobe,
@@ -99,8 +118,10 @@ def cmd_mine(args) -> None:
 
 def cmd_train(args) -> None:
     from retriever.data import load_corpus_of, read_pools
+    from retriever.encoding import check_precision
     from retriever.train import TrainConfig, train
 
+    check_precision(args.encode_precision)
     config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.train_batch_size,
                          learning_rate=args.lr, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                          loss=args.loss, temperature=args.temperature,
@@ -133,35 +154,22 @@ def cmd_train(args) -> None:
 
 def _dev_evaluator(args):
     """A dev-set scorer for keep-best (loaded now, so a bad split fails before training)."""
-    from eval.evaluate import evaluate
+    from eval.evaluate import dev_evaluator
     from retriever.data import load_dataset
-    from retriever.dense import DenseRetriever
 
     dev = load_dataset(args.dev_data or args.data, args.dev_split,
                        corpus=None if args.dev_data else args.corpus)
-    metric = args.dev_metric
-
-    def score(model) -> float:
-        retriever = DenseRetriever(model, batch_size=args.batch_size, show_progress=False)
-        return evaluate(dev, retriever, metrics=(metric,), depth=max(100, _cut(metric)))["metrics"][metric]
-
-    return score
-
-
-def _cut(metric: str) -> int:
-    from eval.metrics import parse_metric
-
-    try:
-        return parse_metric(metric)[1] or 1000
-    except ValueError as err:
-        raise HardnegError(str(err)) from None
+    options = _encode_options(args)
+    return dev_evaluator(dev, args.dev_metric, batch_size=options["batch_size"], precision=options["precision"])
 
 
 def cmd_evaluate(args) -> None:
     from eval.evaluate import check_metrics, evaluate
     from eval.pipeline import format_metrics
     from eval.runs import read_run
+    from retriever.encoding import check_precision
 
+    check_precision(args.encode_precision)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     check_metrics(metrics, args.depth)
     if not args.run_file and not args.retriever:
@@ -314,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_argument_group("memory and speed")
     group.add_argument("--cache-chunk", type=int, help="gradient cache: encode this many texts per pass "
                                                        "(same gradients, memory of one chunk)")
-    group.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                       help="autocast precision (fp16: CUDA only, with a loss scaler)")
-    group.add_argument("--batch-size", type=int, default=64, help="encoding batch size of dev evaluations")
+    group.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                       help="training autocast precision: auto (bf16 where the hardware runs it natively, else "
+                            "fp32), fp32, bf16, fp16 (CUDA only, with a loss scaler) (default: fp32)")
+    group.add_argument("--batch-size", type=int, default=ENCODE_DEFAULTS["batch_size"],
+                       help=f"encoding batch size of dev evaluations (default: {ENCODE_DEFAULTS['batch_size']})")
     group = p.add_argument_group("checkpoints and keep-best")
     group.add_argument("--save-steps", type=int, help="write a checkpoint every N steps (and at the end)")
     group.add_argument("--save-total-limit", type=int, help="keep only the last N checkpoints")
@@ -328,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--dev-split", default="dev", help="qrels split for --eval-steps (default: dev)")
     group.add_argument("--dev-metric", default="nDCG@10", help="metric that picks the best model (default: "
                                                                "nDCG@10)")
+    _encoder_arguments(p, batch_size=False)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a model, BM25 or a run file on a split")

@@ -29,6 +29,8 @@ from eval.metrics import (
 from eval.report import markdown_report
 from eval.runs import write_run
 from retriever.data import Dataset, Run
+from retriever.dense import encoding_record
+from retriever.encoding import autocast, resolve_precision
 from retriever.io import HardnegError, atomic_write, library_versions, write_json
 from retriever.protocol import as_retriever, describe
 
@@ -42,18 +44,25 @@ class SentenceTransformerEncoder:
     """Lets a loaded ``sentence_transformers.SentenceTransformer`` object be evaluated like any Encoder.
 
     Uses its ``encode_query`` / ``encode_document`` (so the model's own query and document prompts
-    apply) when it has them, else ``encode``.
+    apply) when it has them, else ``encode``; under ``precision`` autocast like hardneg's own encoder.
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, precision: str = "auto") -> None:
         self.model = model
+        self.precision = precision
+        resolve_precision(precision, getattr(model, "device", "cpu"))  # refused now if the device cannot run it
         card = getattr(model, "model_card_data", None)
         self.name = getattr(card, "base_model", None) or type(model).__name__
 
+    @property
+    def encode_precision(self) -> str:
+        return resolve_precision(self.precision, self.model.device)
+
     def _encode(self, method: str, texts: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
         encode = getattr(self.model, method, None) or self.model.encode
-        return np.asarray(encode(texts, batch_size=batch_size, show_progress_bar=show_progress,
-                                 convert_to_numpy=True), dtype=np.float32)
+        with autocast(self.precision, self.model.device):
+            vectors = encode(texts, batch_size=batch_size, show_progress_bar=show_progress, convert_to_numpy=True)
+        return np.asarray(vectors, dtype=np.float32)
 
     def encode_queries(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
         return self._encode("encode_query", texts, batch_size, show_progress)
@@ -187,6 +196,7 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
                           "unretrieved relevant documents lose, ties count 1/2; AUC-corpus: the same against "
                           "every non-relevant corpus document; AUC-pooled: Mann-Whitney U/(n_pos*n_neg) over "
                           "all relevant pairs vs sampled non-relevant pairs of all queries",
+        "encoding": encoding_record(source) if source is not None else [],
         "skipped_qrels_rows": dataset.skipped_qrels, "library_versions": library_versions(),
         "input_checksums": dataset.checksums(), "config": config or {},
         "seconds": round(time.time() - started, 1), "search_seconds": round(search_seconds, 1),
@@ -206,6 +216,34 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
             handle.write(markdown_report(record))
     record["per_query"] = values
     return record
+
+
+def dev_evaluator(dev: Dataset, metric: str, *, batch_size: int = 64, precision: str = "auto"):
+    """The keep-best scorer of training: ``score(model)`` is ``metric`` of the model on ``dev``, higher better.
+
+    The metric is checked now, so a bad name fails before training. The dev corpus is encoded in the
+    encoding ``precision`` (training's own autocast is separate) and searched deep enough for the metric.
+    """
+    from retriever.dense import DenseRetriever
+
+    try:
+        cut = parse_metric(metric)[1]
+    except ValueError as err:
+        raise HardnegError(f"dev metric: {err}") from None
+    depth = max(cut or 1000, 100)
+
+    def score(model) -> float:
+        trained_precision = getattr(model, "precision", None)
+        if trained_precision is not None:
+            model.precision = precision
+        try:
+            retriever = DenseRetriever(model, batch_size=batch_size, show_progress=False)
+            return evaluate(dev, retriever, metrics=(metric,), depth=depth)["metrics"][metric]
+        finally:
+            if trained_precision is not None:
+                model.precision = trained_precision
+
+    return score
 
 
 def _cut(run: Run, depth: int) -> Run:

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from eval.evaluate import evaluate
+from eval.evaluate import check_metrics, dev_evaluator, evaluate
 from eval.metrics import DEFAULT_METRICS
 from mining.filters import make_filter
 from mining.mine import POOLS_FILE, check_settings, mine
 from mining.sources import build_rescorer, build_source, check_source_settings
 from retriever.data import Dataset, load_dataset, read_pools
+from retriever.encoder import default_device
+from retriever.encoding import ENCODE_DEFAULTS, describe_precision, encode_options
 from retriever.io import HardnegError, atomic_write, file_checksum, library_versions, write_json
 from retriever.protocol import as_retriever, describe
 from retriever.train import BEST_DIR, TrainConfig, train
@@ -33,7 +35,7 @@ DEFAULTS: dict = {
     "output_dir": "runs/run",
     "model": "all-MiniLM-L6-v2",
     "data": {"path": None, "corpus": None, "queries": None, "qrels": None},
-    "encode": {"batch_size": 64, "max_length": None},
+    "encode": dict(ENCODE_DEFAULTS),
     "mine": {"split": "train", "retriever": "bm25", "depth": 100, "num_negatives": 8,
              "filter": "topk-percpos", "filter_params": {"perc": 0.95}, "anchor": "min", "sampling": "top",
              "bm25_backend": "bm25s", "index": "Flat", "nprobe": None, "ef_search": None, "rrf_k": 60,
@@ -134,14 +136,16 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     train_options = {key: value for key, value in training.items() if key not in ("resume", "dev_metric")}
     train_config = TrainConfig(model=config["model"], seed=seed, **train_options)
     train_config.check()
+    if train_config.eval_steps:
+        check_metrics((training["dev_metric"],), depth=config["evaluate"]["depth"])
     if train_config.eval_steps and len(_splits(config)) < 2:
         raise HardnegError("config: train.eval_steps keeps the best model on the first evaluate.split; list a dev "
                            "split before the reported one, e.g. evaluate.split: [dev, test]")
+    encode = encode_options(config["encode"], show_progress=show_progress)
+    precision_note = describe_precision(encode["precision"], default_device())  # fp16 on a CPU fails here
     mine_split, eval_splits = _datasets(config)
     output = Path(config["output_dir"])
-    encode = {"batch_size": config["encode"]["batch_size"], "show_progress": show_progress}
-    if config["encode"]["max_length"]:
-        encode["max_length"] = config["encode"]["max_length"]
+    echo(f"      {precision_note}")
     base = as_retriever(config["model"], **encode)  # loads the model now: a bad model name fails here
     with atomic_write(output / "config.yaml") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
@@ -163,8 +167,8 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     del base, source, rescorer  # free the base model before training loads its own copy
     echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)")
     pools_file = output / "pools" / POOLS_FILE
-    evaluator = _keep_best_evaluator(eval_splits[0], training["dev_metric"], encode) if train_config.eval_steps \
-        else None
+    evaluator = dev_evaluator(eval_splits[0], training["dev_metric"], batch_size=encode["batch_size"],
+                              precision=encode["precision"]) if train_config.eval_steps else None
     summary = train(read_pools(pools_file, mine_split.corpus), mine_split.corpus, train_config, output / "model",
                     show_progress=show_progress, provenance={str(pools_file): file_checksum(pools_file)},
                     resume=training["resume"], evaluator=evaluator)
@@ -187,28 +191,6 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
               "mining": mined.meta["counts"], "library_versions": library_versions(), "input_checksums": checksums}
     write_json(output / "run.json", record)
     return record
-
-
-def _keep_best_evaluator(dev: Dataset, metric: str, encode: dict):
-    """``train.eval_steps``: score the model on the first evaluation split (e.g. dev) for keep-best."""
-    from retriever.dense import DenseRetriever
-
-    def score(model) -> float:
-        retriever = DenseRetriever(model, batch_size=encode["batch_size"], show_progress=False)
-        return evaluate(dev, retriever, metrics=(metric,), depth=_metric_depth(metric))["metrics"][metric]
-
-    _metric_depth(metric)  # a bad metric name fails now, not after the first steps
-    return score
-
-
-def _metric_depth(metric: str) -> int:
-    from eval.metrics import parse_metric
-
-    try:
-        cut = parse_metric(metric)[1]
-    except ValueError as err:
-        raise HardnegError(f"config: train.dev_metric: {err}") from None
-    return max(cut or 1000, 100)
 
 
 def format_metrics(metrics: dict[str, float], label: str = "") -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from retriever.encoding import ENCODE_DEFAULTS, check_precision, encode_options
 from retriever.io import DataError, HardnegError, write_json
 
 MATCH = "match"
@@ -33,7 +34,7 @@ DEFAULTS: dict = {
     "data": {"path": None, "split": "test", "corpus": None, "queries": None, "qrels": None},
     "retriever": None,
     "run_file": None,
-    "encode": {"batch_size": 64, "max_length": None},
+    "encode": dict(ENCODE_DEFAULTS),
     "evaluate": {"metrics": ["nDCG@10", "Recall@100", "MRR@10", "MAP@100", "P@10", "AUC"], "depth": 1000,
                  "relevance_level": 1, "ignore_identical_ids": None, "auc_negatives": 100, "seed": 42},
     "output_dir": None,
@@ -90,6 +91,10 @@ def load_benchmark_config(path: str | Path) -> tuple[dict, ConfigSource]:
     for key in ("depth", "relevance_level", "auc_negatives", "seed"):
         if not isinstance(evaluation[key], int) or isinstance(evaluation[key], bool):
             raise source.error(f"evaluate.{key}", f"expected an integer, got {evaluation[key]!r}")
+    try:
+        check_precision(config["encode"]["precision"])
+    except HardnegError as err:
+        raise source.error("encode.precision", str(err)) from None
     return config, source
 
 
@@ -188,9 +193,7 @@ def reproduce(config_path: str | Path, *, expected: str | Path | None = None, ou
             raise source.error("run_file", str(err)) from None
         record = evaluate(dataset, run_path, run=run, **options)
     else:
-        encode = {"batch_size": config["encode"]["batch_size"], "show_progress": show_progress}
-        if config["encode"]["max_length"]:
-            encode["max_length"] = config["encode"]["max_length"]
+        encode = encode_options(config["encode"], show_progress=show_progress)
         try:
             retriever = as_retriever(_resolve(config["retriever"], source), **encode)
         except (HardnegError, OSError, ValueError) as err:

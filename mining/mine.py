@@ -32,8 +32,9 @@ from mining.filters import Filter, TopKPercPos, anchor_score, as_chain, describe
 from mining.report import HISTOGRAM_FILE, MiningReport
 from mining.sources import Rescored, ranked
 from retriever.data import Candidate, Dataset, Pool, read_pools
+from retriever.dense import encoder_identity, encoding_record
 from retriever.io import HardnegError, atomic_write, library_versions, write_json
-from retriever.protocol import Scorer, as_retriever, describe
+from retriever.protocol import Scorer, as_retriever, components, describe
 
 SAMPLINGS = ("top", "random")
 POOLS_FILE = "pools.jsonl"
@@ -187,6 +188,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
                          removed_by=record.removed_by, sampled=record.sampled)
     meta = {"dataset": dataset.name, "split": dataset.split, "settings": settings,
             "counts": stats.to_json(num_negatives), "report": report.to_json(),
+            "encoding": encoding_record(source),
             "skipped_qrels_rows": dataset.skipped_qrels, "library_versions": library_versions(),
             "input_checksums": checksums, "config": config or {}, "seconds": round(time.time() - started, 1)}
     if store is not None:
@@ -326,18 +328,9 @@ def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
 
 
 def _model_identities(source: object) -> list:
-    """The weights behind a source (checksums of model files), so a model retrained in place is not
-    mistaken for the one that wrote the shards."""
-    from retriever.dense import encoder_identity
-
-    found = []
-    for child in (getattr(source, "source", None), getattr(source, "scorer", None),
-                  *getattr(source, "sources", [])):
-        if child is not None:
-            found.extend(_model_identities(child))
-    if hasattr(source, "encoder"):
-        found.append(encoder_identity(source.encoder))
-    return found
+    """The weights behind a source (checksums of model files) and the precision they encode in, so a model
+    retrained in place, or encoding in another precision, is not mistaken for the one that wrote the shards."""
+    return [encoder_identity(part.encoder) for part in components(source) if hasattr(part, "encoder")]
 
 
 def _fingerprint(settings: dict, checksums: dict, query_ids: list[str], models: list) -> str:

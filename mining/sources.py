@@ -29,6 +29,7 @@ import numpy as np
 
 from retriever.bm25 import BM25Retriever
 from retriever.data import Corpus, Queries, Run
+from retriever.encoding import autocast, resolve_precision
 from retriever.io import HardnegError
 from retriever.protocol import Retriever, Scorer, as_retriever, describe
 
@@ -97,7 +98,7 @@ class CrossEncoderScorer:
     kind = "cross-encoder"
 
     def __init__(self, model: str | os.PathLike | object, *, batch_size: int = 32, max_length: int | None = None,
-                 device: str | None = None, show_progress: bool = True) -> None:
+                 device: str | None = None, show_progress: bool = True, precision: str = "auto") -> None:
         if isinstance(model, (str, os.PathLike)):
             from retriever.encoder import resolve_model_path
 
@@ -114,7 +115,14 @@ class CrossEncoderScorer:
         if not hasattr(model, "predict"):
             raise HardnegError("cross-encoder: the model has no predict(pairs) method")
         self.model, self.batch_size, self.show_progress = model, batch_size, show_progress
+        self.precision = precision
+        resolve_precision(precision, getattr(model, "device", "cpu"))  # refused now if the device cannot run it
         self.description = f"cross-encoder:{self.name}"
+
+    @property
+    def encode_precision(self) -> str:
+        """The precision the cross-encoder scores in (``retriever.encoding``; scores leave it as float32)."""
+        return resolve_precision(self.precision, getattr(self.model, "device", "cpu"))
 
     def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
         keys = [(query_id, doc_id) for query_id, doc_ids in pairs.items() for doc_id in doc_ids]
@@ -122,8 +130,9 @@ class CrossEncoderScorer:
             return {query_id: {} for query_id in pairs}
         texts = [(queries[query_id], corpus.text_of(doc_id)) for query_id, doc_id in keys]
         order = np.argsort([-(len(q) + len(d)) for q, d in texts], kind="stable")
-        predicted = self.model.predict([texts[i] for i in order], batch_size=self.batch_size,
-                                       show_progress_bar=self.show_progress, convert_to_numpy=True)
+        with autocast(self.precision, getattr(self.model, "device", "cpu")):
+            predicted = self.model.predict([texts[i] for i in order], batch_size=self.batch_size,
+                                           show_progress_bar=self.show_progress, convert_to_numpy=True)
         predicted = np.asarray(predicted, dtype=np.float32)
         if predicted.ndim != 1:
             raise HardnegError(f"cross-encoder {self.name}: expected one score per pair, got shape "
@@ -234,7 +243,8 @@ def build_rescorer(*, cross_encoder: str | None = None, teacher: str | None = No
     if cross_encoder:
         return CrossEncoderScorer(cross_encoder, batch_size=cross_encoder_batch_size,
                                   max_length=encode_options.get("max_length"),
-                                  show_progress=encode_options.get("show_progress", True))
+                                  show_progress=encode_options.get("show_progress", True),
+                                  precision=encode_options.get("precision", "auto"))
     if teacher:
         return as_retriever(teacher, cache_dir=cache_dir, **encode_options)
     return None

@@ -4,7 +4,8 @@ Encoding the corpus is the expensive step of dense mining and evaluation, and us
 other filters many times. With ``cache_dir`` set, the corpus embeddings are saved there as ``.npy`` under
 a key made of everything that changes them: the model's identity (its resolved path and the checksums of
 its weight and config files, or its hub name), the corpus content (sha256 over ids and texts), and the
-encoding options (max length, document prefix, pooling, normalisation). A later run with the same key
+encoding options (max length, document prefix, pooling, normalisation, and the precision the
+encoder runs in: bf16 and fp32 embeddings are never mixed). A later run with the same key
 memory-maps the file instead of encoding; any change gives a new key, never a stale hit.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 from retriever.data import Corpus, Queries, Run
 from retriever.index import VectorIndex, check_index_spec
 from retriever.io import atomic_write, file_checksum, write_json
-from retriever.protocol import Encoder
+from retriever.protocol import Encoder, components
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("HARDNEG_CACHE_DIR", "~/.cache/hardneg/embeddings")).expanduser()
 _MODEL_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
@@ -62,7 +63,23 @@ def encoder_identity(encoder: object) -> dict | None:
                              if path.is_file() and path.suffix in _MODEL_FILES}
     for key in ("max_length", "document_prefix", "pooling", "normalize"):
         identity[key] = getattr(encoder, key, None)
+    if hasattr(encoder, "encode_precision"):
+        identity["precision"] = encoder.encode_precision  # bf16 and fp32 embeddings are not interchangeable
     return identity
+
+
+def encoding_record(retriever: object) -> list[dict]:
+    """The precision each model behind ``retriever`` encodes in, for ``metrics.json`` / ``pools.meta.json``.
+
+    Every composed source and scorer is named (hybrid, rescored); BM25 and run files give nothing.
+    """
+    found = []
+    for part in components(retriever):
+        model = getattr(part, "encoder", part)
+        if hasattr(model, "encode_precision"):
+            found.append({"model": getattr(model, "name", "") or type(model).__name__,
+                          "precision": model.encode_precision, "requested": model.precision})
+    return found
 
 
 class DenseRetriever:

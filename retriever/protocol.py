@@ -40,6 +40,20 @@ DENSE_OPTIONS = ("batch_size", "show_progress", "index", "nprobe", "ef_search", 
 """Options of :class:`retriever.dense.DenseRetriever` (search and cache); the others go to the model loader."""
 
 
+def components(retriever: object) -> list[object]:
+    """Every source and scorer composed inside ``retriever`` (hybrid, rescored), inner ones first, then itself.
+
+    Provenance (the model files behind a run, the precision each model encodes in) walks this one list.
+    """
+    found: list[object] = []
+    for child in (getattr(retriever, "source", None), getattr(retriever, "scorer", None),
+                  *getattr(retriever, "sources", [])):
+        if child is not None:
+            found.extend(components(child))
+    found.append(retriever)
+    return found
+
+
 def describe(retriever: object) -> str:
     """A short name for provenance records."""
     return getattr(retriever, "description", None) or type(retriever).__name__

@@ -52,6 +52,7 @@ from retriever.checkpoint import (
 )
 from retriever.data import Corpus, Pool
 from retriever.encoder import DualEncoder, default_device
+from retriever.encoding import PRECISIONS, resolve_training_precision
 from retriever.gradcache import encode_and_backward
 from retriever.io import HardnegError, atomic_write, file_checksum, library_versions, write_json
 from retriever.losses import build_masks, make_loss
@@ -61,7 +62,6 @@ TRAIN_CONFIG = "training_config.json"
 LOSS_PLOT = "loss_curve.png"
 BEST_DIR = "best"
 LOSSES = ("infonce", "mw", "decoupled")
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that may change when resuming: they change speed, memory or bookkeeping, not the result.
 RESUMABLE_CHANGES = ("cache_chunk", "save_steps", "save_total_limit", "eval_steps")
 
@@ -232,6 +232,7 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
     device = _device(world)
     if config.precision == "fp16" and device.type != "cuda":
         raise HardnegError("train: fp16 needs a CUDA GPU (it relies on a loss scaler for CUDA); use bf16 on CPU")
+    precision = resolve_training_precision(config.precision, device)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed + rank)
@@ -256,7 +257,7 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
         groups.append({"params": list(loss_module.parameters()), "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     log: list[dict] = []
     step, best = 0, {"step": None, "score": None}
@@ -275,7 +276,7 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
                           "same, the dropout RNG is not", stacklevel=2)
 
     trained = distributed.wrap_ddp(model)  # the model itself for one process
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     meta = {"identity": identity, "model_identity": _model_identity(model), "world_size": world}
 
     def checkpoint_now() -> None:
@@ -369,7 +370,7 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
     summary = {"steps": step, "epochs": config.epochs, "queries_per_epoch": len(pools),
                "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                "seconds": round(time.time() - started, 1), "examples_seen_this_session": examples_seen,
-               "resumed_from": str(checkpoint) if checkpoint else None, "world_size": world,
+               "resumed_from": str(checkpoint) if checkpoint else None, "world_size": world, "precision": precision,
                "best_step": best["step"], "best_dev": best["score"]}
     if any("temperature" in r for r in log):
         summary["final_temperature"] = log[-1].get("temperature")

@@ -174,5 +174,10 @@ def test_checked_in_configs_load_and_have_expected_scores():
         assert all(isinstance(spec["expected"], float) for spec in entry.values())
     minilm = table["eval-nfcorpus-minilm"]["metrics"]["nDCG@10"]
     assert minilm["published"] == 0.316 and minilm["published_tolerance"] == 0.01
+    # issue 10's quality guard: bf16 encoding within tolerance (nDCG@10: 0.002) of float32 on every metric
+    fp32, bf16 = table["eval-nfcorpus-minilm"]["metrics"], table["eval-nfcorpus-minilm-bf16"]["metrics"]
+    assert set(fp32) == set(bf16)
+    assert all(abs(bf16[m]["expected"] - fp32[m]["expected"]) <= fp32[m]["tolerance"] for m in fp32)
+    assert load_benchmark_config(REPO / "configs" / "eval-nfcorpus-minilm.yaml")[0]["encode"]["precision"] == "fp32"
     bm25 = table["eval-nfcorpus-bm25"]["metrics"]["nDCG@10"]
     assert bm25["published"] == 0.32 and bm25["published_tolerance"] == 0.02

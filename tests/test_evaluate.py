@@ -14,6 +14,7 @@ from eval.cli import main
 from eval.evaluate import evaluate
 from eval.runs import read_run, write_run
 from retriever.data import BUNDLED_DIR, Corpus, Dataset, Queries, Run, load_beir
+from retriever.encoding import autocast, resolve_precision
 from retriever.io import DataError, HardnegError
 
 METRICS = ("nDCG@10", "Recall@100", "MRR@10", "MAP@100", "P@10", "AUC", "AUC-corpus", "AUC-pooled")
@@ -195,8 +196,11 @@ def test_sentence_transformers_object(tiny_model):
     dataset = Dataset("demo-subset", "test", corpus, {q: full.queries[q] for q in qrels}, qrels, full.files)
     model = SentenceTransformer(str(tiny_model), device="cpu")
     record = evaluate(dataset, model, metrics=("nDCG@10", "Recall@100", "AUC-corpus"), depth=100)
-    documents = model.encode(dataset.corpus.texts(), batch_size=64, convert_to_numpy=True)
-    queries = model.encode(list(dataset.queries.values()), batch_size=64, convert_to_numpy=True)
+    precision = record["encoding"][0]["precision"]  # auto: what this machine runs natively
+    assert record["encoding"][0]["requested"] == "auto" and precision == resolve_precision("auto", "cpu")
+    with autocast(precision, "cpu"):
+        documents = model.encode(dataset.corpus.texts(), batch_size=64, convert_to_numpy=True)
+        queries = model.encode(list(dataset.queries.values()), batch_size=64, convert_to_numpy=True)
 
     class Fixed:
         def encode_queries(self, texts):

@@ -93,7 +93,7 @@ def test_cross_encoder_scores_drive_the_filter(demo_train, tiny_cross_encoder, t
     from sentence_transformers import CrossEncoder
 
     data = small(demo_train, 6, 300)
-    scorer = CrossEncoderScorer(str(tiny_cross_encoder), show_progress=False, max_length=64)
+    scorer = CrossEncoderScorer(str(tiny_cross_encoder), show_progress=False, max_length=64, precision="fp32")
     plain = mine(data, BM25Retriever(show_progress=False), depth=20, num_negatives=4, filter=TopKMarginPos(0.0),
                  anchor="max")
     rescored = mine(data, BM25Retriever(show_progress=False), depth=20, num_negatives=4,

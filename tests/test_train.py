@@ -19,6 +19,7 @@ from mining.mine import mine
 from retriever.checkpoint import checkpoint_dirs, load_checkpoint_state
 from retriever.data import Dataset, write_pools
 from retriever.encoder import DualEncoder
+from retriever.encoding import cpu_has_native_bf16, resolve_training_precision
 from retriever.io import HardnegError
 from retriever.losses import build_masks
 from retriever.train import (
@@ -171,7 +172,16 @@ def test_bf16_autocast_trains_on_cpu(small, tiny_model, tmp_path):
     data, pools = small
     summary = train(pools, data.corpus, _config(tiny_model, epochs=1, precision="bf16"), tmp_path / "m",
                     show_progress=False)
-    assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
+    assert summary["steps"] == 3 and math.isfinite(summary["final_loss"]) and summary["precision"] == "bf16"
+
+
+def test_auto_precision_trains_in_what_the_hardware_runs_natively(small, tiny_model, tmp_path):
+    data, pools = small
+    summary = train(pools, data.corpus, _config(tiny_model, epochs=1, precision="auto"), tmp_path / "m",
+                    show_progress=False)
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert summary["precision"] == expected == resolve_training_precision("auto", "cpu")
+    assert json.loads((tmp_path / "m" / TRAIN_CONFIG).read_text())["summary"]["precision"] == expected
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
