@@ -82,6 +82,31 @@ def st_step(model, loss, batch) -> float:
     return float(value)
 
 
+def rotated_steps(methods: dict, triples, args) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds and losses per step of each ``name: (model, run(batch))``, on the same batches, the order rotated
+    every step (the method that runs first pays for memory the previous step's graph released); step 0 warms
+    up every method and is not counted."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    losses: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
+    for step in range(args.steps + 1):
+        batch = triples[step * args.batch_size:(step + 1) * args.batch_size]
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            model, run = methods[name]
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(step)
+            _synchronize(args.device)
+            tick = time.perf_counter()
+            value = run(batch)
+            _synchronize(args.device)
+            elapsed = time.perf_counter() - tick
+            if step:
+                times[name].append(elapsed)
+                losses[name].append(value)
+            print(f"step {step} {name}: {elapsed:.2f}s loss {value:.4f}", file=sys.stderr, flush=True)
+    return times, losses
+
+
 def time_steps(args, triples) -> dict:
     from sentence_transformers import SentenceTransformer
     try:
@@ -106,24 +131,7 @@ def time_steps(args, triples) -> dict:
         "st_cached_mnrl": (st_model, lambda b: st_step(
             st_model, CachedMultipleNegativesRankingLoss(st_model, mini_batch_size=args.chunk_size), b)),
     }
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    losses: dict[str, list[float]] = {name: [] for name in methods}
-    names = list(methods)
-    for step in range(args.steps + 1):   # step 0 warms up every method and is not counted
-        batch = triples[step * args.batch_size:(step + 1) * args.batch_size]
-        for name in names[step % len(names):] + names[:step % len(names)]:
-            model, run = methods[name]
-            model.zero_grad(set_to_none=True)
-            torch.manual_seed(step)
-            _synchronize(args.device)
-            tick = time.perf_counter()
-            value = run(batch)
-            _synchronize(args.device)
-            elapsed = time.perf_counter() - tick
-            if step:
-                times[name].append(elapsed)
-                losses[name].append(value)
-            print(f"step {step} {name}: {elapsed:.2f}s loss {value:.4f}", file=sys.stderr, flush=True)
+    times, losses = rotated_steps(methods, triples, args)
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {
         "seconds_per_step": {k: round(v, 3) for k, v in medians.items()},
@@ -143,24 +151,10 @@ def time_precisions(args, triples) -> dict:
     model = DualEncoder.load(str(resolve_model_path(args.model)), device=args.device, max_length=args.max_length)
     model.train()
     infonce = make_loss("infonce", temperature=0.05)
-    methods = {f"{kind}_{name}": (chunk, dtype) for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
+    methods = {f"{kind}_{name}": (model, lambda b, c=chunk, d=dtype: hardneg_step(model, infonce, b, c, autocast=d))
+               for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
                for kind, chunk in (("plain", None), ("cached", args.chunk_size))}
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    losses: dict[str, list[float]] = {name: [] for name in methods}
-    names = list(methods)
-    for step in range(args.steps + 1):
-        batch = triples[step * args.batch_size:(step + 1) * args.batch_size]
-        for name in names[step % len(names):] + names[:step % len(names)]:
-            chunk, dtype = methods[name]
-            model.zero_grad(set_to_none=True)
-            torch.manual_seed(step)
-            tick = time.perf_counter()
-            value = hardneg_step(model, infonce, batch, chunk, autocast=dtype)
-            elapsed = time.perf_counter() - tick
-            if step:
-                times[name].append(elapsed)
-                losses[name].append(value)
-            print(f"step {step} {name}: {elapsed:.2f}s loss {value:.4f}", file=sys.stderr, flush=True)
+    times, losses = rotated_steps(methods, triples, args)
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {"seconds_per_step": {k: round(v, 3) for k, v in medians.items()},
             "all_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},

@@ -15,6 +15,13 @@ from retriever.encoding import ENCODE_DEFAULTS, PRECISIONS
 from retriever.io import HardnegError, file_checksum
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house's error format: one line, ``hardneg ...: error: ...``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     group = parser.add_argument_group("data (a BEIR folder or bundled name, or explicit files)")
     group.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/), a bundled dataset "
@@ -240,7 +247,7 @@ def cmd_run(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hardneg", description="Mine hard negatives, train dense retrievers, "
+    parser = _Parser(prog="hardneg", description="Mine hard negatives, train dense retrievers, "
                                      "evaluate them on BEIR and MS MARCO.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)

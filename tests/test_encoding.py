@@ -135,5 +135,7 @@ def test_cli_refuses_a_bad_precision_in_one_line_before_work(tiny_model, tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main(args + ["--encode-precision", "int3"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'int3'" in capsys.readouterr().err
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"hardneg {command}: error: argument --encode-precision: "
+                                                   "invalid choice: 'int3'")
     assert not output.exists()
