@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,35 @@ def encoding_record(retriever: object) -> list[dict]:
     return found
 
 
+def _read_cache_entry(path: Path, corpus: Corpus) -> np.ndarray | None:
+    """A cached embedding matrix, memory-mapped, or None (with a warning) when the entry cannot be trusted.
+
+    The ``.npy`` must match its sidecar ``.json`` (written after it) in checksum, shape and dtype, and the
+    sidecar must name this corpus: a truncated, edited or half-written entry is re-encoded, never used.
+    """
+    sidecar = path.with_suffix(".json")
+    problem = None
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+        if record.get("corpus_sha256") != corpus_fingerprint(corpus):
+            problem = "it was written for another corpus"
+        elif record.get("sha256") != file_checksum(path):
+            problem = "its checksum does not match (truncated or changed on disk)"
+        else:
+            embeddings = np.load(path, mmap_mode="r")
+            if embeddings.shape != (len(corpus), record.get("dimension")) or str(embeddings.dtype) != record.get(
+                    "dtype", "float32"):
+                problem = f"its shape {embeddings.shape} / {embeddings.dtype} is not what its record says"
+            else:
+                return embeddings
+    except FileNotFoundError:
+        problem = f"its record {sidecar.name} is missing (an interrupted write)"
+    except (OSError, ValueError) as err:
+        problem = f"it cannot be read ({type(err).__name__}: {err})"
+    warnings.warn(f"embedding cache entry {path} is not usable: {problem}; encoding the corpus again", stacklevel=3)
+    return None
+
+
 class DenseRetriever:
     """Wraps any :class:`~retriever.protocol.Encoder`; searches a faiss index over the corpus embeddings.
 
@@ -133,8 +163,8 @@ class DenseRetriever:
             return self._cached[1]
         path = self.cache_path(corpus)
         if path is not None and path.is_file():
-            embeddings = np.load(path, mmap_mode="r")
-            if embeddings.shape[0] == len(corpus):
+            embeddings = _read_cache_entry(path, corpus)
+            if embeddings is not None:
                 self.cache_hits += 1
                 self._cached = (corpus, embeddings)
                 return embeddings
@@ -142,9 +172,11 @@ class DenseRetriever:
         if path is not None:
             with atomic_write(path, "wb") as handle:
                 np.save(handle, embeddings)
+            # The sidecar is written last: an entry without it (a crash in between) is never trusted.
             write_json(path.with_suffix(".json"), {"encoder": encoder_identity(self.encoder),
                                                    "corpus_sha256": corpus_fingerprint(corpus),
-                                                   "documents": len(corpus), "dimension": embeddings.shape[1]})
+                                                   "documents": len(corpus), "dimension": int(embeddings.shape[1]),
+                                                   "dtype": str(embeddings.dtype), "sha256": file_checksum(path)})
         self._cached = (corpus, embeddings)
         return embeddings
 

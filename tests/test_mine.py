@@ -176,6 +176,39 @@ def test_embedding_cache_hit_skips_encoding_and_gives_identical_pools(demo_train
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip", "sidecar", "other-corpus"])
+def test_a_damaged_cache_entry_is_encoded_again_never_used(demo_train, tmp_path, damage):
+    """A truncated, edited, half-written or mismatched entry is rebuilt with a warning, never read as embeddings."""
+    import json
+
+    from retriever.dense import DenseRetriever, corpus_fingerprint
+
+    data = small(demo_train, 10, 50)
+    reference = DenseRetriever(CountingEncoder(), cache_dir=tmp_path, show_progress=False)
+    expected = np.array(reference.corpus_embeddings(data.corpus))
+    path = reference.cache_path(data.corpus)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "flip":
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    elif damage == "sidecar":
+        path.with_suffix(".json").unlink()
+    else:
+        record = json.loads(path.with_suffix(".json").read_text())
+        path.with_suffix(".json").write_text(json.dumps(record | {"corpus_sha256": "0" * 64}))
+    encoder = CountingEncoder()
+    again = DenseRetriever(encoder, cache_dir=tmp_path, show_progress=False)
+    with pytest.warns(UserWarning, match="embedding cache entry .* is not usable"):
+        rebuilt = again.corpus_embeddings(data.corpus)
+    assert encoder.documents_encoded == len(data.corpus) and again.cache_hits == 0
+    assert np.array_equal(rebuilt, expected)
+    fresh = DenseRetriever(CountingEncoder(), cache_dir=tmp_path, show_progress=False)  # the rebuilt entry is good
+    assert np.array_equal(fresh.corpus_embeddings(data.corpus), expected) and fresh.cache_hits == 1
+    assert json.loads(path.with_suffix(".json").read_text())["corpus_sha256"] == corpus_fingerprint(data.corpus)
+
+
 def test_cache_key_follows_model_and_encoding_options(demo_train, tiny_model, tmp_path):
     from retriever.dense import DenseRetriever
     from retriever.encoder import DualEncoder
