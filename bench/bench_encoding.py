@@ -19,7 +19,8 @@ Each method's embeddings are compared with sentence-transformers' float32 ones (
 measures the bf16 and fp32 GEMM limit of the machine (a 2048 x 2048 matmul) and reports the share of it each
 method reaches, counting the model's useful FLOPs (no padding): linear layers ``2 x tokens x params`` plus
 attention ``4 x layers x hidden x tokens^2`` per document. Results go to ``--output``
-(default ``bench/results/encoding.json``). A backend whose package is missing is reported as skipped.
+(default ``bench/results/encoding.json``). A backend whose package is missing is reported as skipped; the
+dropped backends are not dependencies of hardneg: ``pip install onnxruntime onnx openvino`` to rerun their rows.
 """
 
 from __future__ import annotations

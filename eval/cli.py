@@ -329,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_argument_group("memory and speed")
     group.add_argument("--cache-chunk", type=int, help="gradient cache: encode this many texts per pass "
                                                        "(same gradients, memory of one chunk)")
-    group.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="training autocast precision: auto (bf16 where the hardware runs it natively, else "
-                            "fp32), fp32, bf16, fp16 (CUDA only, with a loss scaler) (default: fp32)")
+                            "fp32), fp32, bf16, fp16 (CUDA only, with a loss scaler) (default: auto)")
     group.add_argument("--batch-size", type=int, default=ENCODE_DEFAULTS["batch_size"],
                        help=f"encoding batch size of dev evaluations (default: {ENCODE_DEFAULTS['batch_size']})")
     group = p.add_argument_group("checkpoints and keep-best")

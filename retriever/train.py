@@ -89,7 +89,7 @@ class TrainConfig:
     document_prefix: str | None = None
     max_grad_norm: float = 1.0
     cache_chunk: int | None = None
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 autocast where native (CPU AVX-512 BF16/AMX, CUDA), else fp32; BENCHMARKS
     save_steps: int | None = None
     save_total_limit: int | None = None
     eval_steps: int | None = None
