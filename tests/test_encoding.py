@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import small
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,6 @@ from retriever.encoding import (
     token_budget_batches,
 )
 from retriever.io import HardnegError
-from tests.conftest import small
 
 
 @settings(max_examples=200, deadline=None)
