@@ -124,17 +124,25 @@ def _wrapped(base: DualEncoder, model) -> DualEncoder:
                        max_length=base.max_length, name=base.name, precision="fp32")
 
 
-def gemm_limit(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
+def gemm_limit(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0, device: str = "cpu") -> float:
     """GFLOP/s of a square matmul on this machine (the best of repeated runs)."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     for _ in range(3):
         a @ b
+    _synchronize(device)
     best, started = float("inf"), time.perf_counter()
     while time.perf_counter() - started < seconds:
         tick = time.perf_counter()
         a @ b
+        _synchronize(device)
         best = min(best, time.perf_counter() - tick)
     return 2 * size ** 3 / best / 1e9
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def useful_gflop(encoder: DualEncoder, texts: list[str]) -> tuple[float, float]:
@@ -158,6 +166,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (hardneg: x 256 tokens)")
     parser.add_argument("--methods", default="st,hardneg-fp32,hardneg-auto,torch-int8,onnxruntime,openvino")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "encoding.json"))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the runtime backends are CPU-only)")
     args = parser.parse_args()
 
     from sentence_transformers import SentenceTransformer
@@ -165,17 +174,21 @@ def main() -> None:
     dataset = load_beir(args.data, "test")
     texts = dataset.corpus.texts()[:args.docs]
     path = resolve_model_path("all-MiniLM-L6-v2")
-    st_model = SentenceTransformer(path, device="cpu")
-    base = DualEncoder.load(path, precision="fp32")
-    auto = DualEncoder.load(path, precision="auto")
+    st_model = SentenceTransformer(path, device=args.device)
+    base = DualEncoder.load(path, precision="fp32", device=args.device)
+    auto = DualEncoder.load(path, precision="auto", device=args.device)
     gflop, mean_tokens = useful_gflop(base, texts)
-    limits = {"bf16": gemm_limit(torch.bfloat16), "fp32": gemm_limit(torch.float32)}
+    limits = {"bf16": gemm_limit(torch.bfloat16, device=args.device),
+              "fp32": gemm_limit(torch.float32, device=args.device)}
     print(f"{len(texts)} documents, {mean_tokens:.1f} tokens each on average, {gflop:.0f} GFLOP of useful work; "
           f"GEMM limit bf16 {limits['bf16']:.0f} GFLOP/s, fp32 {limits['fp32']:.0f} GFLOP/s", flush=True)
 
     methods: dict[str, object] = {}
     skipped: dict[str, str] = {}
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.device != "cpu":
+        skipped |= {name: "a CPU backend" for name in wanted if name in ("torch-int8", "onnxruntime", "openvino")}
+        wanted = [name for name in wanted if name not in skipped]
     with tempfile.TemporaryDirectory() as scratch:
         builders = {
             "st": lambda: (lambda: st_model.encode(texts, convert_to_numpy=True)),
@@ -205,6 +218,7 @@ def main() -> None:
             for name in names[repeat % len(names):] + names[:repeat % len(names)]:
                 started = time.perf_counter()
                 outputs[name] = np.asarray(methods[name](), dtype=np.float32)
+                _synchronize(args.device)
                 elapsed = time.perf_counter() - started
                 if repeat < args.warmup:
                     cold.setdefault(name, elapsed)
@@ -214,7 +228,8 @@ def main() -> None:
                       f"{len(texts) / elapsed:.1f} docs/s", flush=True)
 
     # The GEMM limit of this shared VM moves between runs; measured again after the passes, the higher counts.
-    after = {"bf16": gemm_limit(torch.bfloat16), "fp32": gemm_limit(torch.float32)}
+    after = {"bf16": gemm_limit(torch.bfloat16, device=args.device),
+             "fp32": gemm_limit(torch.float32, device=args.device)}
     measured_limits = {"before": limits, "after": after}
     limits = {key: max(limits[key], after[key]) for key in limits}
     reference = outputs.get("st", outputs.get("hardneg-fp32"))
