@@ -32,9 +32,10 @@ def _data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     group.add_argument("--qrels", help="qrels file: BEIR TSV, MS MARCO TSV or TREC 'qid 0 docid rel'")
 
 
-def _encoder_arguments(parser: argparse.ArgumentParser, *, batch_size: bool = True) -> None:
+def _encoder_arguments(parser: argparse.ArgumentParser, *, batching: bool = True) -> None:
+    """Encoding flags; ``batching=False`` where the sub-command declares its own batch size and length (train)."""
     group = parser.add_argument_group("encoder")
-    if batch_size:
+    if batching:
         group.add_argument("--batch-size", type=int, default=ENCODE_DEFAULTS["batch_size"],
                            help="full-length texts per encoding batch; batches hold this many texts' worth of "
                                 f"tokens, so short texts go in larger ones (default: {ENCODE_DEFAULTS['batch_size']})")
@@ -345,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--dev-split", default="dev", help="qrels split for --eval-steps (default: dev)")
     group.add_argument("--dev-metric", default="nDCG@10", help="metric that picks the best model (default: "
                                                                "nDCG@10)")
-    _encoder_arguments(p, batch_size=False)
+    _encoder_arguments(p, batching=False)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a model, BM25 or a run file on a split")

@@ -115,14 +115,14 @@ class CrossEncoderScorer:
         if not hasattr(model, "predict"):
             raise HardnegError("cross-encoder: the model has no predict(pairs) method")
         self.model, self.batch_size, self.show_progress = model, batch_size, show_progress
-        self.precision = precision
-        resolve_precision(precision, getattr(model, "device", "cpu"))  # refused now if the device cannot run it
+        self.precision, self.device = precision, getattr(model, "device", "cpu")
+        resolve_precision(precision, self.device)  # refused now if the device cannot run it
         self.description = f"cross-encoder:{self.name}"
 
     @property
     def encode_precision(self) -> str:
         """The precision the cross-encoder scores in (``retriever.encoding``; scores leave it as float32)."""
-        return resolve_precision(self.precision, getattr(self.model, "device", "cpu"))
+        return resolve_precision(self.precision, self.device)
 
     def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
         keys = [(query_id, doc_id) for query_id, doc_ids in pairs.items() for doc_id in doc_ids]
@@ -130,7 +130,7 @@ class CrossEncoderScorer:
             return {query_id: {} for query_id in pairs}
         texts = [(queries[query_id], corpus.text_of(doc_id)) for query_id, doc_id in keys]
         order = np.argsort([-(len(q) + len(d)) for q, d in texts], kind="stable")
-        with autocast(self.precision, getattr(self.model, "device", "cpu")):
+        with autocast(self.precision, self.device):
             predicted = self.model.predict([texts[i] for i in order], batch_size=self.batch_size,
                                            show_progress_bar=self.show_progress, convert_to_numpy=True)
         predicted = np.asarray(predicted, dtype=np.float32)
