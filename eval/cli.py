@@ -8,15 +8,24 @@ written atomically and only after its inputs were read and checked.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from retriever.encoding import ENCODE_DEFAULTS, PRECISIONS
+from mining.settings import MineSettings
+from retriever.encoding import EncodeSettings
 from retriever.io import HardnegError, file_checksum
+from retriever.settings import HelpFormatter, add_arguments, from_arguments
+from retriever.train_settings import TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the house's error format: one line, ``hardneg ...: error: ...``, exit status 2."""
+    """argparse with the house's error format (one line, ``hardneg ...: error: ...``, exit status 2) and every
+    default shown in ``--help``; sub-command parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -32,18 +41,12 @@ def _data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     group.add_argument("--qrels", help="qrels file: BEIR TSV, MS MARCO TSV or TREC 'qid 0 docid rel'")
 
 
-def _encoder_arguments(parser: argparse.ArgumentParser, *, batching: bool = True) -> None:
-    """Encoding flags; ``batching=False`` where the sub-command declares its own batch size and length (train)."""
-    group = parser.add_argument_group("encoder")
-    if batching:
-        group.add_argument("--batch-size", type=int, default=ENCODE_DEFAULTS["batch_size"],
-                           help="full-length texts per encoding batch; batches hold this many texts' worth of "
-                                f"tokens, so short texts go in larger ones (default: {ENCODE_DEFAULTS['batch_size']})")
-        group.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's)")
-    group.add_argument("--encode-precision", default=ENCODE_DEFAULTS["precision"], choices=PRECISIONS,
-                       help="precision of every encode: auto (bf16 where the CPU or GPU runs it natively, else "
-                            "fp32), fp32, bf16, fp16 (CUDA only); embeddings are float32 either way "
-                            f"(default: {ENCODE_DEFAULTS['precision']})")
+def _encoder_arguments(parser: argparse.ArgumentParser, *, aliases: bool = True) -> None:
+    """The ``encode:`` settings as ``--encode-*`` flags; ``aliases`` adds the short ``--batch-size`` and
+    ``--max-length`` where the command has no training settings of those names (mine, evaluate)."""
+    short = {"batch_size": ("--batch-size",), "max_length": ("--max-length",)} if aliases else None
+    add_arguments(parser.add_argument_group("encoding (the encode: section of a config)"), EncodeSettings,
+                  prefix="encode", aliases=short)
 
 
 def _encode_options(args) -> dict:
@@ -51,8 +54,8 @@ def _encode_options(args) -> dict:
     from retriever.encoder import default_device
     from retriever.encoding import describe_precision, encode_options
 
-    options = encode_options({"batch_size": getattr(args, "batch_size", None), "max_length": args.max_length,
-                              "precision": args.encode_precision}, show_progress=not args.quiet)
+    settings = from_arguments(EncodeSettings, args, prefix="encode")
+    options = encode_options(dataclasses.asdict(settings), show_progress=not args.quiet)
     note = describe_precision(options["precision"], default_device())
     if not args.quiet:
         print(f"hardneg: {note}", file=sys.stderr)
@@ -77,85 +80,60 @@ def _recorded(args) -> dict:
     return {"command": args.command} | {k: v for k, v in vars(args).items() if k not in ("func", "command")}
 
 
-def _mining_filter(args):
-    """``--filter`` names one filter, or several joined by commas (a chain, each removal charged to its stage)."""
-    from mining.filters import make_filter
-
-    optional = {"min_score", "max_rank"}
-    stages = []
-    for name in (part.strip() for part in args.filter.split(",")):
-        params = {"topk": {}, "topk-percpos": {"perc": args.perc}, "topk-marginpos": {"margin": args.margin},
-                  "topk-abs": {"max_score": args.max_score, "min_score": args.min_score},
-                  "topk-shifted": {"shift": args.shift},
-                  "rank-window": {"min_rank": args.min_rank, "max_rank": args.max_rank}}.get(name, {})
-        missing = [k for k, v in params.items() if v is None and k not in optional]
-        if missing:
-            raise HardnegError(f"filter {name} needs " + ", ".join(f"--{k.replace('_', '-')}" for k in missing))
-        stages.append({"name": name, **{k: v for k, v in params.items() if v is not None or k not in optional}})
-    if len(stages) == 1:
-        return make_filter(**stages[0])
-    return make_filter("chain", stages=stages)
-
-
 def cmd_mine(args) -> None:
-    from mining.mine import check_settings, mine
-    from mining.sources import build_rescorer, build_source, check_source_settings
+    from mining.mine import mine
+    from mining.sources import build_rescorer, build_source
     from retriever.dense import DEFAULT_CACHE_DIR
     from retriever.encoding import check_precision
 
     check_precision(args.encode_precision)
-    check_settings(args.depth, args.num_negatives, args.sampling, args.shard_size)
-    flt = _mining_filter(args)
-    specs = args.retriever or ["bm25"]
-    check_source_settings(specs, bm25_backend=args.bm25_backend, index=args.index, nprobe=args.nprobe,
-                          ef_search=args.ef_search, rrf_k=args.rrf_k, cross_encoder=args.cross_encoder,
-                          teacher=args.teacher)
-    cache_dir = None if args.no_cache else (args.cache_dir or DEFAULT_CACHE_DIR)
+    settings = from_arguments(MineSettings, args)
+    settings.check()
+    cache_dir = None if args.no_cache else (settings.cache_dir or DEFAULT_CACHE_DIR)
     encode = _encode_options(args)
-    rescorer = build_rescorer(cross_encoder=args.cross_encoder, teacher=args.teacher, cache_dir=cache_dir,
-                              cross_encoder_batch_size=args.cross_encoder_batch_size, **encode)
-    source = build_source(specs, bm25_backend=args.bm25_backend, index=args.index, nprobe=args.nprobe,
-                          ef_search=args.ef_search, rrf_k=args.rrf_k, cache_dir=cache_dir, **encode)
+    rescorer = build_rescorer(cross_encoder=settings.cross_encoder, teacher=settings.teacher, cache_dir=cache_dir,
+                              cross_encoder_batch_size=settings.cross_encoder_batch_size, **encode)
+    source = build_source(settings.retriever, bm25_backend=settings.bm25_backend, index=settings.index,
+                          nprobe=settings.nprobe, ef_search=settings.ef_search, rrf_k=settings.rrf_k,
+                          cache_dir=cache_dir, **encode)
     dataset = _dataset(args)
-    result = mine(dataset, source, depth=args.depth, num_negatives=args.num_negatives, filter=flt,
-                  anchor=args.anchor, sampling=args.sampling, seed=args.seed, output_dir=args.output,
-                  config=_recorded(args), rescorer=rescorer, shard_size=args.shard_size,
-                  show_progress=not args.quiet)
+    result = mine(dataset, source, depth=settings.depth, num_negatives=settings.num_negatives,
+                  filter=settings.build_filter(), anchor=settings.anchor, anchor_fallback=settings.anchor_fallback,
+                  sampling=settings.sampling, seed=settings.seed, output_dir=args.output, config=_recorded(args),
+                  rescorer=rescorer, shard_size=settings.shard_size, show_progress=not args.quiet)
     print(f"mined {result.summary()}\nwrote {args.output}/pools.jsonl, pools.meta.json and pools.scores.png")
 
 
 def cmd_train(args) -> None:
-    from retriever.data import load_corpus_of, read_pools
+    from retriever.data import load_corpus_of, pools_file, pools_scorer, read_pools
     from retriever.encoding import check_precision
     from retriever.train import TrainConfig, train
 
     check_precision(args.encode_precision)
-    config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.train_batch_size,
-                         learning_rate=args.lr, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-                         loss=args.loss, temperature=args.temperature,
-                         learnable_temperature=args.learnable_temperature, symmetric=args.symmetric,
-                         mw_pairs=args.mw_pairs, mw_weight=args.mw_weight,
-                         positives_per_query=args.positives_per_step, negatives_per_query=args.negatives_per_query,
-                         max_length=args.max_length, pooling=args.pooling, query_prefix=args.query_prefix,
-                         document_prefix=args.document_prefix, max_grad_norm=args.max_grad_norm,
-                         cache_chunk=args.cache_chunk, precision=args.precision, save_steps=args.save_steps,
-                         save_total_limit=args.save_total_limit, eval_steps=args.eval_steps, seed=args.seed)
+    config = from_arguments(TrainConfig, args)
     config.check()
-    evaluator = None
-    if args.eval_steps:
-        evaluator = _dev_evaluator(args)
+    path = pools_file(args.pools)
+    if config.distills and pools_scorer(path) is None:
+        raise HardnegError(f"{path}: distillation needs pools mined with a teacher or cross-encoder (their "
+                           "scores are the soft labels); these carry the retriever's own scores. Mine with "
+                           "--teacher MODEL or --cross-encoder MODEL")
     corpus = load_corpus_of(args.data, args.corpus)
-    pools_path = os.path.join(args.pools, "pools.jsonl") if os.path.isdir(args.pools) else args.pools
-    pools = read_pools(pools_path, corpus)
+    pools = read_pools(path, corpus)
+    evaluator = None
+    if config.dev_fraction:
+        pools, evaluator = _held_out_evaluator(pools, corpus, config, args)
+    elif config.eval_steps or config.patience:
+        evaluator = _dev_evaluator(args)
     summary = train(pools, corpus, config, args.output, show_progress=not args.quiet,
-                    provenance={pools_path: file_checksum(pools_path)}, resume=args.resume, evaluator=evaluator)
+                    provenance={str(path): file_checksum(path)}, resume=args.resume, evaluator=evaluator)
     from retriever import distributed
 
     if distributed.is_main():
         print(f"trained {summary['steps']} steps in {summary['seconds']}s (loss {summary['first_loss']} -> "
               f"{summary['final_loss']}); model saved to {args.output}")
         if summary["best_step"] is not None:
-            print(f"best {args.dev_metric} on {args.dev_split}: {summary['best_dev']:.4f} at step "
+            where = "held-out training queries" if config.dev_fraction else args.dev_split
+            print(f"best {args.dev_metric} on {where}: {summary['best_dev']:.4f} at step "
                   f"{summary['best_step']}; saved to {os.path.join(args.output, 'best')}")
     distributed.cleanup()
 
@@ -165,10 +143,26 @@ def _dev_evaluator(args):
     from eval.evaluate import dev_evaluator
     from retriever.data import load_dataset
 
-    dev = load_dataset(args.dev_data or args.data, args.dev_split,
-                       corpus=None if args.dev_data else args.corpus)
+    try:
+        dev = load_dataset(args.dev_data or args.data, args.dev_split,
+                           corpus=None if args.dev_data else args.corpus)
+    except HardnegError as err:
+        raise HardnegError(f"{err}; or hold out training queries to select on with --dev-fraction 0.1") from None
     options = _encode_options(args)
     return dev_evaluator(dev, args.dev_metric, batch_size=options["batch_size"], precision=options["precision"])
+
+
+def _held_out_evaluator(pools, corpus, config, args):
+    """``--dev-fraction``: the training pools without the held-out queries, and a scorer on those queries."""
+    from eval.evaluate import dev_evaluator
+    from retriever.data import held_out_dataset, hold_out
+
+    kept, held = hold_out(pools, config.dev_fraction, config.seed)
+    options = _encode_options(args)
+    if not args.quiet:
+        print(f"hardneg: selecting on {len(held)} held-out training queries ({len(kept)} train)", file=sys.stderr)
+    return kept, dev_evaluator(held_out_dataset(held, corpus), args.dev_metric, batch_size=options["batch_size"],
+                               precision=options["precision"])
 
 
 def cmd_evaluate(args) -> None:
@@ -256,44 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mine", help="mine hard-negative pools for a split")
     _data_arguments(p, "train")
     _encoder_arguments(p)
-    source = p.add_argument_group("candidate sources")
-    source.add_argument("--retriever", action="append", help="bm25, bm25:rank-bm25, or a model directory/name; "
-                        "repeat to fuse several with reciprocal-rank fusion, e.g. --retriever bm25 --retriever "
-                        "all-MiniLM-L6-v2 (default: bm25)")
-    source.add_argument("--bm25-backend", default="bm25s", choices=("bm25s", "rank-bm25"),
-                        help="BM25 implementation; both use the same tokens (default: bm25s)")
-    source.add_argument("--rrf-k", type=float, default=60.0, help="RRF constant when fusing (default: 60)")
-    source.add_argument("--index", default="Flat", help="faiss index-factory string for dense search: Flat "
-                        "(exact, default), IVF4096,Flat, HNSW32, IVF1024,PQ32 ...")
-    source.add_argument("--nprobe", type=int, help="IVF: inverted lists visited per query")
-    source.add_argument("--ef-search", type=int, help="HNSW: search breadth (efSearch)")
-    source.add_argument("--cache-dir", help="corpus embeddings cache, keyed by "
-                        "model and corpus checksum (default: $HARDNEG_CACHE_DIR or ~/.cache/hardneg/embeddings)")
-    source.add_argument("--no-cache", action="store_true", help="do not read or write cached embeddings")
-    source.add_argument("--cross-encoder", help="sentence-transformers CrossEncoder (path or name) that rescores "
-                        "candidates and positives; the filters then use its scores")
-    source.add_argument("--cross-encoder-batch-size", type=int, default=32)
-    source.add_argument("--teacher", help="a bi-encoder (path or name) that scores candidates and positives "
-                        "instead of the retriever, e.g. a larger model than the one you will train")
-    p.add_argument("--depth", type=int, default=100, help="candidates retrieved per query (default: 100)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="queries per pools shard; an interrupted run "
-                   "resumes after the last finished shard (default: 10000)")
-    p.add_argument("--num-negatives", type=int, default=8, help="negatives kept per query (default: 8)")
-    p.add_argument("--filter", default="topk-percpos", help="topk, topk-shifted, rank-window, topk-abs, "
-                   "topk-marginpos, topk-percpos, or several joined by commas, e.g. topk-shifted,topk-percpos "
-                   "(default: topk-percpos)")
-    p.add_argument("--perc", type=float, default=0.95, help="topk-percpos: keep scores <= perc of the anchor")
-    p.add_argument("--margin", type=float, help="topk-marginpos: keep scores <= anchor - margin")
-    p.add_argument("--max-score", type=float, help="topk-abs: keep scores <= this")
-    p.add_argument("--min-score", type=float, help="topk-abs: and >= this")
-    p.add_argument("--shift", type=int, help="topk-shifted: skip this many best non-positive candidates")
-    p.add_argument("--min-rank", type=int, default=1, help="rank-window: first rank kept (default: 1)")
-    p.add_argument("--max-rank", type=int, help="rank-window: last rank kept (default: no limit)")
-    p.add_argument("--anchor", default="min", choices=("min", "mean", "max"),
-                   help="which positive score the filter compares with (default: the lowest)")
-    p.add_argument("--sampling", default="top", choices=("top", "random"), help="take the best survivors or a "
-                                                                                "seeded random sample")
-    p.add_argument("--seed", type=int, default=42)
+    add_arguments(p.add_argument_group("mining (the mine: section of a config)"), MineSettings)
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached embeddings")
     p.add_argument("--output", required=True, help="folder for pools.jsonl and pools.meta.json")
     p.set_defaults(func=cmd_mine)
 
@@ -301,52 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pools", required=True, help="pools.jsonl, or the folder holding it")
     p.add_argument("--data", help="dataset folder or bundled name whose corpus the pools refer to")
     p.add_argument("--corpus", help="or the corpus file itself")
-    p.add_argument("--model", default="all-MiniLM-L6-v2", help="HF or sentence-transformers model name/directory")
     p.add_argument("--output", required=True, help="folder for the trained model, checkpoints/, best/ and logs")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--train-batch-size", type=int, default=32,
-                   help="queries per step, all processes together (default: 32)")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--positives-per-step", "--positives-per-query", dest="positives_per_step", type=int, default=1,
-                   help="positives per query in each step, sampled per epoch (default: 1)")
-    p.add_argument("--negatives-per-query", type=int, default=1, help="mined hard negatives per query per step")
-    p.add_argument("--max-length", type=int, help="token limit for queries and documents (default: the model's)")
-    p.add_argument("--pooling", choices=("mean", "cls"), help="default: the model's, else mean")
-    p.add_argument("--query-prefix", help="text put before every query, e.g. 'query: '")
-    p.add_argument("--document-prefix", help="text put before every document, e.g. 'passage: '")
-    p.add_argument("--seed", type=int, default=42)
-    group = p.add_argument_group("loss")
-    group.add_argument("--loss", default="infonce", help="infonce, mw (Mann-Whitney/AUC) or decoupled "
-                                                         "(decoupled softmax) (default: infonce)")
-    group.add_argument("--temperature", type=float, default=0.05, help="(initial) temperature (default: 0.05)")
-    group.add_argument("--learnable-temperature", action="store_true", help="train the temperature too")
-    group.add_argument("--symmetric", action="store_true", help="infonce: add the document->query term")
-    group.add_argument("--mw-pairs", default="query", choices=("query", "global"),
-                       help="mw: pair positives with their query's negatives or with every negative of the batch")
-    group.add_argument("--mw-weight", type=float, help="mw: train InfoNCE + this weight x MW instead of MW alone")
-    group = p.add_argument_group("memory and speed")
-    group.add_argument("--cache-chunk", type=int, help="gradient cache: encode this many texts per pass "
-                                                       "(same gradients, memory of one chunk)")
-    group.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="training autocast precision: auto (bf16 where the hardware runs it natively, else "
-                            "fp32), fp32, bf16, fp16 (CUDA only, with a loss scaler) (default: auto)")
-    group.add_argument("--batch-size", type=int, default=ENCODE_DEFAULTS["batch_size"],
-                       help=f"encoding batch size of dev evaluations (default: {ENCODE_DEFAULTS['batch_size']})")
-    group = p.add_argument_group("checkpoints and keep-best")
-    group.add_argument("--save-steps", type=int, help="write a checkpoint every N steps (and at the end)")
-    group.add_argument("--save-total-limit", type=int, help="keep only the last N checkpoints")
+    add_arguments(p.add_argument_group("training (the train: section of a config)"), TrainConfig)
+    group = p.add_argument_group("checkpoints and model selection")
     group.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint folder, or the "
                                                                     "latest one in --output (bare --resume)")
-    group.add_argument("--eval-steps", type=int, help="score the dev split every N steps and at the end; the "
-                                                      "best model is kept in OUTPUT/best")
-    group.add_argument("--dev-data", help="dataset for --eval-steps (default: --data)")
-    group.add_argument("--dev-split", default="dev", help="qrels split for --eval-steps (default: dev)")
+    group.add_argument("--dev-data", help="dataset to select on (default: --data); a dev split, or --dev-fraction "
+                                          "to hold out training queries instead")
+    group.add_argument("--dev-split", default="dev", help="qrels split that --eval-steps / --patience score "
+                                                          "(default: dev)")
     group.add_argument("--dev-metric", default="nDCG@10", help="metric that picks the best model (default: "
                                                                "nDCG@10)")
-    _encoder_arguments(p, batching=False)
+    _encoder_arguments(p, aliases=False)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a model, BM25 or a run file on a split")

@@ -11,53 +11,95 @@ retriever <- mining <- eval.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from eval.evaluate import check_metrics, dev_evaluator, evaluate
 from eval.metrics import DEFAULT_METRICS
-from mining.filters import make_filter
-from mining.mine import POOLS_FILE, check_settings, mine
-from mining.sources import build_rescorer, build_source, check_source_settings
-from retriever.data import Dataset, load_dataset, read_pools
+from mining.mine import mine
+from mining.settings import MineSettings
+from mining.sources import build_rescorer, build_source
+from retriever.data import POOLS_FILE, Dataset, held_out_dataset, hold_out, load_dataset, read_pools
 from retriever.encoder import default_device
-from retriever.encoding import ENCODE_DEFAULTS, describe_precision, encode_options
-from retriever.io import HardnegError, atomic_write, file_checksum, library_versions, write_json
+from retriever.encoding import EncodeSettings, describe_precision, encode_options
+from retriever.io import DataError, HardnegError, atomic_write, file_checksum, library_versions, write_json
 from retriever.protocol import as_retriever, describe
+from retriever.settings import ConfigSource, from_mapping, parse_yaml, setting
 from retriever.train import BEST_DIR, TrainConfig, train
 
-DEFAULTS: dict = {
-    "name": "run",
-    "seed": 42,
-    "output_dir": "runs/run",
-    "model": "all-MiniLM-L6-v2",
-    "data": {"path": None, "corpus": None, "queries": None, "qrels": None},
-    "encode": dict(ENCODE_DEFAULTS),
-    "mine": {"split": "train", "retriever": "bm25", "depth": 100, "num_negatives": 8,
-             "filter": "topk-percpos", "filter_params": {"perc": 0.95}, "anchor": "min", "sampling": "top",
-             "bm25_backend": "bm25s", "index": "Flat", "nprobe": None, "ef_search": None, "rrf_k": 60,
-             "cross_encoder": None, "teacher": None, "cache_dir": None, "shard_size": 10_000},
-    "train": {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "seed")}
-    | {"resume": None, "dev_metric": "nDCG@10"},
-    "evaluate": {"split": "test", "metrics": list(DEFAULT_METRICS), "depth": 1000, "before": True,
-                 "relevance_level": 1, "ignore_identical_ids": None, "auc_negatives": 100},
-}
+
+@dataclass
+class RunMine(MineSettings):
+    """The ``mine:`` section: the mining settings and the split mined (``seed`` is the config's)."""
+
+    split: str = setting("train", "qrels split whose queries are mined and trained on")
+
+
+@dataclass
+class RunTrain(TrainConfig):
+    """The ``train:`` section: the training settings (``model`` and ``seed`` are the config's) and selection."""
+
+    resume: str | None = setting(None, "continue from this checkpoint folder, or 'latest'")
+    dev_metric: str = setting("nDCG@10", "metric that picks the best model on the dev queries")
+
+
+@dataclass
+class RunEvaluate:
+    """The ``evaluate:`` section (``seed`` is the config's)."""
+
+    split: list = setting(["test"], "split(s) evaluated before and after training; with keep-best or early "
+                                    "stopping on a dev split, list it first, e.g. [dev, test]")
+    metrics: list = setting(list(DEFAULT_METRICS), "metrics reported")
+    depth: int = setting(1000, "documents retrieved per query", ge=1)
+    before: bool = setting(True, "also evaluate the model before training")
+    relevance_level: int = setting(1, "lowest grade counted relevant by Recall, P, MAP, MRR, AUC (trec_eval -l)")
+    ignore_identical_ids: bool | None = setting(None, "drop a hit whose id equals the query id (default: on for "
+                                                      "ArguAna and Quora only, as BEIR/MTEB)")
+    auc_negatives: int = setting(100, "non-relevant documents sampled per query for AUC-pooled", ge=1)
+
+    def check(self) -> None:
+        if not self.split:
+            raise HardnegError("evaluate.split: give a split name or a list of them, e.g. [dev, test]")
+        check_metrics(tuple(self.metrics), self.depth)
+
+
+@dataclass
+class RunData:
+    """The ``data:`` section: a BEIR folder or bundled name, or explicit files."""
+
+    path: str | None = setting(None, "BEIR folder, bundled dataset name or beir:NAME")
+    corpus: str | None = setting(None, "corpus file (replaces the folder's)")
+    queries: str | None = setting(None, "queries file (replaces the folder's)")
+    qrels: str | None = setting(None, "qrels file (replaces the folder's)")
+
+
+@dataclass
+class RunConfig:
+    """The top level of a ``hardneg run`` config."""
+
+    name: str = setting("run", "name of the run (recorded in run.json)")
+    seed: int = setting(42, "seed of mining, training and evaluation")
+    output_dir: str = setting("runs/run", "folder for every output of the run")
+    model: str = setting("all-MiniLM-L6-v2", "model to evaluate, mine with and train")
+    data: dict = setting({}, "see RunData", cli=False)
+    encode: dict = setting({}, "see retriever.encoding.EncodeSettings", cli=False)
+    mine: dict = setting({}, "see RunMine", cli=False)
+    train: dict = setting({}, "see RunTrain", cli=False)
+    evaluate: dict = setting({}, "see RunEvaluate", cli=False)
+
+
+SECTIONS = {"data": RunData, "encode": EncodeSettings, "mine": RunMine, "train": RunTrain, "evaluate": RunEvaluate}
+SHARED = {"mine": ("seed",), "train": ("model", "seed")}  # set at the top level of the config
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """Read a config, apply ``key.sub=value`` overrides, fill defaults, and reject unknown keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise HardnegError(f"config file '{path}' not found")
-    try:
-        given = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise HardnegError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(given, dict):
-        raise HardnegError(f"{path}: expected a mapping of settings at the top level")
+    """Read a config, apply ``key.sub=value`` overrides, check every key and value against the settings schema
+    (unknown keys and wrong types name the file, line and key), fill defaults; returns the resolved config."""
+    source = ConfigSource(path)
+    given = source.data
     for override in overrides or []:
         key, sep, value = override.partition("=")
         if not sep:
@@ -65,23 +107,40 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
         target = given
         *parents, leaf = key.strip().split(".")
         for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(value)
-    return _merge(DEFAULTS, given, str(path), "")
+            if not isinstance(target.setdefault(parent, {}), dict):
+                raise source.error(parent, "must be a mapping")
+            target = target[parent]
+        target[leaf] = parse_yaml(value)
+    top = from_mapping(RunConfig, given, section="", source=source)
+    config = dataclasses.asdict(top)
+    for section, cls in SECTIONS.items():
+        value = getattr(top, section)
+        shared = {key: getattr(top, key) for key in SHARED.get(section, ())}
+        settings = from_mapping(cls, value, section=section, source=source, **shared)
+        if hasattr(settings, "check"):
+            try:
+                settings.check()
+            except DataError:
+                raise
+            except HardnegError as err:
+                raise source.error(section, str(err)) from None
+        config[section] = {key: value for key, value in dataclasses.asdict(settings).items()
+                           if key not in SHARED.get(section, ())}
+    return config
 
 
-def _merge(defaults: dict, given: dict, source: str, prefix: str) -> dict:
-    merged = copy.deepcopy(defaults)
-    for key, value in given.items():
-        if key not in defaults:
-            raise HardnegError(f"{source}: unknown setting '{prefix}{key}'; known: {', '.join(defaults)}")
-        if isinstance(defaults[key], dict) and key != "filter_params":
-            if not isinstance(value, dict):
-                raise HardnegError(f"{source}: '{prefix}{key}' must be a mapping")
-            merged[key] = _merge(defaults[key], value, source, f"{prefix}{key}.")
-        else:
-            merged[key] = value
-    return merged
+def train_config_of(config: dict) -> TrainConfig:
+    """The :class:`TrainConfig` of a resolved run config."""
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(model=config["model"], seed=config["seed"],
+                       **{key: value for key, value in config["train"].items() if key in names})
+
+
+def mine_settings(config: dict) -> MineSettings:
+    """The :class:`MineSettings` of a resolved run config (``retriever: model`` is the model being trained)."""
+    names = {field.name for field in dataclasses.fields(MineSettings)}
+    return MineSettings(seed=config["seed"], **{key: value for key, value in config["mine"].items()
+                                                if key in names and key != "seed"})
 
 
 def _splits(config: dict) -> list[str]:
@@ -126,21 +185,25 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     run.trec), ``config.yaml`` and ``run.json``.
     """
     seed = int(config["seed"])
-    mining, training = config["mine"], config["train"]
-    check_settings(mining["depth"], mining["num_negatives"], mining["sampling"], mining["shard_size"])
-    flt = make_filter(mining["filter"], **(mining["filter_params"] or {}))
-    specs = mining["retriever"] if isinstance(mining["retriever"], list) else [mining["retriever"]]
-    specs = ["model" if spec == config["model"] else spec for spec in specs]
-    source_options = {key: mining[key] for key in ("bm25_backend", "index", "nprobe", "ef_search", "rrf_k")}
-    check_source_settings(specs, cross_encoder=mining["cross_encoder"], teacher=mining["teacher"], **source_options)
-    train_options = {key: value for key, value in training.items() if key not in ("resume", "dev_metric")}
-    train_config = TrainConfig(model=config["model"], seed=seed, **train_options)
+    training = config["train"]
+    mining = mine_settings(config)
+    mining.retriever = ["model" if spec == config["model"] else spec for spec in mining.retriever]
+    mining.check()
+    flt = mining.build_filter()
+    source_options = {"bm25_backend": mining.bm25_backend, "index": mining.index, "nprobe": mining.nprobe,
+                      "ef_search": mining.ef_search, "rrf_k": mining.rrf_k}
+    train_config = train_config_of(config)
     train_config.check()
-    if train_config.eval_steps:
+    selects = bool(train_config.eval_steps or train_config.patience or train_config.dev_fraction)
+    if selects:
         check_metrics((training["dev_metric"],), depth=config["evaluate"]["depth"])
-    if train_config.eval_steps and len(_splits(config)) < 2:
-        raise HardnegError("config: train.eval_steps keeps the best model on the first evaluate.split; list a dev "
-                           "split before the reported one, e.g. evaluate.split: [dev, test]")
+    if selects and not train_config.dev_fraction and len(_splits(config)) < 2:
+        raise HardnegError("config: train.eval_steps / train.patience select on the first evaluate.split; list a "
+                           "dev split before the reported one, e.g. evaluate.split: [dev, test], or set "
+                           "train.dev_fraction to hold out training queries")
+    if train_config.distills and not (mining.teacher or mining.cross_encoder):
+        raise HardnegError("config: distillation (train.loss kd or train.distill_weight) needs teacher scores in "
+                           "the pools: set mine.teacher (a bi-encoder) or mine.cross_encoder")
     encode = encode_options(config["encode"], show_progress=show_progress)
     precision_note = describe_precision(encode["precision"], default_device())  # fp16 on a CPU fails here
     mine_split, eval_splits = _datasets(config)
@@ -155,28 +218,39 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     if config["evaluate"]["before"]:
         echo(f"[1/4] evaluating {config['model']} before training on {names}")
         results["before"] = _evaluate_all(eval_splits, base, config, output / "eval-before", echo, "before")
-    cache = {"cache_dir": mining["cache_dir"]}
-    source = build_source(specs, models={"model": base}, **source_options, **cache, **encode)
-    rescorer = build_rescorer(cross_encoder=mining["cross_encoder"], teacher=mining["teacher"], **cache, **encode)
+    cache = {"cache_dir": mining.cache_dir}
+    source = build_source(mining.retriever, models={"model": base}, **source_options, **cache, **encode)
+    rescorer = build_rescorer(cross_encoder=mining.cross_encoder, teacher=mining.teacher,
+                              cross_encoder_batch_size=mining.cross_encoder_batch_size, **cache, **encode)
     echo(f"[2/4] mining {mine_split.name}/{mine_split.split} with {describe(source)}, filter {flt.name}"
          + (f", rescored by {describe(rescorer)}" if rescorer is not None else ""))
-    mined = mine(mine_split, source, depth=mining["depth"], num_negatives=mining["num_negatives"], filter=flt,
-                 anchor=mining["anchor"], sampling=mining["sampling"], seed=seed, output_dir=output / "pools",
-                 config=config, rescorer=rescorer, shard_size=mining["shard_size"], show_progress=show_progress)
+    mined = mine(mine_split, source, depth=mining.depth, num_negatives=mining.num_negatives, filter=flt,
+                 anchor=mining.anchor, anchor_fallback=mining.anchor_fallback, sampling=mining.sampling, seed=seed,
+                 output_dir=output / "pools", config=config, rescorer=rescorer, shard_size=mining.shard_size,
+                 show_progress=show_progress)
     echo("      " + mined.summary().replace("\n", "\n      "))
     del base, source, rescorer  # free the base model before training loads its own copy
     echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)")
     pools_file = output / "pools" / POOLS_FILE
-    evaluator = dev_evaluator(eval_splits[0], training["dev_metric"], batch_size=encode["batch_size"],
-                              precision=encode["precision"]) if train_config.eval_steps else None
-    summary = train(read_pools(pools_file, mine_split.corpus), mine_split.corpus, train_config, output / "model",
+    pools = read_pools(pools_file, mine_split.corpus)
+    evaluator, dev_name = None, eval_splits[0].split
+    if train_config.dev_fraction:
+        pools, held = hold_out(pools, train_config.dev_fraction, seed)
+        dev_name = f"{len(held)} held-out {mine_split.split} queries"
+        echo(f"      selecting on {dev_name}, training on {len(pools)}")
+        evaluator = dev_evaluator(held_out_dataset(held, mine_split.corpus, mine_split), training["dev_metric"],
+                                  batch_size=encode["batch_size"], precision=encode["precision"])
+    elif selects:
+        evaluator = dev_evaluator(eval_splits[0], training["dev_metric"], batch_size=encode["batch_size"],
+                                  precision=encode["precision"])
+    summary = train(pools, mine_split.corpus, train_config, output / "model",
                     show_progress=show_progress, provenance={str(pools_file): file_checksum(pools_file)},
                     resume=training["resume"], evaluator=evaluator)
     echo(f"      {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
     trained = output / "model"
     if summary["best_step"] is not None:
         trained = output / "model" / BEST_DIR
-        echo(f"      best {training['dev_metric']} on {eval_splits[0].split}: {summary['best_dev']:.4f} at step "
+        echo(f"      best {training['dev_metric']} on {dev_name}: {summary['best_dev']:.4f} at step "
              f"{summary['best_step']} (model/{BEST_DIR})")
     echo(f"[4/4] evaluating the trained model on {names}")
     results["after"] = _evaluate_all(eval_splits, as_retriever(str(trained), **encode), config,

@@ -18,10 +18,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import yaml
-
 from retriever.encoding import ENCODE_DEFAULTS, check_precision, encode_options
 from retriever.io import DataError, HardnegError, write_json
+from retriever.settings import ConfigSource
 
 MATCH = "match"
 WITHIN = "within tolerance"
@@ -39,38 +38,6 @@ DEFAULTS: dict = {
                  "relevance_level": 1, "ignore_identical_ids": None, "auc_negatives": 100, "seed": 42},
     "output_dir": None,
 }
-
-
-class ConfigSource:
-    """A YAML file with the line of every key, so errors can point at the line to fix."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(self.path, "config file not found")
-        text = self.path.read_text(encoding="utf-8")
-        try:
-            self.data = yaml.safe_load(text) or {}
-            root = yaml.compose(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            raise DataError(self.path, f"not valid YAML ({getattr(err, 'problem', err)})",
-                            line=mark.line + 1 if mark else None) from None
-        if not isinstance(self.data, dict):
-            raise DataError(self.path, "expected a mapping of settings at the top level", line=1)
-        self.lines: dict[str, int] = {}
-        self._index(root, "")
-
-    def _index(self, node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                name = f"{prefix}{key.value}"
-                self.lines[name] = key.start_mark.line + 1
-                self._index(value, name + ".")
-
-    def error(self, field: str, message: str, hint: str | None = None) -> DataError:
-        line = self.lines.get(field) or self.lines.get(field.split(".")[0])
-        return DataError(self.path, message, line=line, field=field, hint=hint)
 
 
 def load_benchmark_config(path: str | Path) -> tuple[dict, ConfigSource]:

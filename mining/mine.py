@@ -30,17 +30,15 @@ from tqdm.auto import tqdm
 
 from mining.filters import Filter, TopKPercPos, anchor_score, as_chain, describe_filter
 from mining.report import HISTOGRAM_FILE, MiningReport
+from mining.settings import DEFAULT_SHARD_SIZE, SAMPLINGS
 from mining.sources import Rescored, ranked
-from retriever.data import Candidate, Dataset, Pool, read_pools
+from retriever.data import POOLS_FILE, POOLS_META, Candidate, Dataset, Pool, read_pools
 from retriever.dense import encoder_identity, encoding_record
 from retriever.io import HardnegError, atomic_write, library_versions, write_json
 from retriever.protocol import Scorer, as_retriever, components, describe
 
-SAMPLINGS = ("top", "random")
-POOLS_FILE = "pools.jsonl"
-META_FILE = "pools.meta.json"
+META_FILE = POOLS_META  # the names live with the pools format (retriever.data)
 SHARDS_DIR = ".pools-shards"
-DEFAULT_SHARD_SIZE = 10_000
 
 
 @dataclass
@@ -53,6 +51,7 @@ class MiningStats:
     queries_short: list[str] = field(default_factory=list)
     queries_without_negatives: int = 0
     anchors_not_positive: int = 0
+    queries_with_fallback: int = 0
 
     def to_json(self, num_negatives: int) -> dict:
         return {"queries": self.queries, "candidates": self.candidates,
@@ -61,6 +60,8 @@ class MiningStats:
                 "queries_short_of_negatives": len(self.queries_short),
                 "share_short_of_negatives": len(self.queries_short) / max(self.queries, 1),
                 "queries_without_negatives": self.queries_without_negatives,
+                "queries_with_hard_negatives": self.queries - self.queries_without_negatives,
+                "queries_filled_by_anchor_fallback": self.queries_with_fallback,
                 "queries_with_anchor_score_at_or_below_zero": self.anchors_not_positive,
                 "short_query_ids": self.queries_short[:100],
                 "negatives_requested_per_query": num_negatives}
@@ -79,7 +80,12 @@ class MiningResult:
                 f"{counts['removed_by_filter']} candidates removed by {self.meta['settings']['filter']['name']}, "
                 f"{counts['removed_labelled_positives']} labelled positives excluded, "
                 f"{counts['queries_short_of_negatives']} queries short of negatives "
-                f"({counts['queries_without_negatives']} with none)")
+                f"({counts['queries_without_negatives']} with none); "
+                f"{counts.get('queries_with_hard_negatives', '?')} of {counts['queries']} queries train with hard "
+                "negatives")
+        if self.meta["settings"].get("anchor_fallback"):
+            text += (f" ({counts.get('queries_filled_by_anchor_fallback', 0)} filled up by the "
+                     f"{self.meta['settings']['anchor_fallback']} anchor fallback)")
         if counts["share_short_of_negatives"] > 0.5 and self.meta["settings"]["anchor"] == "min":
             text += ("\nnote: most queries are short of negatives. With many (or loosely judged) positives per "
                      "query, or BM25 where a positive may share no word with the query (score 0), the lowest "
@@ -110,12 +116,14 @@ class _QueryRecord:
     is_positive: np.ndarray          # bool
     removed_by: np.ndarray           # int64: 0 kept, s = filter stage s (1-based)
     sampled: np.ndarray              # bool
+    fallback: bool = False           # the anchor fallback admitted some of its negatives
 
 
 def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives: int = 8,
          filter: Filter | None = None, anchor: str = "min", sampling: str = "top", seed: int = 42,
          output_dir: str | Path | None = None, config: dict | None = None, rescorer: object | None = None,
-         shard_size: int = DEFAULT_SHARD_SIZE, show_progress: bool = True) -> MiningResult:
+         shard_size: int = DEFAULT_SHARD_SIZE, show_progress: bool = True,
+         anchor_fallback: str | None = None) -> MiningResult:
     """Mine hard negatives for every query of ``dataset`` that has a relevant document.
 
     ``retriever`` is a source: anything :func:`retriever.protocol.as_retriever` accepts (``"bm25"``, a
@@ -124,11 +132,19 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     rescores candidates and positives; the filters then run on its scores. With ``output_dir``, pools
     (``pools.jsonl``), metadata (``pools.meta.json``) and the score histogram are written there
     atomically, shard by shard with resume (see the module docstring); ``config`` is recorded as given.
+
+    ``anchor_fallback`` (an anchor name, e.g. ``"mean"`` or ``"max"``): a query that the filter against
+    ``anchor`` leaves with fewer than ``num_negatives`` is filled up, in rank order, with the candidates that
+    the same filter keeps against that looser anchor. Most NFCorpus queries (about 43 loosely judged positives
+    each) have no candidate below 95 % of their *lowest* positive; the fallback gives them hard negatives that
+    still sit below most of their positives. The counts say how many queries it filled.
     """
     check_settings(depth, num_negatives, sampling, shard_size)
     flt = filter if filter is not None else TopKPercPos(0.95)
     chain = as_chain(flt)
     anchor_score([0.0], anchor)  # validates the anchor name up front
+    if anchor_fallback is not None:
+        anchor_score([0.0], anchor_fallback)
     started = time.time()
     source = as_retriever(retriever)
     if rescorer is not None:
@@ -143,7 +159,8 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
                            "rescore, or use --filter topk")
 
     settings = {"depth": depth, "num_negatives": num_negatives, "filter": describe_filter(flt),
-                "anchor": anchor, "sampling": sampling, "seed": seed, "retriever": describe(source),
+                "anchor": anchor, "anchor_fallback": anchor_fallback, "sampling": sampling, "seed": seed,
+                "retriever": describe(source),
                 "rescorer": describe(source.scorer) if isinstance(source, Rescored) else None,
                 "shard_size": shard_size}
     checksums = dataset.checksums()
@@ -158,7 +175,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     for number in tqdm(todo, desc="mine shards", unit="shard", disable=not show_progress or len(shards) < 2):
         shard_queries = {query_id: queries[query_id] for query_id in shards[number]}
         pools, records = _mine_shard(dataset, source, source_name, shard_queries, positives, chain, depth,
-                                     num_negatives, anchor, sampling, seed)
+                                     num_negatives, anchor, sampling, seed, anchor_fallback)
         if store is not None:
             store.write(number, pools, records)
         else:
@@ -200,7 +217,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
 
 def _mine_shard(dataset: Dataset, source, source_name: str, queries: dict[str, str],
                 positives: dict[str, list[str]], chain, depth: int, num_negatives: int, anchor: str,
-                sampling: str, seed: int) -> tuple[list[Pool], list[_QueryRecord]]:
+                sampling: str, seed: int, anchor_fallback: str | None = None) -> tuple[list[Pool], list[_QueryRecord]]:
     corpus = dataset.corpus
     wanted = {query_id: positives[query_id] for query_id in queries}
     if hasattr(source, "search_and_score"):  # one pass for candidates and positives (BM25, dense)
@@ -223,6 +240,16 @@ def _mine_shard(dataset: Dataset, source, source_name: str, queries: dict[str, s
         anchor_value = anchor_score(pos_scores, anchor) if chain.needs_anchor else None
         removed = chain.removed_by(all_scores[~is_positive], 0.0 if anchor_value is None else anchor_value)
         kept = [c for c, stage in zip(candidates, removed) if stage == 0]
+        used_fallback = False
+        if anchor_fallback is not None and chain.needs_anchor and len(kept) < num_negatives:
+            looser = chain.removed_by(all_scores[~is_positive], anchor_score(pos_scores, anchor_fallback))
+            admitted = [c for c, first, second in zip(candidates, removed, looser) if first != 0 and second == 0]
+            if admitted:
+                used_fallback = True
+                kept = sorted(kept + admitted[:num_negatives - len(kept)])  # by rank
+                chosen_ranks = {rank for rank, _, _ in kept}
+                removed = np.array([0 if rank in chosen_ranks else stage
+                                    for (rank, _, _), stage in zip(candidates, removed)], dtype=np.int64)
         if sampling == "random" and len(kept) > num_negatives:
             rng = random.Random(_query_seed(seed, query_id))
             kept = sorted(rng.sample(kept, num_negatives))
@@ -234,7 +261,7 @@ def _mine_shard(dataset: Dataset, source, source_name: str, queries: dict[str, s
             query_id=query_id, anchor=anchor_value,
             positive_scores=np.array([np.nan if s is None else s for s in pos_scores], dtype=np.float64),
             candidate_scores=all_scores, is_positive=is_positive, removed_by=removed_all,
-            sampled=np.array([doc_id in chosen for doc_id in order], dtype=bool)))
+            sampled=np.array([doc_id in chosen for doc_id in order], dtype=bool), fallback=used_fallback))
         pools.append(Pool(
             query_id=query_id, query=text,
             positives=[Candidate(d, _round(positive_scores[query_id][d])) for d in labelled],
@@ -250,6 +277,7 @@ def _count(stats: MiningStats, record: _QueryRecord, num_negatives: int, needs_a
     written = int(record.sampled.sum())
     stats.kept_negatives += written
     stats.anchors_not_positive += bool(needs_anchor and record.anchor is not None and record.anchor <= 0)
+    stats.queries_with_fallback += bool(record.fallback)
     if written < num_negatives:
         stats.queries_short.append(record.query_id)
         stats.queries_without_negatives += written == 0
@@ -296,12 +324,12 @@ class _ShardStore:
             "is_positive": _concat([r.is_positive for r in records], bool),
             "removed_by": _concat([r.removed_by for r in records], np.int64),
             "sampled": _concat([r.sampled for r in records], bool),
+            "fallback": np.array([r.fallback for r in records], dtype=bool),
         }
         with atomic_write(self.records_path(number), "wb") as handle:
             np.savez(handle, **arrays)
         with atomic_write(self.pools_path(number)) as handle:
-            for pool in pools:
-                handle.write(json.dumps(pool.to_json(), ensure_ascii=False, separators=(", ", ": ")) + "\n")
+            handle.writelines(pool.to_line() for pool in pools)
 
     def read_records(self, number: int) -> list[_QueryRecord]:
         with np.load(self.records_path(number), allow_pickle=False) as data:
@@ -315,7 +343,7 @@ class _ShardStore:
                 positive_scores=arrays["positive_scores"][pos_at:pos_at + p],
                 candidate_scores=arrays["candidate_scores"][at:at + n],
                 is_positive=arrays["is_positive"][at:at + n], removed_by=arrays["removed_by"][at:at + n],
-                sampled=arrays["sampled"][at:at + n]))
+                sampled=arrays["sampled"][at:at + n], fallback=bool(arrays["fallback"][i])))
             at, pos_at = at + n, pos_at + p
         return records
 

@@ -27,13 +27,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mining.settings import RRF_K
 from retriever.bm25 import BM25Retriever
 from retriever.data import Corpus, Queries, Run
 from retriever.encoding import autocast, resolve_precision
 from retriever.io import HardnegError
 from retriever.protocol import Retriever, Scorer, as_retriever, describe
-
-RRF_K = 60  # Cormack et al. (2009); the constant every hybrid-search library defaults to
 
 
 def bm25(backend: str = "bm25s", *, k1: float = 0.9, b: float = 0.4, show_progress: bool = True) -> BM25Retriever:

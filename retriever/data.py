@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,13 +402,68 @@ class Pool:
                 "positives": [p.to_json() for p in self.positives],
                 "negatives": [n.to_json() for n in self.negatives]}
 
+    def to_line(self) -> str:
+        """The pool as one line of ``pools.jsonl`` (the one place that format is written)."""
+        return json.dumps(self.to_json(), ensure_ascii=False, separators=(", ", ": ")) + "\n"
+
+
+POOLS_FILE = "pools.jsonl"
+POOLS_META = "pools.meta.json"
+
+
+def pools_file(path: str | os.PathLike) -> Path:
+    """``pools.jsonl`` itself, or the one in the folder ``path``."""
+    path = Path(path)
+    return path / POOLS_FILE if path.is_dir() else path
+
+
+def pools_scorer(path: str | os.PathLike) -> str | None:
+    """The teacher or cross-encoder whose scores the pools carry (from ``pools.meta.json`` beside them), or None
+    when they carry the retriever's own scores or no metadata says otherwise (pools not written by ``mine``)."""
+    meta = pools_file(path).parent / POOLS_META
+    if not meta.is_file():
+        return None
+    try:
+        record = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(meta, f"not readable JSON ({err})") from None
+    return (record.get("settings") or {}).get("rescorer")
+
+
+def hold_out(pools: list[Pool], fraction: float, seed: int) -> tuple[list[Pool], list[Pool]]:
+    """Split pools by query into (train, dev): a seeded ``fraction`` of the queries, at least one, is held out.
+
+    The choice depends only on the query ids and the seed, so the same queries are held out whatever the pools'
+    order or mining settings (a recipe's runs on one dataset all select on the same queries).
+    """
+    if not 0 < fraction <= 0.5:
+        raise HardnegError(f"dev_fraction must be in (0, 0.5], got {fraction}")
+    if len(pools) < 2:
+        raise HardnegError("dev_fraction needs at least two training queries to hold one out")
+    ids = sorted(pool.query_id for pool in pools)
+    random.Random(seed).shuffle(ids)
+    held = set(ids[:max(1, round(fraction * len(ids)))])
+    return [p for p in pools if p.query_id not in held], [p for p in pools if p.query_id in held]
+
+
+def held_out_dataset(dev_pools: list[Pool], corpus: Corpus, source: Dataset | None = None) -> Dataset:
+    """The dev set of :func:`hold_out`: the held-out queries, their judgements from ``source`` (the split they
+    were mined from, graded) when given, else their pools' positives (grade 1), over the whole corpus."""
+    queries = {pool.query_id: pool.query for pool in dev_pools}
+    if source is not None:
+        qrels = {query_id: dict(source.qrels[query_id]) for query_id in queries if query_id in source.qrels}
+    else:
+        qrels = {pool.query_id: {p.doc_id: 1 for p in pool.positives} for pool in dev_pools}
+    name = source.name if source is not None else (corpus.path.parent.name if corpus.path else "pools")
+    return Dataset(name, "held-out", corpus, queries, qrels, list(source.files) if source is not None else [])
+
 
 def write_pools(path: str | os.PathLike, pools: Iterable[Pool]) -> int:
     """Atomically write pools as JSON lines; returns how many were written."""
     count = 0
     with atomic_write(path) as handle:
         for pool in pools:
-            handle.write(json.dumps(pool.to_json(), ensure_ascii=False, separators=(", ", ": ")) + "\n")
+            handle.write(pool.to_line())
             count += 1
     return count
 

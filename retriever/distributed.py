@@ -203,3 +203,12 @@ def all_reduce_mean(value: float | Tensor) -> float:
                           device=device() if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(tensor)
     return float(tensor.item()) / world_size()
+
+
+def broadcast_int(value: int, source: int = 0) -> int:
+    """Rank ``source``'s integer on every rank (a decision only rank 0 can make, e.g. early stopping)."""
+    if not is_distributed():
+        return int(value)
+    tensor = torch.tensor(int(value), dtype=torch.int64, device=device() if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(tensor, src=source)
+    return int(tensor.item())

@@ -13,30 +13,45 @@ multiplies. Two levers are taken here, both measured in ``bench/bench_encoding.p
   of at most ``budget`` tokens *after padding*, so a batch of 12-token queries holds twenty times as
   many texts as a batch of 256-token documents and nothing is padded to a length it does not need.
 
-The settings users give (``ENCODE_DEFAULTS``) are declared here once; the CLI, the configs and the
-Python API take their defaults from this table.
+The settings users give (:class:`EncodeSettings`) are declared here once; the CLI flags, the ``encode:``
+section of the configs and the Python defaults come from that declaration (:mod:`retriever.settings`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retriever.io import HardnegError
+from retriever.settings import setting
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the CLI parser starts without it
     import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-ENCODE_DEFAULTS: dict = {"batch_size": 64, "max_length": None, "precision": "auto"}
-"""Encoding settings of ``mine``, ``evaluate``, ``run`` and ``reproduce`` (CLI flags and the ``encode:`` section
-of a config). ``batch_size`` is the number of full-length texts per batch: the token budget of a batch is
-``batch_size x max_length``."""
+
+
+@dataclass
+class EncodeSettings:
+    """How every corpus and query encode runs (``mine``, ``evaluate``, the dev scoring of ``train``, ``run``,
+    ``reproduce``): the CLI's ``--encode-*`` flags and a config's ``encode:`` section."""
+
+    batch_size: int = setting(64, "full-length texts per encoding batch; batches hold this many texts' worth of "
+                                  "tokens, so short texts go in larger ones", ge=1)
+    max_length: int | None = setting(None, "truncate texts to this many tokens (default: the model's)", ge=1)
+    precision: str = setting("auto", "precision of every encode: auto (bf16 where the CPU or GPU runs it natively, "
+                                     "else fp32), fp32, bf16, fp16 (CUDA only); embeddings are float32 either way",
+                             choices=PRECISIONS)
+
+
+ENCODE_DEFAULTS: dict = asdict(EncodeSettings())
+"""The defaults of :class:`EncodeSettings` as a mapping (the form :func:`encode_options` takes)."""
 
 
 def encode_options(settings: dict, *, show_progress: bool = True) -> dict:

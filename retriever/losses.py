@@ -25,6 +25,17 @@ Every loss here reads the same three tensors, so the trainer builds the batch on
   only (its other positives are not competitors). With one positive per query it equals ``infonce``.
 - ``combined``: ``infonce + mw_weight * mw``.
 
+Distillation reads two more tensors, ``teacher[Q, C]`` (the teacher's score of each cell) and ``scored[Q, C]``
+(the cells the teacher scored: each query's own sampled positives and mined negatives, as recorded in pools
+mined with ``--teacher`` or ``--cross-encoder``):
+
+- ``kd`` (``form="kl"``): ``KL(softmax(t_i / tau_t) || softmax(s_i / tau))`` over each query's scored cells,
+  mean over the queries with at least two (the soft-label distillation of RocketQAv2 / LG-ANNA-Embedding);
+- ``kd`` (``form="margin-mse"``): MarginMSE (Hofstaetter et al.), mean over each query's (positive, negative)
+  scored pairs of ``((s_p - s_n) / tau - (t_p - t_n) / tau_t)^2``.
+
+:class:`DistilledLoss` adds ``weight x kd`` to any contrastive loss (``--distill-weight``) or is ``kd`` alone.
+
 Python API (all functional forms take ``temperature`` as a float or a 0-d tensor, e.g. a learnable one)::
 
     targets, negatives = build_masks(positive_ids, column_ids, target_columns)
@@ -50,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from retriever.io import HardnegError
+from retriever.train_settings import DISTILL_FORMS
 
 Temperature = float | torch.Tensor
 MW_PAIRS = ("query", "global")
@@ -298,6 +310,64 @@ class CombinedLoss(RetrievalLoss):
     def forward(self, scores, targets, negatives):
         return combined(scores, targets, negatives, self.temperature, mw_weight=self.mw_weight, pairs=self.pairs,
                         symmetric=self.symmetric)
+
+
+def distillation(scores: torch.Tensor, teacher: torch.Tensor, scored: torch.Tensor, targets: torch.Tensor,
+                 temperature: Temperature, teacher_temperature: float, form: str = "kl") -> torch.Tensor:
+    """The distillation term over the teacher-scored cells (see the module docstring); 0 when nothing is scored."""
+    if form not in DISTILL_FORMS:
+        raise HardnegError(f"unknown distillation form {form!r}; choose one of {', '.join(DISTILL_FORMS)}")
+    if teacher.shape != scores.shape or scored.shape != scores.shape:
+        raise ValueError(f"teacher {tuple(teacher.shape)} and scored {tuple(scored.shape)} must match the scores "
+                         f"{tuple(scores.shape)}")
+    student = scores.float() / temperature
+    reference = torch.where(scored, teacher.float(), torch.zeros_like(student)) / teacher_temperature
+    if form == "kl":
+        rows = scored.sum(dim=1) >= 2
+        if not rows.any():
+            return student.sum() * 0.0
+        student, reference, mask = student[rows], reference[rows], scored[rows]
+        log_student = student.masked_fill(~mask, float("-inf")).log_softmax(dim=1)
+        log_teacher = reference.masked_fill(~mask, float("-inf")).log_softmax(dim=1)
+        terms = torch.where(mask, log_teacher.exp() * (log_teacher - log_student), torch.zeros_like(student))
+        return terms.sum(dim=1).mean()
+    pairs = (scored & targets).unsqueeze(2) & (scored & ~targets).unsqueeze(1)   # [Q, positive, negative]
+    if not pairs.any():
+        return student.sum() * 0.0
+    gaps = (student.unsqueeze(2) - student.unsqueeze(1)) - (reference.unsqueeze(2) - reference.unsqueeze(1))
+    return gaps.pow(2)[pairs].mean()
+
+
+class DistilledLoss(torch.nn.Module):
+    """``contrastive + weight x kd``, or ``kd`` alone when ``contrastive`` is None.
+
+    The distillation uses the contrastive loss's (possibly learnable) temperature for the student, so both
+    terms score the same logits; ``teacher_temperature`` (default: the student's initial one) scales the teacher.
+    """
+
+    def __init__(self, contrastive: RetrievalLoss | None, *, weight: float = 1.0, form: str = "kl",
+                 temperature: float = 0.05, learn_temperature: bool = False,
+                 teacher_temperature: float | None = None) -> None:
+        super().__init__()
+        if form not in DISTILL_FORMS:
+            raise HardnegError(f"unknown distillation form {form!r}; choose one of {', '.join(DISTILL_FORMS)}")
+        if not weight >= 0:
+            raise HardnegError(f"distillation weight must be >= 0, got {weight}")
+        self.contrastive = contrastive
+        self.alone = RetrievalLoss(temperature, learn_temperature) if contrastive is None else None
+        self.weight, self.form = float(weight), form
+        self.teacher_temperature = float(teacher_temperature if teacher_temperature is not None else temperature)
+
+    @property
+    def temperature(self) -> Temperature:
+        return (self.contrastive if self.contrastive is not None else self.alone).temperature
+
+    def forward(self, scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+                teacher: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        kd = distillation(scores, teacher, scored, targets, self.temperature, self.teacher_temperature, self.form)
+        if self.contrastive is None:
+            return kd
+        return self.contrastive(scores, targets, negatives) + self.weight * kd
 
 
 LOSSES: dict[str, type[RetrievalLoss]] = {cls.name: cls for cls in

@@ -32,7 +32,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,107 +52,74 @@ from retriever.checkpoint import (
 )
 from retriever.data import Corpus, Pool
 from retriever.encoder import DualEncoder, default_device
-from retriever.encoding import PRECISIONS, resolve_training_precision
+from retriever.encoding import resolve_training_precision
 from retriever.gradcache import encode_and_backward
 from retriever.io import HardnegError, atomic_write, file_checksum, library_versions, write_json
-from retriever.losses import build_masks, make_loss
+from retriever.losses import DistilledLoss, build_masks, make_loss
+from retriever.train_settings import LOSSES, TrainConfig
 
 TRAIN_LOG = "train_log.jsonl"
 TRAIN_CONFIG = "training_config.json"
 LOSS_PLOT = "loss_curve.png"
 BEST_DIR = "best"
-LOSSES = ("infonce", "mw", "decoupled")
 # Settings that may change when resuming: they change speed, memory or bookkeeping, not the result.
-RESUMABLE_CHANGES = ("cache_chunk", "save_steps", "save_total_limit", "eval_steps")
-
-
-@dataclass
-class TrainConfig:
-    model: str = "all-MiniLM-L6-v2"
-    epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    loss: str = "infonce"
-    temperature: float = 0.05
-    learnable_temperature: bool = False
-    symmetric: bool = False
-    mw_pairs: str = "query"
-    mw_weight: float | None = None
-    positives_per_query: int = 1
-    negatives_per_query: int = 1
-    max_length: int | None = None
-    pooling: str | None = None
-    normalize: bool | None = None
-    query_prefix: str | None = None
-    document_prefix: str | None = None
-    max_grad_norm: float = 1.0
-    cache_chunk: int | None = None
-    precision: str = "auto"  # bf16 autocast where native (CPU AVX-512 BF16/AMX, CUDA), else fp32; BENCHMARKS
-    save_steps: int | None = None
-    save_total_limit: int | None = None
-    eval_steps: int | None = None
-    seed: int = 42
-
-    def check(self) -> None:
-        """Refuse settings that cannot train, before the model is loaded."""
-        if self.loss not in LOSSES:
-            raise HardnegError(f"train: unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if self.precision not in PRECISIONS:
-            raise HardnegError(f"train: unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if self.mw_pairs not in ("query", "global"):
-            raise HardnegError(f"train: mw_pairs must be 'query' or 'global', got {self.mw_pairs!r}")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
-                    "temperature": self.temperature, "positives_per_query": self.positives_per_query}
-        for name, value in positive.items():
-            if not value > 0:
-                raise HardnegError(f"train: {name} must be positive, got {value}")
-        for name in ("cache_chunk", "save_steps", "save_total_limit", "eval_steps"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and value > 0):
-                raise HardnegError(f"train: {name} must be a positive integer (or unset), got {value!r}")
-        if self.negatives_per_query < 0:
-            raise HardnegError(f"train: negatives_per_query must be >= 0, got {self.negatives_per_query}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise HardnegError(f"train: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.cache_chunk is not None and self.cache_chunk > self.batch_size:
-            raise HardnegError(f"train: cache_chunk {self.cache_chunk} is larger than the batch size "
-                               f"{self.batch_size}; a chunk splits a batch, so it must be <= batch_size "
-                               "(or unset for no gradient cache)")
-        if self.mw_weight is not None and (self.loss != "mw" or not self.mw_weight >= 0):
-            raise HardnegError("train: mw_weight (InfoNCE + mw_weight x MW) needs loss 'mw' and a value >= 0, "
-                               f"got loss {self.loss!r}, mw_weight {self.mw_weight!r}")
-        if self.symmetric and not (self.loss == "infonce" or (self.loss == "mw" and self.mw_weight is not None)):
-            raise HardnegError(f"train: symmetric applies to an InfoNCE term; loss {self.loss!r} has none "
-                               "(use infonce, or mw with mw_weight to mix in InfoNCE)")
+RESUMABLE_CHANGES = ("cache_chunk", "save_steps", "save_total_limit", "eval_steps", "patience")
+__all__ = ["LOSSES", "TrainConfig", "train"]
 
 
 @dataclass
 class QueryExample:
-    """One query of a step: the positives trained this epoch, its hard negatives, all its labelled ids."""
+    """One query of a step: the positives trained this epoch, its negatives, all its labelled ids, and the
+    pool's (teacher) scores of those positives and negatives (None for a random negative, which has none)."""
 
     query_id: str
     query: str
     positives: list[str]
     negatives: list[str]
     positive_ids: frozenset[str]
+    positive_scores: list[float | None] = field(default_factory=list)
+    negative_scores: list[float | None] = field(default_factory=list)
 
 
-def epoch_batches(pools: list[Pool], config: TrainConfig, epoch: int) -> list[list[QueryExample]]:
-    """The batches of one epoch, a pure function of (pools, seed, epoch) so that resume is exact."""
+def epoch_batches(pools: list[Pool], config: TrainConfig, epoch: int,
+                  corpus_ids: list[str] | None = None) -> list[list[QueryExample]]:
+    """The batches of one epoch, a pure function of (pools, seed, epoch) so that resume is exact.
+
+    With ``config.random_negatives`` R, R documents drawn from ``corpus_ids`` (never a positive of the query,
+    never one of its mined negatives) are added to each query's negatives, anew every epoch.
+    """
     rng = random.Random(config.seed * 1_000_003 + epoch)
+    # A stream of its own, so adding random negatives changes no mined draw and no batch (a clean ablation).
+    random_rng = random.Random(f"random-negatives:{config.seed}:{epoch}")
     examples = []
     for pool in pools:
-        positives = [p.doc_id for p in pool.positives]
-        negatives = [n.doc_id for n in pool.negatives]
-        examples.append(QueryExample(
-            pool.query_id, pool.query,
-            rng.sample(positives, min(config.positives_per_query, len(positives))),
-            rng.sample(negatives, min(config.negatives_per_query, len(negatives))),
-            frozenset(positives)))
+        positives = rng.sample(range(len(pool.positives)), min(config.positives_per_query, len(pool.positives)))
+        negatives = rng.sample(range(len(pool.negatives)), min(config.negatives_per_query, len(pool.negatives)))
+        example = QueryExample(
+            pool.query_id, pool.query, [pool.positives[i].doc_id for i in positives],
+            [pool.negatives[i].doc_id for i in negatives], frozenset(p.doc_id for p in pool.positives),
+            [pool.positives[i].score for i in positives], [pool.negatives[i].score for i in negatives])
+        if config.random_negatives:
+            example.negatives += _random_documents(random_rng, corpus_ids, config.random_negatives,
+                                                   example.positive_ids | {n.doc_id for n in pool.negatives})
+            example.negative_scores += [None] * (len(example.negatives) - len(example.negative_scores))
+        examples.append(example)
     rng.shuffle(examples)
     return [examples[start:start + config.batch_size] for start in range(0, len(examples), config.batch_size)]
+
+
+def _random_documents(rng: random.Random, corpus_ids: list[str] | None, count: int, excluded: set[str]) -> list[str]:
+    """``count`` distinct documents of the corpus outside ``excluded`` (fewer only if the corpus has no more)."""
+    if not corpus_ids:
+        raise HardnegError("train: random_negatives needs the corpus ids to draw from")
+    chosen: list[str] = []
+    for _ in range(count * 20):  # rejection sampling; the excluded set is tiny next to a corpus
+        if len(chosen) == count:
+            break
+        doc_id = corpus_ids[rng.randrange(len(corpus_ids))]
+        if doc_id not in excluded and doc_id not in chosen:
+            chosen.append(doc_id)
+    return chosen
 
 
 def batch_columns(batch: list[QueryExample]) -> tuple[list[str], list[str], list[list[int]]]:
@@ -182,6 +149,29 @@ def global_layout(slices: list[list[QueryExample]]) -> tuple[list[frozenset[str]
         column_ids += columns
         positive_ids += [example.positive_ids for example in part]
     return positive_ids, column_ids, targets
+
+
+def teacher_cells(slices: list[list[QueryExample]]) -> tuple[list[int], list[int], list[float]]:
+    """(row, column, teacher score) of every cell the pools score: each query's own positives and mined
+    negatives, in the global layout of :func:`global_layout`. Random negatives have no teacher score."""
+    rows, columns, scores = [], [], []
+    row = offset = 0
+    for part in slices:
+        _, part_columns, _ = batch_columns(part)
+        positive_start = offset
+        negative_start = offset + sum(len(example.positives) for example in part)
+        for example in part:
+            for index, score in enumerate(example.positive_scores):
+                if score is not None:
+                    rows.append(row), columns.append(positive_start + index), scores.append(score)
+            for index, score in enumerate(example.negative_scores):
+                if score is not None:
+                    rows.append(row), columns.append(negative_start + index), scores.append(score)
+            positive_start += len(example.positives)
+            negative_start += len(example.negatives)
+            row += 1
+        offset += len(part_columns)
+    return rows, columns, scores
 
 
 def pools_fingerprint(pools: list[Pool]) -> str:
@@ -215,6 +205,14 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
         raise HardnegError("train: no pools to train on")
     if config.eval_steps and evaluator is None:
         raise HardnegError("train: eval_steps needs a dev set to evaluate on (--dev-data/--dev-split)")
+    if (config.patience or config.dev_fraction) and evaluator is None:
+        raise HardnegError("train: patience and dev_fraction need a dev evaluator (the CLI and `run` build it "
+                           "from --dev-fraction, --dev-split or --dev-data)")
+    if config.distills:
+        unscored = sum(1 for pool in pools for c in [*pool.positives, *pool.negatives] if c.score is None)
+        if unscored:
+            raise HardnegError(f"train: distillation needs a teacher score for every positive and negative; "
+                               f"{unscored} have none (mine with --teacher or --cross-encoder)")
 
     identity = {f"config.{key}": value for key, value in asdict(config).items()}
     identity["pools"] = pools_fingerprint(pools)
@@ -247,6 +245,9 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
 
     steps_per_epoch = math.ceil(len(pools) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    corpus_ids = list(corpus.ids) if config.random_negatives else None
     no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
     groups = [
         {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
@@ -260,7 +261,7 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     log: list[dict] = []
-    step, best = 0, {"step": None, "score": None}
+    step, best = 0, {"step": None, "score": None, "stale": 0}
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -299,9 +300,23 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
             model.train()
             log[-1]["dev"] = round(score, 6)
             if best["score"] is None or score > best["score"]:
-                best.update(step=step, score=score)
+                best.update(step=step, score=score, stale=0)
                 model.save(output_dir / BEST_DIR)
+            else:
+                best["stale"] = best.get("stale", 0) + 1
         distributed.barrier()
+        best["stale"] = distributed.broadcast_int(best.get("stale", 0))
+
+    def evaluation_due(epoch_done: bool) -> bool:
+        if evaluator is None:
+            return False
+        if config.eval_steps:
+            return step % config.eval_steps == 0 or step == total_steps
+        return epoch_done or step == total_steps
+
+    def stopped_early() -> bool:
+        """Patience ran out: that many dev evaluations in a row without a new best."""
+        return bool(config.patience) and best.get("stale", 0) >= config.patience
 
     started = time.time()
     examples_seen = 0
@@ -309,8 +324,12 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
         with tqdm(total=total_steps, initial=step, desc=f"train {config.loss}", unit="step",
                   disable=not (show_progress and main)) as bar:
             for epoch in range(step // steps_per_epoch, config.epochs):
-                batches = epoch_batches(pools, config, epoch)
+                if step >= total_steps or stopped_early():
+                    break
+                batches = epoch_batches(pools, config, epoch, corpus_ids)
                 for index in range(step - epoch * steps_per_epoch, len(batches)):
+                    if step >= total_steps:
+                        break
                     batch = batches[index]
                     tick = time.time()
                     slices = rank_slices(batch, world)
@@ -351,13 +370,14 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     ex_s=record["examples_per_s"])
                     bar.update(1)
-                    if evaluator is not None and config.eval_steps and (step % config.eval_steps == 0
-                                                                         or step == total_steps):
+                    if evaluation_due(index == len(batches) - 1):
                         evaluate_now()
                     if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                         checkpoint_now()
                     if on_step is not None:
                         on_step(step, model)
+                    if stopped_early():
+                        break
     except HardnegError:
         raise
     except BaseException:
@@ -367,7 +387,8 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
 
     if config.save_steps:
         checkpoint_now()
-    summary = {"steps": step, "epochs": config.epochs, "queries_per_epoch": len(pools),
+    summary = {"steps": step, "epochs": config.epochs, "epochs_run": round(step / steps_per_epoch, 3),
+               "stopped_early": stopped_early(), "queries_per_epoch": len(pools),
                "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                "seconds": round(time.time() - started, 1), "examples_seen_this_session": examples_seen,
                "resumed_from": str(checkpoint) if checkpoint else None, "world_size": world, "precision": precision,
@@ -392,12 +413,20 @@ def _train_step(trained, loss_module, slices, rank, corpus, config, autocast, sc
     positive_ids, column_ids, target_columns = global_layout(slices)
     targets, negatives = build_masks(positive_ids, column_ids, target_columns)
     targets, negatives = targets.to(device), negatives.to(device)
+    extra = ()
+    if config.distills:
+        rows, columns, values = teacher_cells(slices)
+        teacher = torch.zeros(targets.shape, dtype=torch.float32)
+        scored = torch.zeros(targets.shape, dtype=torch.bool)
+        teacher[rows, columns] = torch.tensor(values, dtype=torch.float32)
+        scored[rows, columns] = True
+        extra = (teacher.to(device), scored.to(device))
     queries, local_columns, _ = batch_columns(slices[rank])
 
     def loss_fn(query_vectors: torch.Tensor, document_vectors: torch.Tensor) -> torch.Tensor:
         # Loss scale 1: the gather's backward sums over ranks and DDP averages (retriever.distributed).
         all_queries, all_documents = distributed.gather_embeddings(query_vectors, document_vectors)
-        return loss_module(all_queries @ all_documents.T, targets, negatives)
+        return loss_module(all_queries @ all_documents.T, targets, negatives, *extra)
 
     loss = encode_and_backward(trained, queries, [corpus.text_of(d) for d in local_columns], loss_fn,
                                chunk_size=config.cache_chunk, autocast=autocast, scaler=scaler)
@@ -409,16 +438,24 @@ def _device(world: int) -> torch.device:
 
 
 def _loss_module(config: TrainConfig) -> torch.nn.Module:
-    """The loss of ``config``: ``mw`` with ``mw_weight`` is InfoNCE + mw_weight x MW."""
+    """The loss of ``config``: ``mw`` with ``mw_weight`` is InfoNCE + mw_weight x MW; ``distill_weight`` adds
+    the distillation term (:class:`~retriever.losses.DistilledLoss`); ``kd`` is that term alone."""
     params = {"temperature": config.temperature, "learn_temperature": config.learnable_temperature}
+    distill = {"form": config.distill_form, "teacher_temperature": config.teacher_temperature}
+    if config.loss == "kd":
+        return DistilledLoss(None, **distill, **params)
     if config.loss == "mw" and config.mw_weight is not None:
-        return make_loss("combined", mw_weight=config.mw_weight, pairs=config.mw_pairs, symmetric=config.symmetric,
+        loss = make_loss("combined", mw_weight=config.mw_weight, pairs=config.mw_pairs, symmetric=config.symmetric,
                          **params)
-    if config.loss == "mw":
-        return make_loss("mw", pairs=config.mw_pairs, **params)
-    if config.loss == "infonce":
-        return make_loss("infonce", symmetric=config.symmetric, **params)
-    return make_loss(config.loss, **params)
+    elif config.loss == "mw":
+        loss = make_loss("mw", pairs=config.mw_pairs, **params)
+    elif config.loss == "infonce":
+        loss = make_loss("infonce", symmetric=config.symmetric, **params)
+    else:
+        loss = make_loss(config.loss, **params)
+    if config.distill_weight:
+        return DistilledLoss(loss, weight=config.distill_weight, temperature=config.temperature, **distill)
+    return loss
 
 
 def _model_identity(model: DualEncoder) -> dict:

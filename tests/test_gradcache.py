@@ -216,3 +216,29 @@ def test_bad_chunk_size_is_refused(model, batch):
     queries, documents, targets, negatives = batch
     with pytest.raises(HardnegError, match="chunk size"):
         encode_and_backward(model, queries, documents, lambda q, d: (q @ d.T).sum(), chunk_size=0)
+
+
+class _WithTeacher(torch.nn.Module):
+    """A distilled loss with the batch's teacher scores fixed, in the (scores, targets, negatives) form."""
+
+    def __init__(self, loss: torch.nn.Module, teacher: torch.Tensor, scored: torch.Tensor) -> None:
+        super().__init__()
+        self.loss, self.teacher, self.scored = loss, teacher, scored
+
+    def forward(self, scores, targets, negatives):
+        return self.loss(scores, targets, negatives, self.teacher, self.scored)
+
+
+@pytest.mark.parametrize("contrastive, form", [("infonce", "kl"), ("decoupled", "margin-mse"), (None, "kl")])
+def test_cached_gradients_equal_the_full_graph_with_distillation(model, batch, contrastive, form):
+    from retriever.losses import DistilledLoss
+
+    _, _, targets, negatives = batch
+    generator = torch.Generator().manual_seed(7)
+    teacher = (torch.rand(targets.shape, generator=generator) * 0.6).to(targets.device)
+    scored = targets | (negatives & (torch.rand(targets.shape, generator=generator) < 0.5).to(targets.device))
+    inner = make_loss(contrastive, temperature=0.05, learn_temperature=True) if contrastive else None
+    loss = DistilledLoss(inner, weight=0.5, form=form, temperature=0.05, learn_temperature=True,
+                         teacher_temperature=0.1)
+    grads = _compare(model, _WithTeacher(loss, teacher, scored), batch, chunk_size=4)
+    assert any(name.endswith("log_temperature") and grad.abs() > 0 for name, grad in grads.items())

@@ -339,3 +339,31 @@ def test_cli_mines_with_a_fused_source_and_a_teacher(demo_train, tiny_model, tmp
     assert meta["settings"]["retriever"].startswith("hybrid-rrf(k=60):bm25")
     assert meta["settings"]["rescorer"].startswith("dense:")
     assert list((tmp_path / "cache").glob("*.npy"))
+
+
+def test_anchor_fallback_fills_short_queries_with_what_the_looser_anchor_keeps(demo_train):
+    """Brute force on the pools' own scores: with the fallback, a query keeps its strict survivors and is filled
+    in rank order with candidates at or below perc x its mean positive; queries that were not short are unchanged."""
+    strict = mine(demo_train, "bm25", depth=50, num_negatives=4, anchor="min", show_progress=False)
+    filled = mine(demo_train, "bm25", depth=50, num_negatives=4, anchor="min", anchor_fallback="mean",
+                  show_progress=False)
+    before = {pool.query_id: pool for pool in strict.pools}
+    changed = 0
+    for pool in filled.pools:
+        old = before[pool.query_id]
+        ranks = [n.rank for n in pool.negatives]
+        assert ranks == sorted(ranks) and len(ranks) <= 4
+        if len(old.negatives) == 4:
+            assert pool.negatives == old.negatives
+            continue
+        assert {n.doc_id for n in old.negatives} <= {n.doc_id for n in pool.negatives}
+        if len(pool.negatives) > len(old.negatives):
+            changed += 1
+            mean = float(np.mean([p.score for p in pool.positives]))
+            assert all(n.score <= 0.95 * mean + 1e-6 for n in pool.negatives)
+    counts, strict_counts = filled.meta["counts"], strict.meta["counts"]
+    assert changed == counts["queries_filled_by_anchor_fallback"] > 0
+    assert counts["queries_with_hard_negatives"] > strict_counts["queries_with_hard_negatives"]
+    assert "filled up by the mean anchor fallback" in filled.summary()
+    with pytest.raises(HardnegError, match="anchor"):
+        mine(demo_train, "bm25", anchor_fallback="median")

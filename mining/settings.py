@@ -1,0 +1,97 @@
+"""The mining settings (:class:`MineSettings`), declared once for ``hardneg mine``, a config's ``mine:`` section and
+Python, and turned into the objects :func:`mining.mine.mine` takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mining.filters import ANCHORS, FILTERS, make_filter
+from retriever.io import HardnegError
+from retriever.settings import check_fields, setting
+
+SAMPLINGS = ("top", "random")
+DEFAULT_SHARD_SIZE = 10_000
+RRF_K = 60.0  # Cormack et al. (2009); the constant every hybrid-search library defaults to
+FILTER_PARAMETERS = {"topk": (), "topk-percpos": ("perc",), "topk-marginpos": ("margin",),
+                     "topk-abs": ("max_score", "min_score"), "topk-shifted": ("shift",),
+                     "rank-window": ("min_rank", "max_rank")}
+OPTIONAL_PARAMETERS = ("min_score", "max_rank", "min_rank")
+
+
+@dataclass
+class MineSettings:
+    """Every mining setting: candidate sources, rescoring, the positive-aware filter and the sampling."""
+
+    retriever: list = setting(["bm25"], "candidate sources: bm25, bm25:rank-bm25, or a model directory/name; "
+                                        "several are fused with reciprocal-rank fusion")
+    bm25_backend: str = setting("bm25s", "BM25 implementation, bm25s or rank-bm25 (the reference); both use the "
+                                         "same tokens")
+    rrf_k: float = setting(RRF_K, "RRF constant when fusing", gt=0)
+    index: str = setting("Flat", "faiss index-factory string for dense search: Flat (exact), IVF4096,Flat, "
+                                 "HNSW32, IVF1024,PQ32 ...")
+    nprobe: int | None = setting(None, "IVF: inverted lists visited per query", ge=1)
+    ef_search: int | None = setting(None, "HNSW: search breadth (efSearch)", ge=1)
+    cache_dir: str | None = setting(None, "corpus embeddings cache, keyed by model and corpus checksum "
+                                          "(default: $HARDNEG_CACHE_DIR or ~/.cache/hardneg/embeddings)")
+    cross_encoder: str | None = setting(None, "sentence-transformers CrossEncoder (path or name) that rescores "
+                                              "candidates and positives; the filters and distillation then use "
+                                              "its scores")
+    cross_encoder_batch_size: int = setting(32, "pairs per cross-encoder batch", ge=1)
+    teacher: str | None = setting(None, "a bi-encoder (path or name) that scores candidates and positives instead "
+                                        "of the retriever, e.g. a larger model than the one you will train; its "
+                                        "scores are the soft labels of distillation")
+    depth: int = setting(100, "candidates retrieved per query", ge=1)
+    shard_size: int = setting(DEFAULT_SHARD_SIZE, "queries per pools shard; an interrupted run resumes after the "
+                                                  "last finished shard", ge=1)
+    num_negatives: int = setting(8, "negatives kept per query", ge=1)
+    filter: str = setting("topk-percpos", "topk, topk-shifted, rank-window, topk-abs, topk-marginpos, "
+                                          "topk-percpos, or several joined by commas, e.g. "
+                                          "topk-shifted,topk-percpos")
+    perc: float | None = setting(0.95, "topk-percpos: keep scores <= perc of the anchor")
+    margin: float | None = setting(None, "topk-marginpos: keep scores <= anchor - margin")
+    max_score: float | None = setting(None, "topk-abs: keep scores <= this")
+    min_score: float | None = setting(None, "topk-abs: and >= this")
+    shift: int | None = setting(None, "topk-shifted: skip this many best non-positive candidates")
+    min_rank: int | None = setting(1, "rank-window: first rank kept")
+    max_rank: int | None = setting(None, "rank-window: last rank kept (default: no limit)")
+    filter_params: dict | None = setting(None, "config form of the filter's parameters, e.g. {perc: 0.95}, or "
+                                               "{stages: [...]} for filter: chain (replaces the flat keys)",
+                                         cli=False)
+    anchor: str = setting("min", "which positive score the filter compares with", choices=ANCHORS)
+    anchor_fallback: str | None = setting(None, "a looser anchor (mean, max) that fills up a query the anchor "
+                                                "leaves short of negatives, in rank order; counted in the report",
+                                          choices=ANCHORS)
+    sampling: str = setting("top", "take the best survivors or a seeded random sample", choices=SAMPLINGS)
+    seed: int = setting(42, "seed of the random sampling")
+
+    def check(self) -> None:
+        """Types, ranges and the combinations that cannot work, before any model or document is read."""
+        from mining.sources import check_source_settings
+
+        check_fields(self, "mine")
+        if self.depth < self.num_negatives:
+            raise HardnegError(f"depth ({self.depth}) must be at least num_negatives ({self.num_negatives})")
+        if self.anchor_fallback is not None and self.anchor_fallback == self.anchor:
+            raise HardnegError(f"mine: anchor_fallback {self.anchor_fallback!r} is the anchor itself; choose a "
+                               "looser one (mean or max)")
+        check_source_settings(self.retriever, bm25_backend=self.bm25_backend, index=self.index, nprobe=self.nprobe,
+                              ef_search=self.ef_search, rrf_k=self.rrf_k, cross_encoder=self.cross_encoder,
+                              teacher=self.teacher)
+        self.build_filter()
+
+    def build_filter(self):
+        """The filter (or chain) these settings describe."""
+        if self.filter_params is not None:
+            return make_filter(self.filter, **self.filter_params)
+        stages = []
+        for name in (part.strip() for part in self.filter.split(",")):
+            if name not in FILTERS:
+                return make_filter(name)  # refused there, with the choices
+            params = {key: getattr(self, key) for key in FILTER_PARAMETERS.get(name, ())}
+            missing = [key for key, value in params.items() if value is None and key not in OPTIONAL_PARAMETERS]
+            if missing:
+                raise HardnegError(f"filter {name} needs " + ", ".join(f"--{k.replace('_', '-')}" for k in missing))
+            stages.append({"name": name, **{k: v for k, v in params.items() if v is not None}})
+        if len(stages) == 1:
+            return make_filter(**stages[0])
+        return make_filter("chain", stages=stages)

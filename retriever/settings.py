@@ -1,0 +1,330 @@
+"""Settings declared once: typed dataclass fields with their help, read the same way from the CLI, YAML and Python.
+
+Each stage declares its settings as a dataclass whose fields are made with :func:`setting` (type from the
+annotation; default, help, choices and range in the field). From that one declaration come
+
+* the command-line flags (:func:`add_arguments`: ``--name-with-dashes``, documented aliases, every default
+  shown in ``--help``) and the settings object they give (:func:`from_arguments`);
+* the YAML section of a config (:func:`from_mapping`): unknown keys and wrong types are refused with the
+  file, line and key (``configs/x.yaml:12: field 'train.epochs': expected a whole number, got 'two'``);
+* the checks a Python caller gets (:func:`check_fields`), so a bad value is refused before any work
+  whichever way it came in.
+
+This is the tevatron shape (arguments as dataclasses with help metadata, parsed by one parser) with the
+house's located errors. Cross-field rules (a cache chunk no larger than the batch) stay in each
+dataclass's ``check()``, which calls :func:`check_fields` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from retriever.io import DataError, HardnegError
+
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    """What a setting's field says beyond its type and default."""
+
+    help: str
+    aliases: tuple[str, ...] = ()      # older or shorter flag spellings, kept working and shown in --help
+    choices: tuple | None = None
+    ge: float | None = None            # inclusive lower bound
+    gt: float | None = None            # exclusive lower bound
+    le: float | None = None            # inclusive upper bound
+    lt: float | None = None            # exclusive upper bound
+    cli: bool = True                   # False: a config/Python setting with no flag
+    argparse_choices: bool = True      # False: the choice is refused by check() with its own message
+
+
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field that is a user setting (see :class:`Meta` for the options)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"setting": Meta(help, **meta)})
+    return dataclasses.field(default=default, metadata={"setting": Meta(help, **meta)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One declared setting: its name, type (``int``, ``float``, ``str``, ``bool``, ``list``, ``dict``), whether
+    ``None`` is allowed, its default and its :class:`Meta`."""
+
+    name: str
+    kind: type
+    optional: bool
+    default: Any
+    meta: Meta
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def settings_of(cls: type) -> list[Setting]:
+    """The declared settings of a settings dataclass, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for field in dataclasses.fields(cls):
+        meta = field.metadata.get("setting")
+        if meta is None:
+            continue
+        kind, optional = _kind(hints[field.name])
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        found.append(Setting(field.name, kind, optional, default, meta))
+    return found
+
+
+def _kind(hint: Any) -> tuple[type, bool]:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"a setting has one type (or that type | None), got {hint}")
+        return _kind(rest[0])[0], True
+    origin = typing.get_origin(hint) or hint
+    return origin, False
+
+
+# ------------------------------------------------------------------------------------------- values
+
+def coerce(item: Setting, value: Any) -> Any:
+    """``value`` as the setting's type, or a :class:`HardnegError` saying what was expected.
+
+    Strict on purpose: ``"100"`` for a whole number is refused rather than guessed, except that a
+    comma-separated string is accepted for a list (the CLI form, ``nDCG@10,Recall@100``).
+    """
+    if value is None:
+        if item.optional:
+            return None
+        raise HardnegError("must be set (it has no 'unset' value)")
+    kind = item.kind
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise HardnegError(f"expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        hint = " (a string: remove the quotes)" if isinstance(value, str) and _is_number(value) else ""
+        raise HardnegError(f"expected a whole number, got {value!r}{hint}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        hint = " (a string: remove the quotes)" if isinstance(value, str) and _is_number(value) else ""
+        raise HardnegError(f"expected a number, got {value!r}{hint}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise HardnegError(f"expected text, got {value!r}")
+    if kind is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
+            return list(value)
+        raise HardnegError(f"expected a list of names, e.g. [a, b], got {value!r}")
+    if kind is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise HardnegError(f"expected a mapping, e.g. {{key: value}}, got {value!r}")
+    raise TypeError(f"setting {item.name}: unsupported type {kind}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_value(item: Setting, value: Any) -> Any:
+    """Coerce and range-check one value; the error message does not name the setting (the caller does)."""
+    value = coerce(item, value)
+    if value is None:
+        return value
+    meta = item.meta
+    if meta.choices is not None:
+        values = value if isinstance(value, list) else [value]
+        for one in values:
+            if one not in meta.choices:
+                raise HardnegError(f"unknown {item.name} {one!r}; choose one of {', '.join(map(str, meta.choices))}")
+    bounds = [(meta.ge, ">=", lambda v, b: v >= b), (meta.gt, ">", lambda v, b: v > b),
+              (meta.le, "<=", lambda v, b: v <= b), (meta.lt, "<", lambda v, b: v < b)]
+    for bound, sign, holds in bounds:
+        if bound is not None and not holds(value, bound):
+            raise HardnegError(f"must be {sign} {bound:g}, got {value!r}")
+    return value
+
+
+def check_fields(settings: Any, section: str) -> None:
+    """Check (and coerce in place) every declared field of a settings object; errors name ``section.field``."""
+    for item in settings_of(type(settings)):
+        try:
+            value = check_value(item, getattr(settings, item.name))
+        except HardnegError as err:
+            message = str(err)
+            if message.startswith("unknown "):  # the choice message already names the setting
+                raise HardnegError(f"{section}: {message}") from None
+            raise HardnegError(f"{section}: {item.name}: {message}") from None
+        object.__setattr__(settings, item.name, value)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every default that is not already written into the help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        default = ",".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default: {default})".strip()
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
+                  skip: tuple[str, ...] = (), prefix: str = "",
+                  aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Add one flag per declared setting of ``cls`` (``skip``: settings the command sets itself).
+
+    ``prefix`` names a section's flags and destinations (``encode`` -> ``--encode-batch-size``, ``encode_batch_size``)
+    so two sections can share a command; ``aliases`` adds spellings for one command. :func:`from_arguments`
+    with the same prefix reads them back.
+    """
+    aliases = aliases or {}
+    for item in settings_of(cls):
+        if not item.meta.cli or item.name in skip:
+            continue
+        flag = f"--{prefix}-{item.name.replace('_', '-')}" if prefix else item.flag
+        names = [flag, *item.meta.aliases, *aliases.get(item.name, ())]
+        options: dict[str, Any] = {"dest": _dest(item, prefix), "help": item.meta.help}
+        if item.kind is bool:
+            optional = item.default or item.optional
+            options |= {"action": argparse.BooleanOptionalAction if optional else "store_true",
+                        "default": item.default}
+        else:
+            options["default"] = item.default
+            options["type"] = {int: _cli_int, float: _cli_float}.get(item.kind, str)
+            if item.meta.choices is not None and item.meta.argparse_choices:
+                options["choices"] = item.meta.choices
+            elif item.meta.choices is not None:
+                options["metavar"] = "{" + ",".join(map(str, item.meta.choices)) + "}"
+            if item.kind is list:
+                options |= {"type": str, "action": "append", "default": None}
+                default = ",".join(item.default) if item.default else "none"
+                options["help"] = f"{item.meta.help} (repeatable or comma-separated; default: {default})"
+        parser.add_argument(*dict.fromkeys(names), **options)
+
+
+def _dest(item: Setting, prefix: str) -> str:
+    return f"{prefix}_{item.name}" if prefix else item.name
+
+
+def _cli_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _cli_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def from_arguments(cls: type, args: argparse.Namespace, *, prefix: str = "", **given: Any) -> Any:
+    """The settings object of a parsed command line; ``given`` sets what the command decides itself."""
+    values = {}
+    for item in settings_of(cls):
+        if item.name in given:
+            continue
+        value = getattr(args, _dest(item, prefix), item.default)
+        if item.kind is list:  # --metrics a,b --metrics c, or the default
+            entries = value if isinstance(value, list) else [value] if value is not None else None
+            value = item.default if entries is None else [part.strip() for entry in entries
+                                                          for part in entry.split(",") if part.strip()]
+        values[item.name] = value
+    return cls(**values, **given)
+
+
+# ------------------------------------------------------------------------------------------- YAML
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 numbers: ``3e-5`` is a float (PyYAML's YAML 1.1 rules read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML with 1.2 numbers (``3e-5`` is a float); used for config files and ``--set`` values alike."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+class ConfigSource:
+    """A YAML file with the line of every key, so errors can point at the line to fix."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(self.path, "config file not found")
+        text = self.path.read_text(encoding="utf-8")
+        try:
+            self.data = parse_yaml(text) or {}
+            root = yaml.compose(text, Loader=_Loader)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            raise DataError(self.path, f"not valid YAML ({getattr(err, 'problem', err)})",
+                            line=mark.line + 1 if mark else None) from None
+        if not isinstance(self.data, dict):
+            raise DataError(self.path, "expected a mapping of settings at the top level", line=1)
+        self.lines: dict[str, int] = {}
+        self._index(root, "")
+
+    def _index(self, node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = f"{prefix}{key.value}"
+                self.lines[name] = key.start_mark.line + 1
+                self._index(value, name + ".")
+
+    def error(self, field: str, message: str, hint: str | None = None) -> DataError:
+        parts = field.split(".")
+        line = next((self.lines[".".join(parts[:n])] for n in range(len(parts), 0, -1)
+                     if ".".join(parts[:n]) in self.lines), None)
+        return DataError(self.path, message, line=line, field=field, hint=hint)
+
+
+def from_mapping(cls: type, given: dict, *, section: str, source: ConfigSource | None = None,
+                 skip: tuple[str, ...] = (), **fixed: Any) -> Any:
+    """The settings object of one config section: unknown keys and bad values are refused with their line.
+
+    ``skip`` names settings this section does not hold (set elsewhere in the config, passed in ``fixed``).
+    """
+    known = [item for item in settings_of(cls) if item.name not in skip and item.name not in fixed]
+    by_name = {item.name: item for item in known}
+    values = {}
+    for key, value in (given or {}).items():
+        where = f"{section}.{key}" if section else str(key)
+        if key not in by_name:
+            message = f"unknown setting '{where}'; known: {', '.join(by_name)}"
+            raise source.error(where, message) if source else HardnegError(message)
+        try:
+            values[key] = check_value(by_name[key], value)
+        except HardnegError as err:
+            raise source.error(where, str(err)) if source else HardnegError(f"{where}: {err}") from None
+    return cls(**values, **fixed)

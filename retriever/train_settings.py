@@ -1,0 +1,93 @@
+"""The training settings (:class:`TrainConfig`), declared once for ``hardneg train``, a config's ``train:`` section
+and Python; kept apart from :mod:`retriever.train` so the CLI builds its flags without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from retriever.encoding import PRECISIONS
+from retriever.io import HardnegError
+from retriever.settings import check_fields, setting
+
+LOSSES = ("infonce", "mw", "decoupled", "kd")
+DISTILL_FORMS = ("kl", "margin-mse")
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, declared once: ``hardneg train`` flags, a config's ``train:`` section and Python."""
+
+    model: str = setting("all-MiniLM-L6-v2", "HF or sentence-transformers model name or directory to start from")
+    epochs: int = setting(1, "passes over the pools (the most; early stopping may end sooner)", ge=1)
+    max_steps: int | None = setting(None, "stop after this many optimizer steps in all (the schedule spans "
+                                          "them); unset: epochs x steps per epoch", ge=1)
+    batch_size: int = setting(32, "queries per step, all processes together", gt=0, aliases=("--train-batch-size",))
+    learning_rate: float = setting(2e-5, "AdamW peak learning rate", gt=0, aliases=("--lr",))
+    warmup_ratio: float = setting(0.1, "share of the steps with a linear warm-up", ge=0, lt=1)
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and norms)", ge=0)
+    loss: str = setting("infonce", "infonce, mw (Mann-Whitney/AUC), decoupled (decoupled softmax), or kd "
+                                   "(distillation from the teacher scores of the pools alone)",
+                        choices=LOSSES, argparse_choices=False)
+    temperature: float = setting(0.05, "(initial) temperature of the student's scores", gt=0)
+    learnable_temperature: bool = setting(False, "train the temperature too")
+    symmetric: bool = setting(False, "infonce: add the document->query term")
+    mw_pairs: str = setting("query", "mw: pair positives with their query's negatives or with every negative "
+                                     "of the batch", choices=("query", "global"), argparse_choices=False)
+    mw_weight: float | None = setting(None, "mw: train InfoNCE + this weight x MW instead of MW alone", ge=0)
+    distill_weight: float = setting(0.0, "add this weight x the distillation loss (see distill_form) to the "
+                                         "contrastive loss; needs pools mined with a teacher or cross-encoder",
+                                    ge=0)
+    distill_form: str = setting("kl", "distillation: kl (KL divergence of the teacher's and the student's "
+                                      "softmax over each query's positives and mined negatives) or margin-mse "
+                                      "(MarginMSE of positive-negative score margins)", choices=DISTILL_FORMS,
+                                argparse_choices=False)
+    teacher_temperature: float | None = setting(None, "temperature of the teacher's scores in the distillation "
+                                                      "(default: the student's temperature)", gt=0)
+    positives_per_query: int = setting(1, "positives of each query in each step, sampled per epoch", gt=0,
+                                       aliases=("--positives-per-step",))
+    negatives_per_query: int = setting(1, "mined hard negatives per query per step", ge=0)
+    random_negatives: int = setting(0, "random corpus documents added per query per step, drawn anew every "
+                                       "epoch (STAR's mix of random and hard negatives)", ge=0)
+    max_length: int | None = setting(None, "token limit for queries and documents (default: the model's)", ge=1)
+    pooling: str | None = setting(None, "default: the model's, else mean", choices=("mean", "cls"))
+    normalize: bool | None = setting(None, "L2-normalise embeddings (default: the model's, else yes)")
+    query_prefix: str | None = setting(None, "text put before every query, e.g. 'query: '")
+    document_prefix: str | None = setting(None, "text put before every document, e.g. 'passage: '")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", gt=0)
+    cache_chunk: int | None = setting(None, "gradient cache: encode this many texts per pass (same gradients, "
+                                            "memory of one chunk)", gt=0)
+    precision: str = setting("auto", "training autocast: auto (bf16 where the hardware runs it natively, else "
+                                     "fp32), fp32, bf16, fp16 (CUDA only, with a loss scaler)",
+                             choices=PRECISIONS, argparse_choices=False)
+    save_steps: int | None = setting(None, "write a checkpoint every N steps (and at the end)", gt=0)
+    save_total_limit: int | None = setting(None, "keep only the last N checkpoints", gt=0)
+    eval_steps: int | None = setting(None, "score the dev queries every N steps and at the end (default, when "
+                                           "there are dev queries: at the end of every epoch); the best model "
+                                           "is kept in OUTPUT/best", gt=0)
+    dev_fraction: float | None = setting(None, "hold out this share of the training queries (seeded, by query) "
+                                               "as the dev set for keep-best and early stopping, for data with "
+                                               "no dev split", gt=0, le=0.5)
+    patience: int | None = setting(None, "stop after this many dev evaluations without a new best", gt=0)
+    seed: int = setting(42, "seed of the data order, sampling and initialisation")
+
+    def check(self) -> None:
+        """Refuse settings that cannot train, before the model is loaded."""
+        check_fields(self, "train")
+        if self.cache_chunk is not None and self.cache_chunk > self.batch_size:
+            raise HardnegError(f"train: cache_chunk {self.cache_chunk} is larger than the batch size "
+                               f"{self.batch_size}; a chunk splits a batch, so it must be <= batch_size "
+                               "(or unset for no gradient cache)")
+        if self.mw_weight is not None and self.loss != "mw":
+            raise HardnegError("train: mw_weight (InfoNCE + mw_weight x MW) needs loss 'mw' and a value >= 0, "
+                               f"got loss {self.loss!r}, mw_weight {self.mw_weight!r}")
+        if self.symmetric and not (self.loss == "infonce" or (self.loss == "mw" and self.mw_weight is not None)):
+            raise HardnegError(f"train: symmetric applies to an InfoNCE term; loss {self.loss!r} has none "
+                               "(use infonce, or mw with mw_weight to mix in InfoNCE)")
+        if self.loss == "kd" and self.distill_weight:
+            raise HardnegError("train: loss 'kd' is the distillation alone; distill_weight adds it to a "
+                               "contrastive loss (infonce, mw, decoupled): give one or the other")
+
+    @property
+    def distills(self) -> bool:
+        """Whether training reads the teacher scores of the pools."""
+        return self.loss == "kd" or self.distill_weight > 0

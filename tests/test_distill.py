@@ -1,0 +1,219 @@
+"""Distillation, random negatives, held-out selection and early stopping (the training levers of issue 11).
+
+The distillation losses are checked against float64 loops, exactness under gradient caching against the
+same training without a cache, and the CLI's refusals against one-line errors with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import small as small_dataset
+
+from mining.filters import make_filter
+from mining.mine import mine
+from retriever.data import Candidate, Pool, held_out_dataset, hold_out, write_pools
+from retriever.io import HardnegError
+from retriever.losses import DistilledLoss, distillation, info_nce
+from retriever.train import TRAIN_LOG, TrainConfig, epoch_batches, train
+
+
+@pytest.fixture(scope="module")
+def small(demo_train):
+    data = small_dataset(demo_train, queries=24)
+    pools = mine(data, "bm25", depth=20, num_negatives=4, filter=make_filter("topk"), show_progress=False).pools
+    assert sum(bool(pool.negatives) for pool in pools) > len(pools) // 2
+    return data, pools
+
+
+def loop_kl(s, teacher, scored, tau, tau_t):
+    terms = []
+    for i in range(s.shape[0]):
+        cells = [j for j in range(s.shape[1]) if scored[i, j]]
+        if len(cells) < 2:
+            continue
+        t = torch.stack([teacher[i, j] / tau_t for j in cells])
+        u = torch.stack([s[i, j] / tau for j in cells])
+        p, log_p, log_q = t.softmax(0), t.log_softmax(0), u.log_softmax(0)
+        terms.append(sum(p[k] * (log_p[k] - log_q[k]) for k in range(len(cells))))
+    return torch.stack(terms).mean()
+
+
+def loop_margin_mse(s, teacher, scored, targets, tau, tau_t):
+    terms = []
+    for i in range(s.shape[0]):
+        for p in range(s.shape[1]):
+            for n in range(s.shape[1]):
+                if scored[i, p] and scored[i, n] and targets[i, p] and not targets[i, n]:
+                    student = (s[i, p] - s[i, n]) / tau
+                    reference = (teacher[i, p] - teacher[i, n]) / tau_t
+                    terms.append((student - reference) ** 2)
+    return torch.stack(terms).mean()
+
+
+def batch(seed: int, queries: int = 5, columns: int = 10):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(queries, columns, generator=generator, dtype=torch.float64) * 0.5
+    teacher = torch.randn(queries, columns, generator=generator, dtype=torch.float64) * 0.3
+    scored = torch.rand(queries, columns, generator=generator) < 0.6
+    targets = scored & (torch.rand(queries, columns, generator=generator) < 0.4)
+    targets[:, 0] = scored[:, 0] = True
+    scored[-1] = False
+    scored[-1, 0] = True                                 # a query with a single scored cell: no KL term
+    negatives = ~targets
+    return scores, teacher, scored, targets, negatives
+
+
+@pytest.mark.parametrize("form", ["kl", "margin-mse"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_distillation_equals_the_float64_loop(form, seed):
+    scores, teacher, scored, targets, _ = batch(seed)
+    a = scores.clone().requires_grad_(True)
+    b = scores.clone().requires_grad_(True)
+    tau_a = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    tau_b = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    value = distillation(a, teacher, scored, targets, tau_a, 0.1, form)
+    expected = (loop_kl(b, teacher, scored, tau_b, 0.1) if form == "kl"
+                else loop_margin_mse(b, teacher, scored, targets, tau_b, 0.1))
+    value.backward()
+    expected.backward()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tau_a.grad, tau_b.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_distilled_loss_adds_the_weighted_term_and_kd_alone_is_the_term():
+    from retriever.losses import make_loss
+
+    scores, teacher, scored, targets, negatives = batch(3)
+    scores = scores.float()
+    with_kd = DistilledLoss(make_loss("infonce", temperature=0.05), weight=0.5, temperature=0.05)
+    expected = info_nce(scores, targets, negatives, 0.05) + 0.5 * distillation(
+        scores, teacher, scored, targets, 0.05, 0.05)
+    assert with_kd(scores, targets, negatives, teacher, scored).item() == pytest.approx(expected.item(), rel=1e-6)
+    alone = DistilledLoss(None, temperature=0.05, teacher_temperature=0.2)
+    assert alone(scores, targets, negatives, teacher, scored).item() == pytest.approx(
+        distillation(scores, teacher, scored, targets, 0.05, 0.2).item(), rel=1e-6)
+    nothing = torch.zeros_like(scored)
+    assert distillation(scores.requires_grad_(True), teacher, nothing, targets, 0.05, 0.05).item() == 0.0
+
+
+def _scored_pools(pools):
+    """The fixture's pools with deterministic 'teacher' scores on every positive and negative."""
+    return [Pool(p.query_id, p.query, [Candidate(c.doc_id, 0.9 - 0.01 * k) for k, c in enumerate(p.positives)],
+                 [Candidate(c.doc_id, 0.5 - 0.02 * k, c.rank, c.source) for k, c in enumerate(p.negatives)])
+            for p in pools]
+
+
+def _config(model, **changes) -> TrainConfig:
+    base = TrainConfig(model=str(model), epochs=1, batch_size=8, learning_rate=2e-3, positives_per_query=2,
+                       negatives_per_query=2, max_length=32, seed=1, precision="fp32")
+    return replace(base, **changes)
+
+
+@pytest.mark.parametrize("changes", [{"distill_weight": 0.7}, {"loss": "kd", "distill_form": "margin-mse"},
+                                     {"loss": "kd", "cache_chunk": 3}])
+def test_distillation_trains(changes, small, tiny_model, tmp_path):
+    """End to end through the trainer (exactness under gradient caching is in test_gradcache.py)."""
+    data, pools = small
+    summary = train(_scored_pools(pools), data.corpus, _config(tiny_model, epochs=4, **changes), tmp_path / "m",
+                    show_progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "m" / TRAIN_LOG).read_text().splitlines()]
+    assert len(losses) == summary["steps"] and all(math.isfinite(value) and value >= 0 for value in losses)
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_distillation_refuses_pools_without_scores(small, tiny_model, tmp_path):
+    data, pools = small
+    unscored = [Pool(p.query_id, p.query, [Candidate(c.doc_id, None) for c in p.positives], p.negatives)
+                for p in pools]
+    with pytest.raises(HardnegError, match="distillation needs a teacher score"):
+        train(unscored, data.corpus, _config(tiny_model, loss="kd"), tmp_path / "m", show_progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_random_negatives_are_seeded_fresh_per_epoch_and_never_positives(small):
+    data, pools = small
+    config = TrainConfig(batch_size=8, negatives_per_query=1, random_negatives=3, seed=5)
+    ids = list(data.corpus.ids)
+    first = [e for b in epoch_batches(pools, config, 0, ids) for e in b]
+    again = [e for b in epoch_batches(pools, config, 0, ids) for e in b]
+    second = [e for b in epoch_batches(pools, config, 1, ids) for e in b]
+    assert [e.negatives for e in first] == [e.negatives for e in again]
+    assert [e.negatives for e in first] != [e.negatives for e in second]
+    by_id = {p.query_id: p for p in pools}
+    for example in first:
+        mined = {n.doc_id for n in by_id[example.query_id].negatives}
+        randoms = example.negatives[-3:]
+        assert len(set(randoms)) == 3 and not set(randoms) & (example.positive_ids | mined)
+        assert example.negative_scores[-3:] == [None] * 3
+    plain = [e for b in epoch_batches(pools, replace(config, random_negatives=0), 0) for e in b]
+    assert [e.negatives[:-3] for e in first] == [e.negatives for e in plain]  # the mined draw is unchanged
+
+
+def test_hold_out_is_seeded_by_query_and_graded_from_the_source(small):
+    data, pools = small
+    kept, held = hold_out(pools, 0.25, seed=7)
+    again_kept, again_held = hold_out(list(reversed(pools)), 0.25, seed=7)
+    assert {p.query_id for p in held} == {p.query_id for p in again_held}
+    assert len(held) == round(0.25 * len(pools)) and len(kept) + len(held) == len(pools)
+    assert not {p.query_id for p in held} & {p.query_id for p in kept}
+    dev = held_out_dataset(held, data.corpus, data)
+    assert set(dev.queries) == {p.query_id for p in held}
+    assert all(dev.qrels[q] == data.qrels[q] for q in dev.queries)
+    for bad in (0.0, 0.6):
+        with pytest.raises(HardnegError, match="dev_fraction"):
+            hold_out(pools, bad, seed=1)
+
+
+def test_max_steps_and_patience_stop_training(small, tiny_model, tmp_path):
+    data, pools = small
+    summary = train(pools, data.corpus, _config(tiny_model, epochs=3, max_steps=5), tmp_path / "capped",
+                    show_progress=False)
+    assert summary["steps"] == 5
+    scores = iter([0.5, 0.4, 0.3, 0.9])
+    summary = train(pools, data.corpus, _config(tiny_model, epochs=4, patience=2), tmp_path / "patient",
+                    show_progress=False, evaluator=lambda model: next(scores))
+    log = [json.loads(line) for line in (tmp_path / "patient" / TRAIN_LOG).read_text().splitlines()]
+    steps_per_epoch = math.ceil(len(pools) / 8)
+    assert [r["step"] for r in log if "dev" in r] == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]
+    assert summary["stopped_early"] and summary["steps"] == 3 * steps_per_epoch
+    assert summary["best_step"] == steps_per_epoch and (tmp_path / "patient" / "best").is_dir()
+
+
+def test_cli_refuses_bad_distillation_and_selection_settings(small, tiny_model, tmp_path, capsys):
+    from eval.cli import main
+
+    _, pools = small
+    write_pools(tmp_path / "pools.jsonl", pools)  # no pools.meta.json naming a teacher: student scores
+    base = ["--quiet", "train", "--pools", str(tmp_path / "pools.jsonl"), "--data", "nfcorpus-demo",
+            "--model", str(tiny_model), "--output", str(tmp_path / "out")]
+    for extra, message in ((["--loss", "kd"], "distillation needs pools mined with a teacher"),
+                           (["--distill-weight", "0.5"], "distillation needs pools mined with a teacher"),
+                           (["--dev-fraction", "0.7"], "dev_fraction: must be <= 0.5"),
+                           (["--patience", "2"], "no qrels for split 'dev'")):
+        assert main(base + extra) == 2, extra
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and message in error, error
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_selects_on_held_out_training_queries(small, tiny_model, tmp_path, capsys):
+    from eval.cli import main
+
+    _, pools = small
+    write_pools(tmp_path / "pools.jsonl", pools)
+    code = main(["--quiet", "train", "--pools", str(tmp_path / "pools.jsonl"), "--data", "nfcorpus-demo",
+                 "--model", str(tiny_model), "--output", str(tmp_path / "out"), "--batch-size", "8",
+                 "--max-length", "24", "--lr", "1e-3", "--epochs", "2", "--dev-fraction", "0.2",
+                 "--random-negatives", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    log = [json.loads(line) for line in (tmp_path / "out" / TRAIN_LOG).read_text().splitlines()]
+    kept = len(pools) - round(0.2 * len(pools))
+    assert [r["step"] for r in log if "dev" in r] == [math.ceil(kept / 8), 2 * math.ceil(kept / 8)]
+    assert "on held-out training queries" in out and (tmp_path / "out" / "best" / "model.safetensors").is_file()

@@ -1,0 +1,88 @@
+"""The settings schema: one declaration gives the CLI flags, the YAML checks (with file:line) and the defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from eval.cli import build_parser, main
+from eval.pipeline import SECTIONS, load_config
+from mining.settings import MineSettings
+from retriever.encoding import EncodeSettings
+from retriever.io import DataError
+from retriever.settings import settings_of
+from retriever.train_settings import TrainConfig
+
+
+def _config(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {path: nfcorpus-demo}\n" + text)
+    return path
+
+
+def test_yaml_numbers_are_read_as_yaml_1_2(tmp_path):
+    config = load_config(_config(tmp_path, "train:\n  learning_rate: 3e-5\n  temperature: 5E-2\n"))
+    assert config["train"]["learning_rate"] == 3e-5 and config["train"]["temperature"] == 0.05
+    assert load_config(_config(tmp_path, "mine: {depth: 20}\n"), ["train.learning_rate=1e-4"])["train"][
+        "learning_rate"] == 1e-4
+
+
+@pytest.mark.parametrize("text, line, field, message", [
+    ('mine:\n  depth: "100"\n', 3, "mine.depth", "expected a whole number, got '100' (a string: remove the quotes)"),
+    ("train:\n  loss: infonce\n  epochs: two\n", 4, "train.epochs", "expected a whole number, got 'two'"),
+    ("train:\n  batch_size: 8.5\n", 3, "train.batch_size", "expected a whole number, got 8.5"),
+    ("evaluate:\n  metrics: [nDCG@10, bpref]\n", 2, "evaluate", "unknown metric 'bpref'"),
+    ("train:\n  dev_fraction: 0.9\n", 3, "train.dev_fraction", "must be <= 0.5"),
+    ("mine:\n  anchor_fallback: median\n", 3, "mine.anchor_fallback", "unknown anchor_fallback 'median'"),
+])
+def test_bad_yaml_values_name_the_file_line_and_key(tmp_path, text, line, field, message):
+    path = _config(tmp_path, text)
+    with pytest.raises(DataError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}:{line}: field '{field}': ") and message in str(error.value)
+
+
+def test_a_bad_run_config_is_one_line_and_writes_nothing(tmp_path, capsys):
+    path = _config(tmp_path, "train:\n  epochs: two\n")
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{path}:3: field 'train.epochs'" in error
+    assert not (tmp_path / "out").exists()
+
+
+def _flags(command: str) -> dict[str, object]:
+    """dest -> default of every option of a sub-command."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {action.dest: action.default for action in sub._actions if action.option_strings}
+
+
+@pytest.mark.parametrize("command, cls, prefix", [("train", TrainConfig, ""), ("mine", MineSettings, ""),
+                                                  ("train", EncodeSettings, "encode_"),
+                                                  ("evaluate", EncodeSettings, "encode_")])
+def test_cli_flags_and_defaults_come_from_the_schema(command, cls, prefix):
+    flags = _flags(command)
+    for item in settings_of(cls):
+        if item.meta.cli:
+            assert f"{prefix}{item.name}" in flags, item.name
+            expected = None if item.kind is list else item.default  # list flags append onto None
+            assert flags[f"{prefix}{item.name}"] == expected, item.name
+
+
+def test_every_setting_has_help_and_one_declaration():
+    """Each section's names are unique across the schema classes a command combines, and every field is a
+    declared setting (a plain dataclass field would bypass the checks)."""
+    for cls in [*SECTIONS.values(), TrainConfig, MineSettings]:
+        for field in dataclasses.fields(cls):
+            assert "setting" in field.metadata, f"{cls.__name__}.{field.name}"
+        assert all(item.meta.help for item in settings_of(cls))
+
+
+def test_help_shows_every_default(capsys):
+    for command in ("train", "mine", "evaluate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: 32)" in text or command != "train"
+        assert "(default: 64)" in text  # the encode batch size
