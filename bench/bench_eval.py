@@ -168,7 +168,7 @@ def end_to_end(args) -> None:
     from beir.retrieval.search.dense import DenseRetrievalExactSearch
 
     from retriever.encoder import resolve_model_path
-    from retriever.protocol import as_retriever
+    from retriever.factory import as_retriever
 
     torch.set_num_threads(2)
     dataset = load_beir(args.data, "test")

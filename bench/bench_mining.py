@@ -77,7 +77,7 @@ def run_hardneg(dataset, model: str, depth: int, negatives: int, batch_size: int
                 output: Path) -> dict:
     from mining.filters import TopKPercPos
     from mining.mine import mine
-    from retriever.protocol import as_retriever
+    from retriever.factory import as_retriever
 
     started = time.perf_counter()
     source = as_retriever(model, batch_size=batch_size, max_length=max_length, show_progress=False)

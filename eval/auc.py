@@ -187,28 +187,24 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 
 def plot_auc(result: AUCResult, folder: str | Path, title: str = "") -> list[Path]:
     """Write ``roc.png`` (pooled ROC curve) and ``score_histogram.png`` (relevant vs non-relevant scores)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from retriever.io import atomic_write
+    from retriever.io import new_figure, save_figure
 
     folder = Path(folder)
     written = []
     pos, neg = result.pooled_positives, result.pooled_negatives
     fpr, tpr = roc_curve(pos, neg)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = new_figure(5, 5)
+    ax = fig.subplots()
     ax.plot(fpr, tpr, label=f"pooled AUC {result.pooled:.4f}")
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set_xlabel("false positive rate (non-relevant pairs above threshold)")
     ax.set_ylabel("true positive rate (relevant pairs above threshold)")
     ax.set_title(title or "ROC over pooled (query, document) pairs")
     ax.legend(loc="lower right")
-    written.append(_save(fig, folder / "roc.png", atomic_write))
-    plt.close(fig)
+    written.append(save_figure(fig, folder / "roc.png", dpi=100, bbox_inches="tight"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(6, 4)
+    ax = fig.subplots()
     bins = np.histogram_bin_edges(np.concatenate([pos, neg]), bins=50)
     ax.hist(neg, bins=bins, alpha=0.6, density=True, label=f"non-relevant ({neg.size} sampled, {result.source})")
     ax.hist(pos, bins=bins, alpha=0.6, density=True, label=f"relevant ({pos.size})")
@@ -216,12 +212,7 @@ def plot_auc(result: AUCResult, folder: str | Path, title: str = "") -> list[Pat
     ax.set_ylabel("density")
     ax.set_title(title or "score distributions")
     ax.legend()
-    written.append(_save(fig, folder / "score_histogram.png", atomic_write))
-    plt.close(fig)
+    written.append(save_figure(fig, folder / "score_histogram.png", dpi=100, bbox_inches="tight"))
     return written
 
 
-def _save(fig, path: Path, atomic_write) -> Path:
-    with atomic_write(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
-    return path

@@ -51,8 +51,7 @@ def _encoder_arguments(parser: argparse.ArgumentParser, *, aliases: bool = True)
 
 def _encode_options(args) -> dict:
     """The CLI's encoding flags as the options a model loader takes; says which precision will run."""
-    from retriever.encoder import default_device
-    from retriever.encoding import describe_precision, encode_options
+    from retriever.encoding import default_device, describe_precision, encode_options
 
     settings = from_arguments(EncodeSettings, args, prefix="encode")
     options = encode_options(dataclasses.asdict(settings), show_progress=not args.quiet)
@@ -69,7 +68,7 @@ def _dataset(args):
 
 
 def _retriever(spec: str, args):
-    from retriever.protocol import as_retriever
+    from retriever.factory import as_retriever
 
     options = _encode_options(args) if not spec.lower().startswith("bm25") else {"show_progress": not args.quiet}
     return as_retriever(spec, **options)
@@ -117,6 +116,11 @@ def cmd_train(args) -> None:
         raise HardnegError(f"{path}: distillation needs pools mined with a teacher or cross-encoder (their "
                            "scores are the soft labels); these carry the retriever's own scores. Mine with "
                            "--teacher MODEL or --cross-encoder MODEL")
+    mine_settings = None
+    if config.remine_every:
+        from mining.remine import recorded_mine_settings
+
+        mine_settings = recorded_mine_settings(path, config.model)  # refused here, before the corpus is read
     corpus = load_corpus_of(args.data, args.corpus)
     pools = read_pools(path, corpus)
     evaluator = None
@@ -124,8 +128,16 @@ def cmd_train(args) -> None:
         pools, evaluator = _held_out_evaluator(pools, corpus, config, args)
     elif config.eval_steps or config.patience:
         evaluator = _dev_evaluator(args)
+    remine = None
+    if mine_settings is not None:
+        from mining.remine import remining_for_pools
+
+        remine = remining_for_pools(pools, corpus, mine_settings, args.output, encode=_encode_options(args),
+                                    echo=lambda line: print(f"hardneg: {line}", file=sys.stderr),
+                                    config=_recorded(args))
     summary = train(pools, corpus, config, args.output, show_progress=not args.quiet,
-                    provenance={str(path): file_checksum(path)}, resume=args.resume, evaluator=evaluator)
+                    provenance={str(path): file_checksum(path)}, resume=args.resume, evaluator=evaluator,
+                    remine=remine)
     from retriever import distributed
 
     if distributed.is_main():
@@ -155,13 +167,13 @@ def _dev_evaluator(args):
 def _held_out_evaluator(pools, corpus, config, args):
     """``--dev-fraction``: the training pools without the held-out queries, and a scorer on those queries."""
     from eval.evaluate import dev_evaluator
-    from retriever.data import held_out_dataset, hold_out
+    from retriever.data import hold_out, pools_dataset
 
     kept, held = hold_out(pools, config.dev_fraction, config.seed)
     options = _encode_options(args)
     if not args.quiet:
         print(f"hardneg: selecting on {len(held)} held-out training queries ({len(kept)} train)", file=sys.stderr)
-    return kept, dev_evaluator(held_out_dataset(held, corpus), args.dev_metric, batch_size=options["batch_size"],
+    return kept, dev_evaluator(pools_dataset(held, corpus), args.dev_metric, batch_size=options["batch_size"],
                                precision=options["precision"])
 
 

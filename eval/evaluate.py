@@ -31,8 +31,9 @@ from eval.runs import write_run
 from retriever.data import Dataset, Run
 from retriever.dense import encoding_record
 from retriever.encoding import autocast, resolve_precision
+from retriever.factory import as_retriever
 from retriever.io import HardnegError, atomic_write, library_versions, write_json
-from retriever.protocol import as_retriever, describe
+from retriever.protocol import describe
 
 METRICS_FILE = "metrics.json"
 PER_QUERY_FILE = "per_query.json"

@@ -20,13 +20,15 @@ import yaml
 from eval.evaluate import check_metrics, dev_evaluator, evaluate
 from eval.metrics import DEFAULT_METRICS
 from mining.mine import mine
+from mining.remine import remining_for_pools
 from mining.settings import MineSettings
 from mining.sources import build_rescorer, build_source
-from retriever.data import POOLS_FILE, Dataset, held_out_dataset, hold_out, load_dataset, read_pools
-from retriever.encoder import default_device
-from retriever.encoding import EncodeSettings, describe_precision, encode_options
+from retriever.data import POOLS_FILE, Dataset, hold_out, load_dataset, pools_dataset, read_pools
+from retriever.dense import DEFAULT_CACHE_DIR
+from retriever.encoding import EncodeSettings, default_device, describe_precision, encode_options
+from retriever.factory import as_retriever
 from retriever.io import DataError, HardnegError, atomic_write, file_checksum, library_versions, write_json
-from retriever.protocol import as_retriever, describe
+from retriever.protocol import describe
 from retriever.settings import ConfigSource, from_mapping, parse_yaml, setting
 from retriever.train import BEST_DIR, TrainConfig, train
 
@@ -218,7 +220,9 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     if config["evaluate"]["before"]:
         echo(f"[1/4] evaluating {config['model']} before training on {names}")
         results["before"] = _evaluate_all(eval_splits, base, config, output / "eval-before", echo, "before")
-    cache = {"cache_dir": mining.cache_dir}
+    # The same embeddings cache as `hardneg mine` (a teacher's corpus is encoded once for every run on it); the
+    # model being trained never goes through it, its weights change.
+    cache = {"cache_dir": mining.cache_dir or DEFAULT_CACHE_DIR}
     source = build_source(mining.retriever, models={"model": base}, **source_options, **cache, **encode)
     rescorer = build_rescorer(cross_encoder=mining.cross_encoder, teacher=mining.teacher,
                               cross_encoder_batch_size=mining.cross_encoder_batch_size, **cache, **encode)
@@ -230,7 +234,8 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                  show_progress=show_progress)
     echo("      " + mined.summary().replace("\n", "\n      "))
     del base, source, rescorer  # free the base model before training loads its own copy
-    echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)")
+    echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)"
+         + (f", re-mining with it every {train_config.remine_every}" if train_config.remine_every else ""))
     pools_file = output / "pools" / POOLS_FILE
     pools = read_pools(pools_file, mine_split.corpus)
     evaluator, dev_name = None, eval_splits[0].split
@@ -238,14 +243,18 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
         pools, held = hold_out(pools, train_config.dev_fraction, seed)
         dev_name = f"{len(held)} held-out {mine_split.split} queries"
         echo(f"      selecting on {dev_name}, training on {len(pools)}")
-        evaluator = dev_evaluator(held_out_dataset(held, mine_split.corpus, mine_split), training["dev_metric"],
+        evaluator = dev_evaluator(pools_dataset(held, mine_split.corpus, mine_split), training["dev_metric"],
                                   batch_size=encode["batch_size"], precision=encode["precision"])
     elif selects:
         evaluator = dev_evaluator(eval_splits[0], training["dev_metric"], batch_size=encode["batch_size"],
                                   precision=encode["precision"])
+    remine = None
+    if train_config.remine_every:
+        remine = remining_for_pools(pools, mine_split.corpus, mining, output / "model", source=mine_split,
+                                    encode=encode, echo=lambda line: echo(f"      {line}"), config=config)
     summary = train(pools, mine_split.corpus, train_config, output / "model",
                     show_progress=show_progress, provenance={str(pools_file): file_checksum(pools_file)},
-                    resume=training["resume"], evaluator=evaluator)
+                    resume=training["resume"], evaluator=evaluator, remine=remine)
     echo(f"      {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
     trained = output / "model"
     if summary["best_step"] is not None:
@@ -262,7 +271,8 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     for dataset in [mine_split, *eval_splits]:
         checksums |= dataset.checksums()
     record = {"name": config["name"], "seed": seed, "metrics": results, "training": summary,
-              "mining": mined.meta["counts"], "library_versions": library_versions(), "input_checksums": checksums}
+              "mining": mined.meta["counts"], "remining": remine.rounds if remine is not None else [],
+              "library_versions": library_versions(), "input_checksums": checksums}
     write_json(output / "run.json", record)
     return record
 

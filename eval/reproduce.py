@@ -126,7 +126,7 @@ def reproduce(config_path: str | Path, *, expected: str | Path | None = None, ou
     from eval.evaluate import check_metrics, evaluate
     from eval.runs import read_run
     from retriever.data import load_dataset
-    from retriever.protocol import as_retriever
+    from retriever.factory import as_retriever
 
     config, source = load_benchmark_config(config_path)
     expected_path = Path(expected) if expected else source.path.parent / "expected_scores.yaml"

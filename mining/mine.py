@@ -34,8 +34,9 @@ from mining.settings import DEFAULT_SHARD_SIZE, SAMPLINGS
 from mining.sources import Rescored, ranked
 from retriever.data import POOLS_FILE, POOLS_META, Candidate, Dataset, Pool, read_pools
 from retriever.dense import encoder_identity, encoding_record
+from retriever.factory import as_retriever
 from retriever.io import HardnegError, atomic_write, library_versions, write_json
-from retriever.protocol import Scorer, as_retriever, components, describe
+from retriever.protocol import Scorer, components, describe
 
 META_FILE = POOLS_META  # the names live with the pools format (retriever.data)
 SHARDS_DIR = ".pools-shards"

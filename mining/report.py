@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.io import HardnegError, atomic_write
+from retriever.io import HardnegError, new_figure, save_figure
 
 POSITIVE = "labelled-positive"
 NOT_SAMPLED = "not-sampled"
@@ -193,15 +193,11 @@ class MiningReport:
         Each group is normalised to its own area (counts differ by orders of magnitude); the legend gives
         the counts. The dashed line is the median anchor score.
         """
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         groups = [("labelled positives", "positive", "tab:green"), ("kept (sampled)", "sampled", "tab:blue"),
                   ("kept, not sampled", "not_sampled", "tab:gray"), ("removed by filters", "removed", "tab:red")]
         present = [(label, self._groups[key], color) for label, key, color in groups if self._groups[key].count]
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        fig = new_figure(7, 4)
+        ax = fig.subplots()
         if present:
             low = min(group.low for _, group, _ in present)
             high = max(group.high for _, group, _ in present)
@@ -220,11 +216,7 @@ class MiningReport:
         ax.set_ylabel("density")
         ax.set_title(f"mining scores: {self.queries:,} queries, {int(self.counts.sum()):,} candidates", fontsize=10)
         fig.tight_layout()
-        path = Path(path)
-        with atomic_write(path, "wb") as handle:
-            fig.savefig(handle, format="png")
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=100)
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:

@@ -3,6 +3,7 @@ Python, and turned into the objects :func:`mining.mine.mine` takes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mining.filters import ANCHORS, FILTERS, make_filter
@@ -66,8 +67,6 @@ class MineSettings:
 
     def check(self) -> None:
         """Types, ranges and the combinations that cannot work, before any model or document is read."""
-        from mining.sources import check_source_settings
-
         check_fields(self, "mine")
         if self.depth < self.num_negatives:
             raise HardnegError(f"depth ({self.depth}) must be at least num_negatives ({self.num_negatives})")
@@ -95,3 +94,40 @@ class MineSettings:
         if len(stages) == 1:
             return make_filter(**stages[0])
         return make_filter("chain", stages=stages)
+
+
+def check_source_settings(specs: Sequence[str], *, bm25_backend: str = "bm25s", index: str = "Flat",
+                          nprobe: int | None = None, ef_search: int | None = None, rrf_k: float = RRF_K,
+                          cross_encoder: str | None = None, teacher: str | None = None) -> None:
+    """Refuse bad source settings in a second, before a model is loaded or a document is read.
+
+    Options that would be silently ignored are refused too (an index string with BM25 only, a cross-encoder
+    together with a teacher), because a miner that quietly drops a setting is what users complain about.
+    """
+    from retriever.bm25 import BACKENDS
+    from retriever.encoder import resolve_model_path
+    from retriever.index import check_index_spec
+
+    if not specs:
+        raise HardnegError("give at least one source (--retriever bm25, a model name/path, or several to fuse)")
+    if bm25_backend not in BACKENDS:
+        raise HardnegError(f"unknown BM25 backend {bm25_backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_index_spec(index)
+    dense_specs = [spec for spec in specs if spec.split(":")[0].lower() != "bm25"]
+    if not dense_specs and (index != "Flat" or nprobe is not None or ef_search is not None):
+        raise HardnegError("--index/--nprobe/--ef-search apply to dense retrieval; the only source is BM25")
+    if nprobe is not None and (nprobe < 1 or "IVF" not in index):
+        raise HardnegError(f"--nprobe {nprobe}: needs an IVF index (e.g. --index IVF1024,Flat) and a value >= 1")
+    if ef_search is not None and (ef_search < 1 or "HNSW" not in index):
+        raise HardnegError(f"--ef-search {ef_search}: needs an HNSW index (e.g. --index HNSW32) and a value >= 1")
+    if rrf_k <= 0:
+        raise HardnegError(f"--rrf-k must be positive, got {rrf_k}")
+    if cross_encoder and teacher:
+        raise HardnegError("give either a cross-encoder or a teacher to rescore with, not both")
+    roles = [("retriever", spec) for spec in dense_specs if spec != "model"]
+    roles += [(role, spec) for role, spec in (("cross-encoder", cross_encoder), ("teacher", teacher)) if spec]
+    for role, spec in roles:
+        try:
+            resolve_model_path(spec)  # a path that does not exist is refused here
+        except HardnegError as err:
+            raise HardnegError(f"{role}: {err}") from None

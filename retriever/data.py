@@ -431,31 +431,39 @@ def pools_scorer(path: str | os.PathLike) -> str | None:
 
 
 def hold_out(pools: list[Pool], fraction: float, seed: int) -> tuple[list[Pool], list[Pool]]:
-    """Split pools by query into (train, dev): a seeded ``fraction`` of the queries, at least one, is held out.
-
-    The choice depends only on the query ids and the seed, so the same queries are held out whatever the pools'
-    order or mining settings (a recipe's runs on one dataset all select on the same queries).
-    """
-    if not 0 < fraction <= 0.5:
-        raise HardnegError(f"dev_fraction must be in (0, 0.5], got {fraction}")
-    if len(pools) < 2:
-        raise HardnegError("dev_fraction needs at least two training queries to hold one out")
-    ids = sorted(pool.query_id for pool in pools)
-    random.Random(seed).shuffle(ids)
-    held = set(ids[:max(1, round(fraction * len(ids)))])
+    """Split pools by query into (train, dev): the queries of :func:`held_out_ids` are held out."""
+    held = held_out_ids([pool.query_id for pool in pools], fraction, seed)
     return [p for p in pools if p.query_id not in held], [p for p in pools if p.query_id in held]
 
 
-def held_out_dataset(dev_pools: list[Pool], corpus: Corpus, source: Dataset | None = None) -> Dataset:
-    """The dev set of :func:`hold_out`: the held-out queries, their judgements from ``source`` (the split they
-    were mined from, graded) when given, else their pools' positives (grade 1), over the whole corpus."""
-    queries = {pool.query_id: pool.query for pool in dev_pools}
+def held_out_ids(query_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """A seeded ``fraction`` of ``query_ids``, at least one: the dev queries of ``dev_fraction``.
+
+    The choice depends only on the query ids and the seed, so the same queries are held out whatever the pools'
+    order or mining settings (a recipe's runs on one dataset all select on the same queries, and a benchmark can
+    hold out the same ones for a peer that never sees pools).
+    """
+    if not 0 < fraction <= 0.5:
+        raise HardnegError(f"dev_fraction must be in (0, 0.5], got {fraction}")
+    if len(query_ids) < 2:
+        raise HardnegError("dev_fraction needs at least two training queries to hold one out")
+    ids = sorted(query_ids)
+    random.Random(seed).shuffle(ids)
+    return set(ids[:max(1, round(fraction * len(ids)))])
+
+
+def pools_dataset(pools: list[Pool], corpus: Corpus, source: Dataset | None = None, *,
+                  split: str = "held-out") -> Dataset:
+    """The queries of ``pools`` as a dataset over the whole corpus: the dev set of :func:`hold_out`, or the
+    queries re-mining mines again. Judgements come from ``source`` (the split they were mined from, graded) when
+    given, else from the pools' positives (grade 1)."""
+    queries = {pool.query_id: pool.query for pool in pools}
     if source is not None:
         qrels = {query_id: dict(source.qrels[query_id]) for query_id in queries if query_id in source.qrels}
     else:
-        qrels = {pool.query_id: {p.doc_id: 1 for p in pool.positives} for pool in dev_pools}
+        qrels = {pool.query_id: {p.doc_id: 1 for p in pool.positives} for pool in pools}
     name = source.name if source is not None else (corpus.path.parent.name if corpus.path else "pools")
-    return Dataset(name, "held-out", corpus, queries, qrels, list(source.files) if source is not None else [])
+    return Dataset(name, split, corpus, queries, qrels, list(source.files) if source is not None else [])
 
 
 def write_pools(path: str | os.PathLike, pools: Iterable[Pool]) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from retriever.io import DataError, HardnegError
+from retriever.io import DataError, HardnegError, current_umask
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 BEIR_MD5 = {
@@ -154,6 +154,7 @@ def _extract(archive: Path, destination: Path) -> None:
     try:
         with zipfile.ZipFile(archive) as bundle:
             staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+            staging.chmod(0o777 & ~current_umask())
             try:
                 for member in bundle.namelist():
                     target = (staging / member).resolve()

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from retriever.encoding import autocast, pad_batch, resolve_precision, token_budget_batches
+from retriever.encoding import autocast, default_device, pad_batch, resolve_precision, token_budget_batches
 from retriever.io import HardnegError, atomic_directory
 
 POOLINGS = ("mean", "cls")
@@ -262,7 +262,3 @@ def _sentence_transformers_settings(folder: Path) -> dict:
     settings["query_prefix"] = prompts.get("query", "")
     settings["document_prefix"] = prompts.get("document", prompts.get("passage", ""))
     return settings
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

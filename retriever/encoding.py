@@ -115,10 +115,15 @@ def resolve_training_precision(precision: str, device: torch.device | str) -> st
     return "fp32" if precision == "auto" and resolved == "fp16" else resolved
 
 
+def default_device() -> torch.device:
+    """The device hardneg computes on when none is given: the (first) CUDA GPU when torch sees one, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_precision(precision: str) -> None:
     """Refuse a precision this machine cannot run, before any model loads (the CLI's early check)."""
-    from retriever.encoder import default_device
-
     resolve_precision(precision, default_device())
 
 

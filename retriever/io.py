@@ -34,12 +34,20 @@ class DataError(HardnegError):
         super().__init__(f"{where}: {what}" + (f" ({hint})" if hint else ""))
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it, so set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Write to a temporary file beside ``path`` and rename it into place only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the output gets what open() would give
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -50,6 +58,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def new_figure(width: float, height: float):
+    """A matplotlib ``Figure`` outside pyplot, so plotting never switches the global backend (a notebook's
+    inline one included) and needs no display; :func:`save_figure` writes it."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def save_figure(figure, path: str | os.PathLike, **options) -> Path:
+    """``figure`` as a PNG at ``path``, written atomically (``options`` go to ``savefig``: dpi, bbox_inches)."""
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", **options)
+    return Path(path)
 
 
 @contextlib.contextmanager
@@ -63,6 +86,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the folder gets what mkdir() would give
     try:
         yield staging
         if path.exists():

@@ -1,4 +1,4 @@
-"""The Python API that custom models implement, and how a retriever is named on the command line.
+"""The Python API that custom models implement (the capability protocols, checked with ``isinstance``).
 
 Mining and evaluation accept anything that satisfies :class:`Retriever` (``search``). An object that
 only embeds text, an :class:`Encoder` (``encode_queries`` / ``encode_documents``), is wrapped in exact
@@ -36,10 +36,6 @@ class Scorer(Protocol):
         ...
 
 
-DENSE_OPTIONS = ("batch_size", "show_progress", "index", "nprobe", "ef_search", "use_gpu", "k_limit", "cache_dir")
-"""Options of :class:`retriever.dense.DenseRetriever` (search and cache); the others go to the model loader."""
-
-
 def components(retriever: object) -> list[object]:
     """Every source and scorer composed inside ``retriever`` (hybrid, rescored), inner ones first, then itself.
 
@@ -57,29 +53,3 @@ def components(retriever: object) -> list[object]:
 def describe(retriever: object) -> str:
     """A short name for provenance records."""
     return getattr(retriever, "description", None) or type(retriever).__name__
-
-
-def as_retriever(spec: object, **options) -> Retriever:
-    """A retriever from what the user gave: a Retriever, an Encoder, ``"bm25"``, or a model name/path.
-
-    ``"bm25"`` uses bm25s; ``"bm25:rank-bm25"`` the reference rank-bm25 backend. Any other string is a
-    model directory or a Hugging Face / sentence-transformers model name; ``options`` go to
-    :meth:`retriever.encoder.DualEncoder.load` and the dense retriever (``DENSE_OPTIONS``: faiss index
-    string, nprobe, ef_search, GPU use, embedding cache folder).
-    """
-    from retriever.bm25 import BM25Retriever
-    from retriever.dense import DenseRetriever
-    from retriever.encoder import DualEncoder
-
-    if isinstance(spec, Retriever):
-        return spec
-    if isinstance(spec, Encoder):
-        return DenseRetriever(spec, **{key: value for key, value in options.items() if key in DENSE_OPTIONS})
-    if isinstance(spec, str) and spec.split(":")[0].lower() == "bm25":
-        backend = spec.split(":", 1)[1] if ":" in spec else "bm25s"
-        return BM25Retriever(backend=backend, show_progress=options.get("show_progress", True))
-    if isinstance(spec, str):
-        search_options = {key: options.pop(key) for key in DENSE_OPTIONS if key in options}
-        return DenseRetriever(DualEncoder.load(spec, **options), **search_options)
-    raise TypeError(f"cannot make a retriever from {type(spec).__name__}: give a Retriever, an Encoder, "
-                    "'bm25', or a model name/path")

@@ -275,10 +275,18 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
-class ConfigSource:
-    """A YAML file with the line of every key, so errors can point at the line to fix."""
+BASE_KEY = "base"  # a config's `base: other.yaml` builds on that file (path relative to the config's folder)
 
-    def __init__(self, path: str | Path) -> None:
+
+class ConfigSource:
+    """A YAML file with the line of every key, so errors can point at the line to fix.
+
+    ``base: other.yaml`` at the top level builds this config on another one: its keys are read first, and this
+    file's keys replace them, mapping by mapping (a recipe and the demo built on it share every setting they do
+    not change). Each key keeps the file and line it came from.
+    """
+
+    def __init__(self, path: str | Path, *, _seen: tuple[Path, ...] = ()) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(self.path, "config file not found")
@@ -292,21 +300,45 @@ class ConfigSource:
                             line=mark.line + 1 if mark else None) from None
         if not isinstance(self.data, dict):
             raise DataError(self.path, "expected a mapping of settings at the top level", line=1)
-        self.lines: dict[str, int] = {}
+        self.lines: dict[str, tuple[Path, int]] = {}
         self._index(root, "")
+        if BASE_KEY in self.data:
+            self._build_on(self.data.pop(BASE_KEY), _seen + (self.path.resolve(),))
 
     def _index(self, node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 name = f"{prefix}{key.value}"
-                self.lines[name] = key.start_mark.line + 1
+                self.lines[name] = (self.path, key.start_mark.line + 1)
                 self._index(value, name + ".")
+
+    def _build_on(self, base: object, seen: tuple[Path, ...]) -> None:
+        if not isinstance(base, str):
+            raise self.error(BASE_KEY, f"expected the path of another config, got {base!r}")
+        path = (self.path.parent / base).resolve()
+        if path in seen:
+            raise self.error(BASE_KEY, f"{base} builds on this config again (a cycle)")
+        parent = ConfigSource(path, _seen=seen)
+        self.data = _merged(parent.data, self.data)
+        self.lines = parent.lines | {key: where for key, where in self.lines.items() if key != BASE_KEY}
 
     def error(self, field: str, message: str, hint: str | None = None) -> DataError:
         parts = field.split(".")
-        line = next((self.lines[".".join(parts[:n])] for n in range(len(parts), 0, -1)
-                     if ".".join(parts[:n]) in self.lines), None)
-        return DataError(self.path, message, line=line, field=field, hint=hint)
+        where = next((self.lines[".".join(parts[:n])] for n in range(len(parts), 0, -1)
+                      if ".".join(parts[:n]) in self.lines), None)
+        path, line = where if where is not None else (self.path, None)
+        return DataError(path, message, line=line, field=field, hint=hint)
+
+
+def _merged(base: dict, given: dict) -> dict:
+    """``given`` over ``base``: a section (``train:``) merges key by key; a setting, a mapping-valued one like
+    ``filter_params`` included, is replaced whole (half of one filter's parameters and half of another's would
+    be neither)."""
+    merged = dict(base)
+    for key, value in given.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = {**base[key], **value} if both else value
+    return merged
 
 
 def from_mapping(cls: type, given: dict, *, section: str, source: ConfigSource | None = None,

@@ -18,6 +18,11 @@ Determinism and resume: the batches of an epoch are a pure function of (pools, s
 checkpoint (:mod:`retriever.checkpoint`) stores the model, optimizer, scheduler, grad scaler,
 temperature, RNG states and the data position, so ``resume`` continues exactly as an uninterrupted run
 (bit-identical on CPU; on GPU up to the non-determinism of cuBLAS/atomics).
+
+Dynamic negatives: with ``remine_every`` E the pools are replaced after every E epochs by the ``remine`` hook
+(:class:`mining.remine.Remining`, which mines with the model as it is then; this module cannot import mining).
+A round's pools are written before its first step, so a resume inside the round reads them back and the
+batches stay a pure function of (that round's pools, seed, epoch).
 """
 
 from __future__ import annotations
@@ -51,10 +56,18 @@ from retriever.checkpoint import (
     set_rng_state,
 )
 from retriever.data import Corpus, Pool
-from retriever.encoder import DualEncoder, default_device
-from retriever.encoding import resolve_training_precision
+from retriever.encoder import DualEncoder
+from retriever.encoding import default_device, resolve_training_precision
 from retriever.gradcache import encode_and_backward
-from retriever.io import HardnegError, atomic_write, file_checksum, library_versions, write_json
+from retriever.io import (
+    HardnegError,
+    atomic_write,
+    file_checksum,
+    library_versions,
+    new_figure,
+    save_figure,
+    write_json,
+)
 from retriever.losses import DistilledLoss, build_masks, make_loss
 from retriever.train_settings import LOSSES, TrainConfig
 
@@ -64,7 +77,9 @@ LOSS_PLOT = "loss_curve.png"
 BEST_DIR = "best"
 # Settings that may change when resuming: they change speed, memory or bookkeeping, not the result.
 RESUMABLE_CHANGES = ("cache_chunk", "save_steps", "save_total_limit", "eval_steps", "patience")
-__all__ = ["LOSSES", "TrainConfig", "train"]
+__all__ = ["LOSSES", "Remine", "TrainConfig", "train"]
+# The re-mining hook: (model at the round's start, or None to read a finished round; round number) -> pools.
+Remine = Callable[["DualEncoder | None", int], "list[Pool]"]
 
 
 @dataclass
@@ -186,14 +201,19 @@ def pools_fingerprint(pools: list[Pool]) -> str:
 def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: str | Path, *,
           show_progress: bool = True, provenance: dict | None = None, resume: str | Path | None = None,
           evaluator: Callable[[DualEncoder], float] | None = None,
-          on_step: Callable[[int, DualEncoder], None] | None = None) -> dict:
+          on_step: Callable[[int, DualEncoder], None] | None = None,
+          remine: Remine | None = None) -> dict:
     """Train and save a model folder to ``output_dir``; returns a summary (steps, losses, seconds, best).
 
     ``resume``: ``"latest"`` or a checkpoint/run folder to continue from. ``evaluator`` maps the model
     to a dev score (higher is better); with ``config.eval_steps`` it is called every that many steps and
     at the end, and the best model is kept in ``output_dir/best``. ``on_step(step, model)`` is called
     after each finished step (and its checkpoint): a hook for custom logging, or to stop a run in a test.
-    ``provenance`` maps input files to checksums, recorded beside the model.
+    ``provenance`` maps input files to checksums, recorded beside the model. ``remine`` (needed by
+    ``config.remine_every`` E, see :class:`mining.remine.Remining`) gives the pools of re-mining round r, which
+    the epochs from r x E on train on: ``remine(model, r)`` mines them with the model at the end of epoch r x E
+    (or reads them when that round is finished), ``remine(None, r)`` only reads a finished round (a resume in the
+    middle of it; the other processes of a distributed run, after rank 0 mined).
     """
     config.check()
     output_dir = Path(output_dir)
@@ -208,6 +228,9 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
     if (config.patience or config.dev_fraction) and evaluator is None:
         raise HardnegError("train: patience and dev_fraction need a dev evaluator (the CLI and `run` build it "
                            "from --dev-fraction, --dev-split or --dev-data)")
+    if config.remine_every and remine is None:
+        raise HardnegError("train: remine_every needs the mining settings to re-mine with (the CLI and `run` "
+                           "pass them; in Python give remine=mining.remine.Remining(...))")
     if config.distills:
         unscored = sum(1 for pool in pools for c in [*pool.positives, *pool.negatives] if c.score is None)
         if unscored:
@@ -320,12 +343,18 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
 
     started = time.time()
     examples_seen = 0
+    current_round, rounds = 0, []
     try:
         with tqdm(total=total_steps, initial=step, desc=f"train {config.loss}", unit="step",
                   disable=not (show_progress and main)) as bar:
             for epoch in range(step // steps_per_epoch, config.epochs):
                 if step >= total_steps or stopped_early():
                     break
+                if config.remine_every and epoch // config.remine_every != current_round:
+                    current_round = epoch // config.remine_every
+                    at_boundary = step == epoch * steps_per_epoch and epoch % config.remine_every == 0
+                    pools = _remined_pools(remine, model if at_boundary else None, current_round, pools, main)
+                    rounds.append({"round": current_round, "epoch": epoch, "step": step})
                 batches = epoch_batches(pools, config, epoch, corpus_ids)
                 for index in range(step - epoch * steps_per_epoch, len(batches)):
                     if step >= total_steps:
@@ -393,6 +422,8 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
                "seconds": round(time.time() - started, 1), "examples_seen_this_session": examples_seen,
                "resumed_from": str(checkpoint) if checkpoint else None, "world_size": world, "precision": precision,
                "best_step": best["step"], "best_dev": best["score"]}
+    if config.remine_every:
+        summary["remine_rounds"] = rounds
     if any("temperature" in r for r in log):
         summary["final_temperature"] = log[-1].get("temperature")
     if main:
@@ -431,6 +462,20 @@ def _train_step(trained, loss_module, slices, rank, corpus, config, autocast, sc
     loss = encode_and_backward(trained, queries, [corpus.text_of(d) for d in local_columns], loss_fn,
                                chunk_size=config.cache_chunk, autocast=autocast, scaler=scaler)
     return float(loss)
+
+
+def _remined_pools(remine: Remine, model: DualEncoder | None, round_number: int, pools: list[Pool],
+                   main: bool) -> list[Pool]:
+    """The pools of re-mining round ``round_number``: rank 0 mines (or reads) them, the others read them after."""
+    if main:
+        fresh = remine(model, round_number)
+    distributed.barrier()
+    if not main:
+        fresh = remine(None, round_number)
+    if sorted(p.query_id for p in fresh) != sorted(p.query_id for p in pools):
+        raise HardnegError(f"train: re-mining round {round_number} gave pools for other queries than training "
+                           f"uses ({len(fresh)} against {len(pools)}); the steps per epoch would change")
+    return fresh
 
 
 def _device(world: int) -> torch.device:
@@ -503,10 +548,7 @@ def _plot_losses(path: Path, log: list[dict]) -> None:
     if not log:
         return
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        figure = new_figure(7, 4)
     except ImportError:  # plotting is a convenience; training results do not depend on it
         warnings.warn("matplotlib is not installed: no loss plot written", stacklevel=2)
         return
@@ -514,7 +556,7 @@ def _plot_losses(path: Path, log: list[dict]) -> None:
     losses = [r["loss"] for r in log]
     window = max(1, len(losses) // 20)
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    figure, axis = plt.subplots(figsize=(7, 4))
+    axis = figure.subplots()
     axis.plot(steps, losses, color="tab:blue", alpha=0.35, label="loss")
     axis.plot(steps[window - 1:], smooth, color="tab:blue", label=f"running mean ({window} steps)")
     axis.set_xlabel("step")
@@ -527,8 +569,6 @@ def _plot_losses(path: Path, log: list[dict]) -> None:
         other.legend(loc="upper right")
     axis.legend(loc="upper left" if dev else "best")
     figure.tight_layout()
-    with atomic_write(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=100)
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
 
 

@@ -48,6 +48,9 @@ class TrainConfig:
     negatives_per_query: int = setting(1, "mined hard negatives per query per step", ge=0)
     random_negatives: int = setting(0, "random corpus documents added per query per step, drawn anew every "
                                        "epoch (STAR's mix of random and hard negatives)", ge=0)
+    remine_every: int | None = setting(None, "re-mine the pools with the model being trained after every E epochs "
+                                             "(same sources with the model as dense retriever, same rescorer, "
+                                             "filter and sampling; ANCE/STAR dynamic negatives)", ge=1)
     max_length: int | None = setting(None, "token limit for queries and documents (default: the model's)", ge=1)
     pooling: str | None = setting(None, "default: the model's, else mean", choices=("mean", "cls"))
     normalize: bool | None = setting(None, "L2-normalise embeddings (default: the model's, else yes)")
@@ -83,6 +86,10 @@ class TrainConfig:
         if self.symmetric and not (self.loss == "infonce" or (self.loss == "mw" and self.mw_weight is not None)):
             raise HardnegError(f"train: symmetric applies to an InfoNCE term; loss {self.loss!r} has none "
                                "(use infonce, or mw with mw_weight to mix in InfoNCE)")
+        if self.remine_every is not None and self.remine_every >= self.epochs:
+            raise HardnegError(f"train: remine_every {self.remine_every} re-mines after every {self.remine_every} "
+                               f"epoch(s), but training runs {self.epochs}: it would never re-mine; raise epochs "
+                               "or drop remine_every")
         if self.loss == "kd" and self.distill_weight:
             raise HardnegError("train: loss 'kd' is the distillation alone; distill_weight adds it to a "
                                "contrastive loss (infonce, mw, decoupled): give one or the other")

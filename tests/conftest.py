@@ -10,6 +10,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Embedding caches of the tests stay out of the user's ~/.cache (read before retriever.dense is imported).
+os.environ["HARDNEG_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="hardneg-test-cache-")
 
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -20,6 +22,28 @@ import torch  # noqa: E402
 from retriever.data import Corpus, Dataset, load_beir  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``@pytest.mark.gpu`` tests run where torch sees a CUDA GPU and are skipped, with the reason, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class Crash(Exception):
+    """A kill in the middle of training, raised by :func:`crash_after`."""
+
+
+def crash_after(step_to_crash: int):
+    """An ``on_step`` hook of ``train`` that kills the run after that step (its checkpoint, if due, is written)."""
+    def hook(step: int, model) -> None:
+        if step == step_to_crash:
+            raise Crash(f"killed after step {step}")
+    return hook
 
 
 def build_tiny_bert(folder: Path, texts: list[str], seed: int = 0) -> Path:

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = BUNDLED_DIR / "nfcorpus-demo"
 
 
+@pytest.mark.slow
 def test_mine_train_evaluate_through_the_console_script(tiny_model, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     hardneg = [sys.executable, "-m", "eval.cli", "--quiet"]
@@ -56,11 +57,13 @@ def test_mine_train_evaluate_through_the_console_script(tiny_model, tmp_path):
         assert record["metrics"][ours] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
     code = main(["--quiet", "run", str(REPO / "configs" / "nfcorpus-demo.yaml"), "--model", str(tiny_model),
                  "--output-dir", str(tmp_path / "out"), "--set", "train.batch_size=32",
                  "--set", "encode.max_length=32", "--set", "train.max_length=32",
-                 "--set", "train.positives_per_query=1", "--set", "evaluate.depth=100"])
+                 "--set", "train.positives_per_query=1", "--set", "evaluate.depth=100",
+                 "--set", "train.epochs=2", "--set", "train.remine_every=1"])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed
@@ -70,8 +73,10 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
     assert record["metrics"]["before"]["test"] != record["metrics"]["after"]["test"]
     config = (tmp_path / "out" / "config.yaml").read_text()
     assert "max_length: 32" in config and str(tiny_model) in config
+    # the 320 training queries are re-mined; the 80 held out to select on (train.dev_fraction 0.2) are not
+    assert [r["round"] for r in record["remining"]] == [1] and record["remining"][0]["queries"] == 320
     for produced in ("pools/pools.jsonl", "model/train_log.jsonl", "eval/test/metrics.json",
-                     "eval-before/test/run.trec"):
+                     "eval-before/test/run.trec", "model/remined/round-1/pools.meta.json"):
         assert (tmp_path / "out" / produced).is_file(), produced
 
 

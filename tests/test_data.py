@@ -422,3 +422,20 @@ def test_atomic_write_success_replaces(tmp_path):
         handle.write(b"\x02")
     assert target.read_bytes() == b"\x02"
     assert os.listdir(target.parent) == ["result.bin"]
+
+
+def test_atomic_outputs_get_the_users_umask(tmp_path):
+    import os
+
+    from retriever.io import atomic_directory, atomic_write
+
+    old = os.umask(0o027)
+    try:
+        with atomic_write(tmp_path / "file.txt") as handle:
+            handle.write("x")
+        with atomic_directory(tmp_path / "folder") as staging:
+            (staging / "inside.txt").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "file.txt").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o750    # not mkdtemp's 0700

@@ -16,7 +16,7 @@ from conftest import small as small_dataset
 
 from mining.filters import make_filter
 from mining.mine import mine
-from retriever.data import Candidate, Pool, held_out_dataset, hold_out, write_pools
+from retriever.data import Candidate, Pool, hold_out, pools_dataset, write_pools
 from retriever.io import HardnegError
 from retriever.losses import DistilledLoss, distillation, info_nce
 from retriever.train import TRAIN_LOG, TrainConfig, epoch_batches, train
@@ -162,7 +162,7 @@ def test_hold_out_is_seeded_by_query_and_graded_from_the_source(small):
     assert {p.query_id for p in held} == {p.query_id for p in again_held}
     assert len(held) == round(0.25 * len(pools)) and len(kept) + len(held) == len(pools)
     assert not {p.query_id for p in held} & {p.query_id for p in kept}
-    dev = held_out_dataset(held, data.corpus, data)
+    dev = pools_dataset(held, data.corpus, data)
     assert set(dev.queries) == {p.query_id for p in held}
     assert all(dev.qrels[q] == data.qrels[q] for q in dev.queries)
     for bad in (0.0, 0.6):

@@ -125,6 +125,7 @@ def examples(demo_train) -> list[Example]:
     return result
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tiny_model, examples, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")   # the workers are CPU/gloo processes, GPU or not
     mp.spawn(_worker, args=(_free_port(), str(tiny_model), examples, str(tmp_path)), nprocs=WORLD, join=True)
@@ -169,7 +170,7 @@ def test_shards_cover_the_batch_in_rank_order():
     assert columns == ["a", "b", "c", "d", "e"] and offsets == [0, 2, 3]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_a_process_without_a_gpu_of_its_own_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
     with pytest.raises(HardnegError, match="has no GPU"):

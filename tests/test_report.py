@@ -92,6 +92,9 @@ def test_reservoir_bounds_memory_and_keeps_exact_extremes():
 
 
 def test_histogram_png_is_written_atomically(tmp_path):
+    import matplotlib
+
+    matplotlib.use("svg")  # a user's own backend (a notebook's inline one, say) is left as it is
     report = MiningReport(["topk-percpos"], 2)
     report.add_query("q1", anchor=1.0, positive_scores=[1.0, 0.8], candidate_scores=[0.99, 0.9, 0.5, 0.4],
                      is_positive=[False, True, False, False], removed_by=[1, 0, 0, 0],
@@ -100,6 +103,7 @@ def test_histogram_png_is_written_atomically(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [HISTOGRAM_FILE]
     assert report.removed_counts() == {"labelled-positive": 1, "topk-percpos": 1, "not-sampled": 0, "sampled": 2}
+    assert matplotlib.get_backend() == "svg"
 
 
 def test_empty_report_still_writes(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Crash, crash_after
 from safetensors.torch import load_file
 
 from eval.evaluate import evaluate
@@ -45,17 +46,6 @@ def _log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / TRAIN_LOG).read_text().splitlines()]
 
 
-class Crash(Exception):
-    pass
-
-
-def _crash_after(step_to_crash: int):
-    def hook(step: int, model) -> None:
-        if step == step_to_crash:
-            raise Crash(f"killed after step {step}")
-    return hook
-
-
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(small, tiny_model, tmp_path):
     data, pools = small
     config = _config(tiny_model)
@@ -64,7 +54,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(small, tiny
     # Killed after step 3: step 3's work is lost, the checkpoint of step 2 survives; resume crosses the
     # epoch boundary (steps 3 and 4) with the data order, RNG, optimizer and temperature restored.
     with pytest.raises(Crash):
-        train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, on_step=_crash_after(3))
+        train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, on_step=crash_after(3))
     assert [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["step-0000002"]
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     summary = train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, resume="latest")
@@ -90,7 +80,7 @@ def test_resume_is_refused_for_another_model_or_other_settings(small, tiny_model
     data, pools = small
     config = _config(tiny_model, epochs=1)
     with pytest.raises(Crash):
-        train(pools, data.corpus, config, tmp_path / "run", show_progress=False, on_step=_crash_after(2))
+        train(pools, data.corpus, config, tmp_path / "run", show_progress=False, on_step=crash_after(2))
     other_model = build_tiny_bert(tmp_path_factory.mktemp("other-bert"), demo_train.corpus.texts()[:200], seed=1)
     refusals = [
         (replace(config, model=str(other_model)), pools, "config.model: checkpoint has"),

@@ -43,6 +43,25 @@ def test_bad_yaml_values_name_the_file_line_and_key(tmp_path, text, line, field,
     assert str(error.value).startswith(f"{path}:{line}: field '{field}': ") and message in str(error.value)
 
 
+def test_a_config_builds_on_its_base_and_errors_name_the_file_that_set_the_key(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    base = tmp_path / "recipes" / "base.yaml"
+    base.write_text("seed: 7\ndata: {path: nfcorpus-demo}\nmine:\n  filter: topk-percpos\n"
+                    "  filter_params: {perc: 0.9}\n  depth: 50\ntrain:\n  epochs: 3\n  loss: mw\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: recipes/base.yaml\nmine:\n  filter: topk-marginpos\n  filter_params: {margin: 0.1}\n"
+                     "train:\n  epochs: 2\n")
+    config = load_config(child)
+    assert config["seed"] == 7 and config["mine"]["depth"] == 50 and config["train"]["loss"] == "mw"
+    assert config["train"]["epochs"] == 2 and config["mine"]["filter_params"] == {"margin": 0.1}  # replaced whole
+    base.write_text(base.read_text().replace("depth: 50", "depth: fifty"))
+    with pytest.raises(DataError, match=f"^{base}:6: field 'mine.depth'"):
+        load_config(child)
+    base.write_text("base: ../child.yaml\n")
+    with pytest.raises(DataError, match="a cycle"):
+        load_config(child)
+
+
 def test_a_bad_run_config_is_one_line_and_writes_nothing(tmp_path, capsys):
     path = _config(tmp_path, "train:\n  epochs: two\n")
     assert main(["run", str(path), "--output-dir", str(tmp_path / "out")]) == 2
@@ -86,3 +105,18 @@ def test_help_shows_every_default(capsys):
         text = " ".join(capsys.readouterr().out.split())
         assert "(default: 32)" in text or command != "train"
         assert "(default: 64)" in text  # the encode batch size
+
+
+def test_the_shipped_run_configs_load_and_the_recipes_differ_only_where_they_say():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    loaded = {name: load_config(configs / f"{name}.yaml")
+              for name in ("nfcorpus-demo", "nfcorpus", "recipe-minilm", "recipe-distill")}
+    cheap, distill, demo = loaded["recipe-minilm"], loaded["recipe-distill"], loaded["nfcorpus-demo"]
+    changed = {(section, key) for section in ("mine", "train") for key in cheap[section]
+               if cheap[section][key] != distill[section][key]}
+    assert changed == {("mine", "teacher"), ("train", "distill_weight"), ("train", "remine_every")}
+    assert cheap["train"]["dev_fraction"] and cheap["mine"]["retriever"] == ["model"]  # selects on held-out queries
+    assert {k: v for k, v in demo.items() if k not in ("name", "output_dir")} == \
+        {k: v for k, v in cheap.items() if k not in ("name", "output_dir")}  # the demo is the cheap recipe

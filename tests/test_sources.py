@@ -16,7 +16,8 @@ from conftest import build_tiny_bert, small
 
 from mining.filters import TopK, TopKMarginPos, TopKPercPos
 from mining.mine import META_FILE, mine
-from mining.sources import CrossEncoderScorer, Hybrid, Rescored, bm25, build_source, check_source_settings, dense
+from mining.settings import check_source_settings
+from mining.sources import CrossEncoderScorer, Hybrid, Rescored, bm25, build_source, dense
 from retriever.bm25 import BM25Retriever
 from retriever.data import Corpus
 from retriever.encoder import DualEncoder

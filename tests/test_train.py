@@ -184,7 +184,7 @@ def test_auto_precision_trains_in_what_the_hardware_runs_natively(small, tiny_mo
     assert json.loads((tmp_path / "m" / TRAIN_CONFIG).read_text())["summary"]["precision"] == expected
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_trains_on_cuda_with_the_gradient_cache(precision, small, tiny_model, tmp_path):
     """fp16 runs with a loss scaler (kept in the checkpoint); both lower the loss as fp32 does."""
@@ -278,6 +278,7 @@ def test_cli_keeps_the_best_model_on_a_dev_split(small, tiny_model, tmp_path, ca
     assert (tmp_path / "out" / "best" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_write_once(small, tiny_model, tmp_path):
     """A real 2-process gloo run through the CLI: each rank takes half of every batch, rank 0 writes."""
     _, pools = small

@@ -1,0 +1,228 @@
+"""Training that wins (issue 11): hardneg's recipes against the sentence-transformers peer pipeline, same data,
+same process, several seeds, selected on held-out training queries, reported on test.
+
+The peer is what a sentence-transformers user writes today: ``mine_hard_negatives`` on (query, positive) pairs
+with the student (``relative_margin=0.05``, one negative per pair, faiss), then ``SentenceTransformerTrainer``
+with ``MultipleNegativesRankingLoss``, batch 32, the no-duplicates batch sampler, its default learning rate and
+warm-up, for each of ``--peer-epochs`` (1, 3 and 5), so the comparison is not won by budget alone.
+
+hardneg's side is each ``--recipe`` YAML (``configs/recipe-*.yaml``) run through ``hardneg run`` with the data
+path, seed and output folder replaced, plus ``--ablation NAME:key=value,...`` variants of the first recipe
+(one lever switched each).
+
+Model selection never sees test. The data's train queries are split once per seed (``--dev-fraction``, by query
+id, the split ``train.dev_fraction`` makes): both sides train on the rest and are scored on the held-out part
+("dev"). The recipes keep their best epoch on it; the peer's epoch budget is chosen as the one with the best
+mean dev nDCG@10 over the seeds. Test is evaluated for every run, and read only in the table.
+
+Every finished run leaves ``<output>/<method>/seed-<s>/result.json`` with the settings it ran with, and is
+skipped when the script runs again with the same settings (a recipe edited since is run again),
+so a sweep can be split over sessions (or machines, when the folders are copied together); ``--work`` keeps the
+models and run outputs elsewhere. ``--table`` only prints the table of what is there. Examples::
+
+    # the demo subset, ~2.5 h on 2 CPU cores for 3 seeds with the peer at 1 epoch
+    OMP_NUM_THREADS=2 flock /tmp/hardneg-heavy.lock python bench/bench_recipes.py --data nfcorpus-demo \\
+        --peer-epochs 1 --output runs/bench-recipes-demo
+    # NFCorpus with the full peer sweep and the ablations (a GPU: see bench/gpu_checks.sh)
+    python bench/bench_recipes.py --data ../shared/data/beir/nfcorpus --peer-epochs 1,3,5 \\
+        --ablation no-remine:train.remine_every=null --output runs/bench-recipes-nfcorpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from eval.evaluate import evaluate  # noqa: E402
+from eval.pipeline import load_config, run_pipeline  # noqa: E402
+from retriever.data import Dataset, held_out_ids, load_dataset  # noqa: E402
+from retriever.encoder import resolve_model_path  # noqa: E402
+from retriever.encoding import cpu_has_native_bf16  # noqa: E402
+from retriever.factory import as_retriever  # noqa: E402
+from retriever.io import write_json  # noqa: E402
+
+METRICS = ("nDCG@10", "Recall@100", "MRR@10", "AUC")
+PEER = {"mine_hard_negatives": {"range_max": 100, "relative_margin": 0.05, "num_negatives": 1,
+                                "sampling_strategy": "top"},
+        "loss": "MultipleNegativesRankingLoss", "batch_size": 32, "batch_sampler": "no_duplicates"}
+SELECT = "nDCG@10"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def split_train(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train queries kept, held-out dev queries): the split ``train.dev_fraction`` makes for the same seed."""
+    held = held_out_ids([q for q in train.queries if train.relevant(q)], fraction, seed)
+    keep = {q: t for q, t in train.queries.items() if q not in held and train.relevant(q)}
+    kept = Dataset(train.name, train.split, train.corpus, keep, {q: train.qrels[q] for q in keep}, train.files)
+    dev = Dataset(train.name, "held-out", train.corpus, {q: train.queries[q] for q in sorted(held)},
+                  {q: train.qrels[q] for q in sorted(held)}, train.files)
+    return kept, dev
+
+
+def scores(model: str, splits: dict[str, Dataset], output: Path, precision: str) -> dict[str, dict[str, float]]:
+    """hardneg's (trec_eval-exact) metrics of ``model`` on each split; the corpus is encoded once."""
+    retriever = as_retriever(model, precision=precision, show_progress=False)
+    return {name: evaluate(data, retriever, metrics=METRICS, depth=1000, output_dir=output / name)["metrics"]
+            for name, data in splits.items()}
+
+
+# --------------------------------------------------------------------------------------------- the peer
+
+def run_peer(train: Dataset, model: str, epochs: int, seed: int, output: Path, bf16: bool) -> Path:
+    """``mine_hard_negatives`` (relative_margin 0.05) + ``MultipleNegativesRankingLoss``: the ST pipeline."""
+    from datasets import Dataset as HFDataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.util import mine_hard_negatives
+
+    try:
+        from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.training_args import BatchSamplers
+
+    anchors, positives = [], []
+    for query_id, text in train.queries.items():
+        for doc_id in sorted(train.relevant(query_id)):
+            anchors.append(text)
+            positives.append(train.corpus.text_of(doc_id))
+    st_model = SentenceTransformer(resolve_model_path(model), device="cpu")
+    mined = mine_hard_negatives(HFDataset.from_dict({"query": anchors, "positive": positives}), st_model,
+                                corpus=train.corpus.texts(), **PEER["mine_hard_negatives"], use_faiss=True,
+                                batch_size=32, verbose=False)
+    arguments = Arguments(output_dir=str(output / "trainer"), num_train_epochs=epochs,
+                          per_device_train_batch_size=PEER["batch_size"],
+                          batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, save_strategy="no", report_to=[],
+                          bf16=bf16, use_cpu=True, logging_steps=10, disable_tqdm=True)
+    trainer = SentenceTransformerTrainer(model=st_model, args=arguments, train_dataset=mined,
+                                         loss=MultipleNegativesRankingLoss(st_model))
+    trainer.train()
+    st_model.save(str(output / "model"))
+    (output / "mined_rows.txt").write_text(f"{len(mined)} of {len(anchors)} pairs kept a negative\n")
+    return output / "model"
+
+
+# --------------------------------------------------------------------------------------------- hardneg
+
+def recipe_config(recipe: Path, data: str, seed: int, output: Path, fraction: float, overrides: list[str]) -> dict:
+    """The resolved ``hardneg run`` config of one recipe run."""
+    return load_config(recipe, [f"data.path={data}", f"seed={seed}", f"output_dir={output / 'run'}",
+                                f"train.dev_fraction={fraction}", "evaluate.before=false", *overrides])
+
+
+def method_settings(what: object, args: argparse.Namespace, seed: int) -> dict:
+    """What a method's result depends on, stored in its result.json: a result of other settings (a recipe edited
+    since) is run again instead of being reported."""
+    if what is None:
+        return {"model": args.model}
+    if isinstance(what, int):
+        return {"model": args.model, "epochs": what, "peer": PEER}
+    recipe, overrides = what
+    config = recipe_config(recipe, args.data, seed, Path("."), args.dev_fraction, overrides)
+    return {key: value for key, value in config.items() if key != "output_dir"}
+
+
+def run_recipe(config: dict, output: Path) -> Path:
+    """``hardneg run`` of a recipe's resolved config; returns the selected model folder."""
+    record = run_pipeline(config, show_progress=False, echo=lambda line: None)
+    write_json(output / "run-summary.json", {"training": record["training"], "mining": record["mining"],
+                                             "remining": record.get("remining", [])})
+    best = output / "run" / "model" / "best"
+    return best if best.is_dir() else output / "run" / "model"
+
+
+# --------------------------------------------------------------------------------------------- table
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def table(output: Path) -> str:
+    results: dict[str, list[dict]] = {}
+    for path in sorted(output.glob("*/seed-*/result.json")):
+        results.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
+    peers = {m: r for m, r in results.items() if m.startswith("peer-")}
+    lines = [f"| method | seeds | dev {SELECT} | " + " | ".join(f"test {m}" for m in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+
+    def row(name: str, runs: list[dict]) -> str:
+        dev = [r["metrics"]["dev"][SELECT] for r in runs]
+        cells = [mean_sd([r["metrics"]["test"][m] for r in runs]) for m in METRICS]
+        return f"| {name} | {len(runs)} | {mean_sd(dev)} | " + " | ".join(cells) + " |"
+
+    for method, runs in results.items():
+        lines.append(row(method, runs))
+    if peers:
+        best = max(peers, key=lambda m: statistics.mean(r["metrics"]["dev"][SELECT] for r in peers[m]))
+        lines.append(row(f"**peer, budget chosen on dev ({best})**", peers[best]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="nfcorpus-demo", help="BEIR folder or bundled dataset name")
+    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--peer-epochs", default="1,3,5", help="epoch budgets of the peer; empty: no peer")
+    parser.add_argument("--recipe", action="append", help="recipe YAML (repeatable; default: both recipes)")
+    parser.add_argument("--ablation", action="append", default=[],
+                        help="NAME:key=value,key=value run as an override of the first recipe")
+    parser.add_argument("--dev-fraction", type=float, default=0.2)
+    parser.add_argument("--precision", default="auto", help="evaluation encoding precision (both sides)")
+    parser.add_argument("--output", required=True, help="folder of the result.json files (small; commit them)")
+    parser.add_argument("--work", help="folder for the models and run outputs (default: --output)")
+    parser.add_argument("--table", action="store_true", help="only print the table of the finished runs")
+    args = parser.parse_args()
+    output = Path(args.output)
+    if args.table:
+        print(table(output))
+        return
+    default_recipes = [REPO / "configs/recipe-minilm.yaml", REPO / "configs/recipe-distill.yaml"]
+    recipes = [Path(r) for r in (args.recipe or default_recipes)]
+    train = load_dataset(args.data, "train")
+    test = load_dataset(args.data, "test")
+    test.corpus = train.corpus
+    bf16 = cpu_has_native_bf16()  # the peer trains in the precision hardneg's `auto` picks on this CPU
+    methods: list[tuple[str, object]] = [("untrained", None)]
+    methods += [(f"peer-{e}ep", int(e)) for e in args.peer_epochs.split(",") if e]
+    methods += [(recipe.stem, (recipe, [])) for recipe in recipes]
+    for spec in args.ablation:
+        name, _, changes = spec.partition(":")
+        methods.append((f"{recipes[0].stem}-{name}", (recipes[0], [c for c in changes.split(",") if c])))
+    for seed in (int(s) for s in args.seeds.split(",")):
+        kept, dev = split_train(train, args.dev_fraction, seed)
+        for method, what in methods:
+            result = output / method / f"seed-{seed}" / "result.json"
+            folder = Path(args.work or output) / method / f"seed-{seed}"
+            settings = method_settings(what, args, seed)
+            if result.is_file() and json.loads(result.read_text()).get("settings") == settings:
+                continue
+            started = time.time()
+            if what is None:
+                model = args.model
+            elif isinstance(what, int):
+                model = run_peer(kept, args.model, what, seed, folder, bf16)
+            else:
+                recipe, overrides = what
+                model = run_recipe(recipe_config(recipe, args.data, seed, folder, args.dev_fraction, overrides),
+                                   folder)
+            metrics = scores(str(model), {"dev": dev, "test": test}, folder / "eval", args.precision)
+            write_json(result, {"method": method, "seed": seed, "settings": settings, "metrics": metrics,
+                                                "seconds": round(time.time() - started, 1), "model": str(model)})
+            print(f"{method} seed {seed}: dev {metrics['dev'][SELECT]:.4f} test "
+                  + " ".join(f"{m} {metrics['test'][m]:.4f}" for m in METRICS), flush=True)
+    print(table(output))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Turning what a user gives (a model name or folder, ``"bm25"``, an Encoder, a Retriever) into a retriever.
+
+Kept apart from :mod:`retriever.protocol` so the protocols import no implementation: :mod:`retriever.dense` and
+:mod:`retriever.bm25` build on the protocols, and this module builds on them (no import cycle).
+"""
+
+from __future__ import annotations
+
+from retriever.bm25 import BM25Retriever
+from retriever.dense import DenseRetriever
+from retriever.encoder import DualEncoder
+from retriever.protocol import Encoder, Retriever
+
+DENSE_OPTIONS = ("batch_size", "show_progress", "index", "nprobe", "ef_search", "use_gpu", "k_limit", "cache_dir")
+"""Options of :class:`retriever.dense.DenseRetriever` (search and cache); the others go to the model loader."""
+
+
+def as_retriever(spec: object, **options) -> Retriever:
+    """A retriever from what the user gave: a Retriever, an Encoder, ``"bm25"``, or a model name/path.
+
+    ``"bm25"`` uses bm25s; ``"bm25:rank-bm25"`` the reference rank-bm25 backend. Any other string is a
+    model directory or a Hugging Face / sentence-transformers model name; ``options`` go to
+    :meth:`retriever.encoder.DualEncoder.load` and the dense retriever (``DENSE_OPTIONS``: faiss index
+    string, nprobe, ef_search, GPU use, embedding cache folder).
+    """
+    if isinstance(spec, Retriever):
+        return spec
+    if isinstance(spec, Encoder):
+        return DenseRetriever(spec, **{key: value for key, value in options.items() if key in DENSE_OPTIONS})
+    if isinstance(spec, str) and spec.split(":")[0].lower() == "bm25":
+        backend = spec.split(":", 1)[1] if ":" in spec else "bm25s"
+        return BM25Retriever(backend=backend, show_progress=options.get("show_progress", True))
+    if isinstance(spec, str):
+        search_options = {key: options.pop(key) for key in DENSE_OPTIONS if key in options}
+        return DenseRetriever(DualEncoder.load(spec, **options), **search_options)
+    raise TypeError(f"cannot make a retriever from {type(spec).__name__}: give a Retriever, an Encoder, "
+                    "'bm25', or a model name/path")
