@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--peer-epochs", default="1,3,5", help="epoch budgets of the peer; empty: no peer")
     parser.add_argument("--recipe", action="append", help="recipe YAML (repeatable; default: both recipes)")
+    parser.add_argument("--no-recipes", action="store_true", help="only the untrained model and the peer")
     parser.add_argument("--ablation", action="append", default=[],
                         help="NAME:key=value,key=value run as an override of the first recipe")
     parser.add_argument("--dev-fraction", type=float, default=0.2)
@@ -188,7 +189,7 @@ def main() -> None:
         print(table(output))
         return
     default_recipes = [REPO / "configs/recipe-minilm.yaml", REPO / "configs/recipe-distill.yaml"]
-    recipes = [Path(r) for r in (args.recipe or default_recipes)]
+    recipes = [] if args.no_recipes else [Path(r) for r in (args.recipe or default_recipes)]
     train = load_dataset(args.data, "train")
     test = load_dataset(args.data, "test")
     test.corpus = train.corpus
@@ -196,7 +197,7 @@ def main() -> None:
     methods: list[tuple[str, object]] = [("untrained", None)]
     methods += [(f"peer-{e}ep", int(e)) for e in args.peer_epochs.split(",") if e]
     methods += [(recipe.stem, (recipe, [])) for recipe in recipes]
-    for spec in args.ablation:
+    for spec in args.ablation if recipes else ():
         name, _, changes = spec.partition(":")
         methods.append((f"{recipes[0].stem}-{name}", (recipes[0], [c for c in changes.split(",") if c])))
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -66,7 +66,7 @@ def main() -> None:
         pools_file = os.path.join(args.pools, "pools.jsonl")
         pools = read_pools(pools_file, dev.corpus)
         record["training"] = train(pools, dev.corpus, config, output / "model",
-                                   provenance={pools_file: file_checksum(pools_file)})
+                                   provenance={pools_file: file_checksum(pools_file)}).summary
         model_path = str(output / "model")
     encoder = DualEncoder.load(model_path, max_length=args.eval_max_length)
     retriever = DenseRetriever(encoder, batch_size=32, show_progress=True)

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retriever.data import Corpus, Qrels, Queries, Run
+from retriever.protocol import CorpusScorer, EmbeddingSource
 
 
 def mann_whitney_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -60,8 +61,7 @@ def roc_curve(positives: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray,
 
 def can_score_corpus(source: object) -> bool:
     """Whether :func:`score_rows` can produce whole-corpus scores for this retriever."""
-    return (hasattr(source, "corpus_embeddings") and hasattr(source, "query_embeddings")) or callable(
-        getattr(source, "scores", None))
+    return isinstance(source, (EmbeddingSource, CorpusScorer))
 
 
 def score_rows(source: object, corpus: Corpus, queries: Queries, *, chunk_size: int | None = None,
@@ -72,7 +72,7 @@ def score_rows(source: object, corpus: Corpus, queries: Queries, *, chunk_size: 
     queries per matrix product (default: as many as keep a chunk near 64 MB). BM25 (``scores``): its
     own per-query generator. The full Q x N matrix never exists.
     """
-    if hasattr(source, "corpus_embeddings") and hasattr(source, "query_embeddings"):
+    if isinstance(source, EmbeddingSource):
         documents = np.asarray(source.corpus_embeddings(corpus), dtype=np.float32)
         vectors = query_vectors if query_vectors is not None else source.query_embeddings(queries)
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -82,7 +82,7 @@ def score_rows(source: object, corpus: Corpus, queries: Queries, *, chunk_size: 
             block = vectors[start:start + chunk] @ documents.T
             for offset, row in enumerate(block):
                 yield ids[start + offset], row
-    elif callable(getattr(source, "scores", None)):
+    elif isinstance(source, CorpusScorer):
         yield from source.scores(corpus, queries)
     else:
         raise TypeError(f"{type(source).__name__} cannot score the whole corpus")

@@ -137,7 +137,7 @@ def cmd_train(args) -> None:
                                     config=_recorded(args))
     summary = train(pools, corpus, config, args.output, show_progress=not args.quiet,
                     provenance={str(path): file_checksum(path)}, resume=args.resume, evaluator=evaluator,
-                    remine=remine)
+                    remine=remine).summary
     from retriever import distributed
 
     if distributed.is_main():

@@ -30,55 +30,14 @@ from eval.report import markdown_report
 from eval.runs import write_run
 from retriever.data import Dataset, Run
 from retriever.dense import encoding_record
-from retriever.encoding import autocast, resolve_precision
 from retriever.factory import as_retriever
 from retriever.io import HardnegError, atomic_write, library_versions, write_json
-from retriever.protocol import describe
+from retriever.protocol import EmbeddingSource, describe
 
 METRICS_FILE = "metrics.json"
 PER_QUERY_FILE = "per_query.json"
 RUN_FILE = "run.trec"
 REPORT_FILE = "report.md"
-
-
-class SentenceTransformerEncoder:
-    """Lets a loaded ``sentence_transformers.SentenceTransformer`` object be evaluated like any Encoder.
-
-    Uses its ``encode_query`` / ``encode_document`` (so the model's own query and document prompts
-    apply) when it has them, else ``encode``; under ``precision`` autocast like hardneg's own encoder.
-    """
-
-    def __init__(self, model, precision: str = "auto") -> None:
-        self.model = model
-        self.precision = precision
-        resolve_precision(precision, getattr(model, "device", "cpu"))  # refused now if the device cannot run it
-        card = getattr(model, "model_card_data", None)
-        self.name = getattr(card, "base_model", None) or type(model).__name__
-
-    @property
-    def encode_precision(self) -> str:
-        return resolve_precision(self.precision, self.model.device)
-
-    def _encode(self, method: str, texts: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
-        encode = getattr(self.model, method, None) or self.model.encode
-        with autocast(self.precision, self.model.device):
-            vectors = encode(texts, batch_size=batch_size, show_progress_bar=show_progress, convert_to_numpy=True)
-        return np.asarray(vectors, dtype=np.float32)
-
-    def encode_queries(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
-        return self._encode("encode_query", texts, batch_size, show_progress)
-
-    def encode_documents(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
-        return self._encode("encode_document", texts, batch_size, show_progress)
-
-
-def adapt(retriever: object) -> object:
-    """Wrap objects users already have (a ``SentenceTransformer``) into what ``as_retriever`` accepts."""
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:  # pragma: no cover - a dependency, but keep evaluate usable without it
-        return retriever
-    return SentenceTransformerEncoder(retriever) if isinstance(retriever, SentenceTransformer) else retriever
 
 
 def check_metrics(metrics: tuple[str, ...], depth: int) -> None:
@@ -141,12 +100,12 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
     source = None
     query_vectors = None
     if run is None:
-        source = as_retriever(adapt(retriever))
+        source = as_retriever(retriever)
         if CORPUS_AUC.lower() in bases and not can_score_corpus(source):
             raise HardnegError(f"{CORPUS_AUC} needs a retriever that scores every document (a dense model or "
                                f"bm25); {describe(source)} only searches")
         fetch = depth + 1 if ignore_identical_ids else depth  # one extra in case the query itself comes back
-        if hasattr(source, "corpus_embeddings") and hasattr(source, "query_embeddings"):
+        if isinstance(source, EmbeddingSource):
             run, query_vectors = dense_search(source, dataset, fetch)
         else:
             run = source.search(dataset.corpus, dataset.queries, fetch)

@@ -254,7 +254,7 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                                     encode=encode, echo=lambda line: echo(f"      {line}"), config=config)
     summary = train(pools, mine_split.corpus, train_config, output / "model",
                     show_progress=show_progress, provenance={str(pools_file): file_checksum(pools_file)},
-                    resume=training["resume"], evaluator=evaluator, remine=remine)
+                    resume=training["resume"], evaluator=evaluator, remine=remine).summary
     echo(f"      {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
     trained = output / "model"
     if summary["best_step"] is not None:

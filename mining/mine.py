@@ -36,7 +36,7 @@ from retriever.data import POOLS_FILE, POOLS_META, Candidate, Dataset, Pool, rea
 from retriever.dense import encoder_identity, encoding_record
 from retriever.factory import as_retriever
 from retriever.io import HardnegError, atomic_write, library_versions, write_json
-from retriever.protocol import Scorer, components, describe
+from retriever.protocol import EncoderBacked, Scorer, components, describe
 
 META_FILE = POOLS_META  # the names live with the pools format (retriever.data)
 SHARDS_DIR = ".pools-shards"
@@ -359,7 +359,7 @@ def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
 def _model_identities(source: object) -> list:
     """The weights behind a source (checksums of model files) and the precision they encode in, so a model
     retrained in place, or encoding in another precision, is not mistaken for the one that wrote the shards."""
-    return [encoder_identity(part.encoder) for part in components(source) if hasattr(part, "encoder")]
+    return [encoder_identity(part.encoder) for part in components(source) if isinstance(part, EncoderBacked)]
 
 
 def _fingerprint(settings: dict, checksums: dict, query_ids: list[str], models: list) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 from retriever.data import Corpus, Queries, Run
 from retriever.index import VectorIndex, check_index_spec
 from retriever.io import atomic_write, file_checksum, write_json
-from retriever.protocol import Encoder, components
+from retriever.protocol import Encoder, PrecisionAware, components
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("HARDNEG_CACHE_DIR", "~/.cache/hardneg/embeddings")).expanduser()
 _MODEL_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
@@ -64,7 +64,7 @@ def encoder_identity(encoder: object) -> dict | None:
                              if path.is_file() and path.suffix in _MODEL_FILES}
     for key in ("max_length", "document_prefix", "pooling", "normalize"):
         identity[key] = getattr(encoder, key, None)
-    if hasattr(encoder, "encode_precision"):
+    if isinstance(encoder, PrecisionAware):
         identity["precision"] = encoder.encode_precision  # bf16 and fp32 embeddings are not interchangeable
     return identity
 
@@ -77,7 +77,7 @@ def encoding_record(retriever: object) -> list[dict]:
     found = []
     for part in components(retriever):
         model = getattr(part, "encoder", part)
-        if hasattr(model, "encode_precision"):
+        if isinstance(model, PrecisionAware):
             found.append({"model": getattr(model, "name", "") or type(model).__name__,
                           "precision": model.encode_precision, "requested": model.precision})
     return found

@@ -114,6 +114,24 @@ class DualEncoder(torch.nn.Module):
                       max_length=int(max_length), name=str(name_or_path), precision=precision)
         return encoder.to(device)
 
+    @classmethod
+    def from_sentence_transformer(cls, model: object, *, precision: str = "auto") -> DualEncoder:
+        """A DualEncoder that shares the weights of a loaded ``SentenceTransformer`` (training one trains the
+        other), with its pooling, normalisation, length and query/document prompts."""
+        modules = list(model)
+        kinds = [type(module).__name__ for module in modules]
+        if kinds[:2] != ["Transformer", "Pooling"] or not set(kinds[2:]) <= {"Normalize"}:
+            raise HardnegError(f"SentenceTransformer with modules {kinds} is not supported (hardneg trains "
+                               "Transformer + Pooling + optional Normalize)")
+        prompts = getattr(model, "prompts", None) or {}
+        transformer = modules[0].auto_model
+        return cls(transformer, model.tokenizer,
+                   pooling=_pooling_mode(modules[1].get_config_dict(), "SentenceTransformer Pooling"),
+                   normalize="Normalize" in kinds, query_prefix=prompts.get("query", ""),
+                   document_prefix=prompts.get("document", prompts.get("passage", "")),
+                   max_length=int(model.max_seq_length or 512),
+                   name=getattr(transformer.config, "_name_or_path", "") or "", precision=precision)
+
     # --------------------------------------------------------------------------------------- forward
 
     @property
@@ -247,18 +265,67 @@ def _sentence_transformers_settings(folder: Path) -> dict:
             if config.get("max_seq_length"):
                 settings["max_length"] = int(config["max_seq_length"])
         elif kind.endswith("Pooling"):
-            config = _read_json(module_dir / "config.json") or {}
-            mode = config.get("pooling_mode")
-            if mode is None:
-                mode = "cls" if config.get("pooling_mode_cls_token") else "mean"
-                if config.get("pooling_mode_max_tokens") or config.get("pooling_mode_mean_sqrt_len_tokens"):
-                    raise HardnegError(f"{module_dir}: only mean and CLS pooling are supported")
-            if mode not in POOLINGS:
-                raise HardnegError(f"{module_dir}: pooling {mode!r} is not supported (mean or cls)")
-            settings["pooling"] = mode
+            settings["pooling"] = _pooling_mode(_read_json(module_dir / "config.json") or {}, str(module_dir))
         elif kind.endswith("Normalize"):
             settings["normalize"] = True
+        else:
+            raise HardnegError(f"{folder / 'modules.json'}: module {kind!r} is not supported (hardneg trains "
+                               "Transformer + Pooling + optional Normalize); its output would be dropped silently")
     prompts = (_read_json(folder / "config_sentence_transformers.json") or {}).get("prompts") or {}
     settings["query_prefix"] = prompts.get("query", "")
     settings["document_prefix"] = prompts.get("document", prompts.get("passage", ""))
     return settings
+
+
+def _pooling_mode(config: dict, where: str) -> str:
+    """``mean`` or ``cls`` from a sentence-transformers Pooling config (the v5+ ``pooling_mode`` or the older
+    flags); any other pooling is refused, naming ``where``."""
+    mode = config.get("pooling_mode")
+    if mode is None:
+        mode = "cls" if config.get("pooling_mode_cls_token") else "mean"
+        if config.get("pooling_mode_max_tokens") or config.get("pooling_mode_mean_sqrt_len_tokens"):
+            raise HardnegError(f"{where}: only mean and CLS pooling are supported")
+    if mode not in POOLINGS:
+        raise HardnegError(f"{where}: pooling {mode!r} is not supported (mean or cls)")
+    return mode
+
+
+class SentenceTransformerEncoder:
+    """Lets a loaded ``sentence_transformers.SentenceTransformer`` object be evaluated like any Encoder.
+
+    Uses its ``encode_query`` / ``encode_document`` (so the model's own query and document prompts
+    apply) when it has them, else ``encode``; under ``precision`` autocast like hardneg's own encoder.
+    """
+
+    def __init__(self, model, precision: str = "auto") -> None:
+        self.model = model
+        self.precision = precision
+        resolve_precision(precision, getattr(model, "device", "cpu"))  # refused now if the device cannot run it
+        card = getattr(model, "model_card_data", None)
+        self.name = getattr(card, "base_model", None) or type(model).__name__
+
+    @property
+    def encode_precision(self) -> str:
+        return resolve_precision(self.precision, self.model.device)
+
+    def _encode(self, method: str, texts: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
+        encode = getattr(self.model, method, None) or self.model.encode
+        with autocast(self.precision, self.model.device):
+            vectors = encode(texts, batch_size=batch_size, show_progress_bar=show_progress, convert_to_numpy=True)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def encode_queries(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        return self._encode("encode_query", texts, batch_size, show_progress)
+
+    def encode_documents(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        return self._encode("encode_document", texts, batch_size, show_progress)
+
+
+def is_sentence_transformer(model: object) -> bool:
+    """Whether ``model`` is a loaded ``SentenceTransformer`` (checked without importing the library first)."""
+    module = type(model).__module__ or ""
+    if not module.startswith("sentence_transformers"):
+        return False
+    from sentence_transformers import SentenceTransformer
+
+    return isinstance(model, SentenceTransformer)

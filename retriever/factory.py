@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from retriever.bm25 import BM25Retriever
 from retriever.dense import DenseRetriever
-from retriever.encoder import DualEncoder
+from retriever.encoder import DualEncoder, SentenceTransformerEncoder, is_sentence_transformer
 from retriever.protocol import Encoder, Retriever
 
 DENSE_OPTIONS = ("batch_size", "show_progress", "index", "nprobe", "ef_search", "use_gpu", "k_limit", "cache_dir")
@@ -16,7 +16,9 @@ DENSE_OPTIONS = ("batch_size", "show_progress", "index", "nprobe", "ef_search", 
 
 
 def as_retriever(spec: object, **options) -> Retriever:
-    """A retriever from what the user gave: a Retriever, an Encoder, ``"bm25"``, or a model name/path.
+    """A retriever from what the user gave: a Retriever, an Encoder, a loaded ``SentenceTransformer`` (its own
+    ``encode_query`` / ``encode_document`` prompts apply), ``"bm25"``, or a model name/path. Mining, evaluation
+    and the CLI all build their retrievers here, so each accepts the same things.
 
     ``"bm25"`` uses bm25s; ``"bm25:rank-bm25"`` the reference rank-bm25 backend. Any other string is a
     model directory or a Hugging Face / sentence-transformers model name; ``options`` go to
@@ -25,6 +27,8 @@ def as_retriever(spec: object, **options) -> Retriever:
     """
     if isinstance(spec, Retriever):
         return spec
+    if is_sentence_transformer(spec):
+        spec = SentenceTransformerEncoder(spec, precision=options.get("precision", "auto"))
     if isinstance(spec, Encoder):
         return DenseRetriever(spec, **{key: value for key, value in options.items() if key in DENSE_OPTIONS})
     if isinstance(spec, str) and spec.split(":")[0].lower() == "bm25":

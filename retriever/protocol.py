@@ -4,10 +4,16 @@ Mining and evaluation accept anything that satisfies :class:`Retriever` (``searc
 only embeds text, an :class:`Encoder` (``encode_queries`` / ``encode_documents``), is wrapped in exact
 dense search. Positive-aware mining also needs the scores of the labelled positives, which a
 :class:`Scorer` (``score``) provides; hardneg's BM25 and dense retrievers are both.
+
+The other protocols name optional capabilities that a stage uses when an object has them, each checked with
+``isinstance`` where it is used: :class:`EmbeddingSource` and :class:`CorpusScorer` (whole-corpus scores, for
+AUC against every document), :class:`PrecisionAware` (the precision recorded beside outputs and cache shards)
+and :class:`EncoderBacked` (a retriever whose model files identify its embeddings).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -34,6 +40,40 @@ class Scorer(Protocol):
     def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
         """The score of each listed document for its query, on the same scale as ``search``."""
         ...
+
+
+@runtime_checkable
+class EmbeddingSource(Protocol):
+    """A dense retriever that exposes its embeddings: exact search and whole-corpus scores are inner products."""
+
+    def corpus_embeddings(self, corpus: Corpus) -> np.ndarray: ...
+
+    def query_embeddings(self, queries: Queries) -> np.ndarray: ...
+
+
+@runtime_checkable
+class CorpusScorer(Protocol):
+    """A retriever that scores every corpus document for each query (BM25), one query at a time."""
+
+    def scores(self, corpus: Corpus, queries: Queries) -> Iterator[tuple[str, np.ndarray]]: ...
+
+
+@runtime_checkable
+class PrecisionAware(Protocol):
+    """An encoder that says which precision it encodes in (``precision`` asked, ``encode_precision`` decided):
+    bf16 and fp32 embeddings are not interchangeable, so caches and provenance record it."""
+
+    precision: str
+
+    @property
+    def encode_precision(self) -> str: ...
+
+
+@runtime_checkable
+class EncoderBacked(Protocol):
+    """A retriever built around an :class:`Encoder` (dense search over its embeddings)."""
+
+    encoder: Encoder
 
 
 def components(retriever: object) -> list[object]:

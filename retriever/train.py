@@ -37,7 +37,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,7 @@ from retriever.checkpoint import (
     set_rng_state,
 )
 from retriever.data import Corpus, Pool
-from retriever.encoder import DualEncoder
+from retriever.encoder import DualEncoder, is_sentence_transformer
 from retriever.encoding import default_device, resolve_training_precision
 from retriever.gradcache import encode_and_backward
 from retriever.io import (
@@ -77,7 +77,7 @@ LOSS_PLOT = "loss_curve.png"
 BEST_DIR = "best"
 # Settings that may change when resuming: they change speed, memory or bookkeeping, not the result.
 RESUMABLE_CHANGES = ("cache_chunk", "save_steps", "save_total_limit", "eval_steps", "patience")
-__all__ = ["LOSSES", "Remine", "TrainConfig", "train"]
+__all__ = ["LOSSES", "Remine", "TrainConfig", "TrainResult", "Trainer", "train"]
 # The re-mining hook: (model at the round's start, or None to read a finished round; round number) -> pools.
 Remine = Callable[["DualEncoder | None", int], "list[Pool]"]
 
@@ -198,254 +198,370 @@ def pools_fingerprint(pools: list[Pool]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+@dataclass
+class TrainResult:
+    """What :func:`train` gives back: the trained model (in memory; the same weights as the folder written to
+    ``output_dir``) and the summary recorded in ``training_config.json`` (steps, losses, seconds, best dev)."""
+
+    model: DualEncoder
+    summary: dict
+
+
 def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: str | Path, *,
+          model: DualEncoder | object | None = None, loss: torch.nn.Module | str | None = None,
           show_progress: bool = True, provenance: dict | None = None, resume: str | Path | None = None,
           evaluator: Callable[[DualEncoder], float] | None = None,
           on_step: Callable[[int, DualEncoder], None] | None = None,
-          remine: Remine | None = None) -> dict:
-    """Train and save a model folder to ``output_dir``; returns a summary (steps, losses, seconds, best).
+          remine: Remine | None = None) -> TrainResult:
+    """Train on ``pools`` and save the model folder to ``output_dir``; returns the model and its summary.
 
-    ``resume``: ``"latest"`` or a checkpoint/run folder to continue from. ``evaluator`` maps the model
-    to a dev score (higher is better); with ``config.eval_steps`` it is called every that many steps and
-    at the end, and the best model is kept in ``output_dir/best``. ``on_step(step, model)`` is called
-    after each finished step (and its checkpoint): a hook for custom logging, or to stop a run in a test.
-    ``provenance`` maps input files to checksums, recorded beside the model. ``remine`` (needed by
-    ``config.remine_every`` E, see :class:`mining.remine.Remining`) gives the pools of re-mining round r, which
-    the epochs from r x E on train on: ``remine(model, r)`` mines them with the model at the end of epoch r x E
-    (or reads them when that round is finished), ``remine(None, r)`` only reads a finished round (a resume in the
-    middle of it; the other processes of a distributed run, after rank 0 mined).
+    ``model``: a :class:`~retriever.encoder.DualEncoder` or a loaded ``SentenceTransformer`` to train (in place:
+    a SentenceTransformer shares its weights with the returned model); default: load ``config.model``.
+    ``loss``: a loss module (``retriever.losses``: any :class:`~retriever.losses.RetrievalLoss`, or a
+    :class:`~retriever.losses.DistilledLoss`, which reads the teacher scores of the pools) or a loss name;
+    default: the one ``config`` describes. ``resume``: ``"latest"`` or a checkpoint/run folder to continue from
+    (its weights replace the given model's). ``evaluator`` maps the model to a dev score (higher is better);
+    with ``config.eval_steps`` it is called every that many steps and at the end, else after every epoch, and
+    the best model is kept in ``output_dir/best``. ``on_step(step, model)`` is called after each finished step
+    (and its checkpoint): a hook for custom logging, or to stop a run in a test. ``provenance`` maps input files
+    to checksums, recorded beside the model. ``remine`` (needed by ``config.remine_every`` E, see
+    :class:`mining.remine.Remining`) gives the pools of re-mining round r, which the epochs from r x E on train
+    on: ``remine(model, r)`` mines them with the model at the end of epoch r x E (or reads them when that round
+    is finished), ``remine(None, r)`` only reads a finished round (a resume in the middle of it; the other
+    processes of a distributed run, after rank 0 mined).
     """
-    config.check()
-    output_dir = Path(output_dir)
-    missing = sorted({d for pool in pools for d in [p.doc_id for p in pool.positives] + [n.doc_id for n in
-                      pool.negatives] if d not in corpus})
-    if missing:
-        raise HardnegError(f"{len(missing)} document ids of the pools are not in the corpus, e.g. {missing[:3]}")
-    if not pools:
-        raise HardnegError("train: no pools to train on")
-    if config.eval_steps and evaluator is None:
-        raise HardnegError("train: eval_steps needs a dev set to evaluate on (--dev-data/--dev-split)")
-    if (config.patience or config.dev_fraction) and evaluator is None:
-        raise HardnegError("train: patience and dev_fraction need a dev evaluator (the CLI and `run` build it "
-                           "from --dev-fraction, --dev-split or --dev-data)")
-    if config.remine_every and remine is None:
-        raise HardnegError("train: remine_every needs the mining settings to re-mine with (the CLI and `run` "
-                           "pass them; in Python give remine=mining.remine.Remining(...))")
-    if config.distills:
-        unscored = sum(1 for pool in pools for c in [*pool.positives, *pool.negatives] if c.score is None)
-        if unscored:
-            raise HardnegError(f"train: distillation needs a teacher score for every positive and negative; "
-                               f"{unscored} have none (mine with --teacher or --cross-encoder)")
+    if isinstance(loss, str):
+        config = replace(config, loss=loss)
+        loss = None
+    trainer = Trainer(pools, corpus, config, Path(output_dir), model=model, loss=loss, show_progress=show_progress,
+                      provenance=provenance, evaluator=evaluator, on_step=on_step, remine=remine)
+    trainer.restore(resume)
+    return trainer.run()
 
-    identity = {f"config.{key}": value for key, value in asdict(config).items()}
-    identity["pools"] = pools_fingerprint(pools)
-    checkpoint, state = None, None
-    if resume is not None:
-        checkpoint = find_checkpoint(output_dir, resume)
-        state, saved = load_checkpoint_state(checkpoint)
-        check_compatible(checkpoint, saved["identity"], identity, tuple(f"config.{k}" for k in RESUMABLE_CHANGES))
-    elif checkpoint_dirs(output_dir):
-        raise HardnegError(f"{output_dir} already holds checkpoints of a run; continue it with --resume latest, "
-                           "or train into another output folder")
 
-    distributed.init_from_env()
-    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
-    device = _device(world)
-    if config.precision == "fp16" and device.type != "cuda":
-        raise HardnegError("train: fp16 needs a CUDA GPU (it relies on a loss scaler for CUDA); use bf16 on CPU")
-    precision = resolve_training_precision(config.precision, device)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed + rank)
+class Trainer:
+    """One training run, in the order it happens: check the inputs, :meth:`restore` a checkpoint, then
+    :meth:`run` the epochs (:meth:`train_step`, :meth:`evaluate`, :meth:`checkpoint`) and :meth:`finish`.
 
-    source = checkpoint / "model" if checkpoint else config.model
-    model = DualEncoder.load(source, pooling=config.pooling, normalize=config.normalize,
-                             query_prefix=config.query_prefix, document_prefix=config.document_prefix,
-                             max_length=config.max_length, device=device)
-    model.name = config.model
-    model.train()
-    loss_module = _loss_module(config).to(device)
+    :func:`train` is the way to use it; the class exists so each part reads (and can be overridden) alone.
+    """
 
-    steps_per_epoch = math.ceil(len(pools) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    corpus_ids = list(corpus.ids) if config.random_negatives else None
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
-         "weight_decay": config.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
-    ]
-    if list(loss_module.parameters()):
-        groups.append({"params": list(loss_module.parameters()), "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    def __init__(self, pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: Path, *,
+                 model: DualEncoder | object | None, loss: torch.nn.Module | None, show_progress: bool,
+                 provenance: dict | None, evaluator: Callable[[DualEncoder], float] | None,
+                 on_step: Callable[[int, DualEncoder], None] | None, remine: Remine | None) -> None:
+        config.check()
+        self.pools, self.corpus, self.config, self.output_dir = pools, corpus, config, output_dir
+        self.given_model, self.loss_module = model, loss
+        self.show_progress, self.provenance = show_progress, provenance
+        self.evaluator, self.on_step, self.remine = evaluator, on_step, remine
+        self.distills = isinstance(loss, DistilledLoss) if loss is not None else config.distills
+        self._check_inputs()
+        self.identity = {f"config.{key}": value for key, value in asdict(config).items()}
+        self.identity["pools"] = pools_fingerprint(pools)
+        if loss is not None:
+            self.identity["loss"] = repr(loss)
+        self.checkpoint_dir: Path | None = None
+        self.state: dict | None = None
+        self.step, self.log, self.best = 0, [], {"step": None, "score": None, "stale": 0}
 
-    log: list[dict] = []
-    step, best = 0, {"step": None, "score": None, "stale": 0}
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loss_module.load_state_dict(state["loss"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, log, best = state["step"], list(state["log"]), dict(state["best"])
+    def _check_inputs(self) -> None:
+        """Refuse what cannot train, before any model is loaded."""
+        pools, config = self.pools, self.config
+        missing = sorted({d for pool in pools for d in [p.doc_id for p in pool.positives] + [n.doc_id for n in
+                          pool.negatives] if d not in self.corpus})
+        if missing:
+            raise HardnegError(f"{len(missing)} document ids of the pools are not in the corpus, e.g. {missing[:3]}")
+        if not pools:
+            raise HardnegError("train: no pools to train on")
+        if config.eval_steps and self.evaluator is None:
+            raise HardnegError("train: eval_steps needs a dev set to evaluate on (--dev-data/--dev-split)")
+        if (config.patience or config.dev_fraction) and self.evaluator is None:
+            raise HardnegError("train: patience and dev_fraction need a dev evaluator (the CLI and `run` build it "
+                               "from --dev-fraction, --dev-split or --dev-data)")
+        if config.remine_every and self.remine is None:
+            raise HardnegError("train: remine_every needs the mining settings to re-mine with (the CLI and `run` "
+                               "pass them; in Python give remine=mining.remine.Remining(...))")
+        if self.distills:
+            unscored = sum(1 for pool in pools for c in [*pool.positives, *pool.negatives] if c.score is None)
+            if unscored:
+                raise HardnegError(f"train: distillation needs a teacher score for every positive and negative; "
+                                   f"{unscored} have none (mine with --teacher or --cross-encoder)")
+        given = self.given_model
+        if given is not None and not isinstance(given, DualEncoder) and not is_sentence_transformer(given):
+            raise HardnegError(f"train: model must be a DualEncoder or a SentenceTransformer, got "
+                                   f"{type(self.given_model).__name__} (or give a name in config.model)")
+
+    def restore(self, resume: str | Path | None) -> None:
+        """Find the checkpoint to continue from (``"latest"`` or a folder) and check it is this run's."""
+        if resume is not None:
+            self.checkpoint_dir = find_checkpoint(self.output_dir, resume)
+            self.state, saved = load_checkpoint_state(self.checkpoint_dir)
+            check_compatible(self.checkpoint_dir, saved["identity"], self.identity,
+                             tuple(f"config.{k}" for k in RESUMABLE_CHANGES))
+        elif checkpoint_dirs(self.output_dir):
+            raise HardnegError(f"{self.output_dir} already holds checkpoints of a run; continue it with --resume "
+                               "latest, or train into another output folder")
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _set_up(self) -> None:
+        """Processes, device, seeds, model, loss, optimizer and schedule (and their restored state)."""
+        config = self.config
+        distributed.init_from_env()
+        self.world, self.rank, self.main = distributed.world_size(), distributed.rank(), distributed.is_main()
+        self.device = _device(self.world)
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise HardnegError("train: fp16 needs a CUDA GPU (it relies on a loss scaler for CUDA); use bf16 on CPU")
+        self.precision = resolve_training_precision(config.precision, self.device)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed + self.rank)
+        self.model = self._load_model()
+        self.model.train()
+        if self.loss_module is None:
+            self.loss_module = _loss_module(config)
+        self.loss_module = self.loss_module.to(self.device)
+        self.steps_per_epoch = math.ceil(len(self.pools) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.corpus_ids = list(self.corpus.ids) if config.random_negatives else None
+        self.optimizer = self._optimizer()
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(config.warmup_ratio * self.total_steps),
+                                                         self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        if self.state is not None:
+            self._load_state(self.state)
+        self.trained = distributed.wrap_ddp(self.model)  # the model itself for one process
+        self.autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.meta = {"identity": self.identity, "model_identity": _model_identity(self.model),
+                     "world_size": self.world}
+
+    def _load_model(self) -> DualEncoder:
+        config = self.config
+        options = {"pooling": config.pooling, "normalize": config.normalize, "query_prefix": config.query_prefix,
+                   "document_prefix": config.document_prefix, "max_length": config.max_length}
+        if self.checkpoint_dir is not None:
+            model = DualEncoder.load(self.checkpoint_dir / "model", **options, device=self.device)
+            if self.given_model is not None:  # train the given object on, with the checkpoint's weights
+                given = _as_dual_encoder(self.given_model).to(self.device)
+                given.model.load_state_dict(model.model.state_dict())
+                model = given
+        elif self.given_model is not None:
+            model = _as_dual_encoder(self.given_model).to(self.device)
+        else:
+            model = DualEncoder.load(config.model, **options, device=self.device)
+        model.name = config.model if self.given_model is None else (model.name or config.model)
+        return model
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW without weight decay on biases and norms; a learnable temperature in its own group."""
+        no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
+        named = list(self.model.named_parameters())
+        groups = [{"params": [p for n, p in named if not any(k in n for k in no_decay)],
+                   "weight_decay": self.config.weight_decay},
+                  {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0}]
+        if list(self.loss_module.parameters()):
+            groups.append({"params": list(self.loss_module.parameters()), "weight_decay": 0.0})
+        return torch.optim.AdamW(groups, lr=self.config.learning_rate)
+
+    def _load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loss_module.load_state_dict(state["loss"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.log, self.best = state["step"], list(state["log"]), dict(state["best"])
         rngs = state["rng"]
-        if len(rngs) == world:
-            set_rng_state(rngs[rank])
-        elif main:
-            warnings.warn(f"resuming on {world} processes, the checkpoint has {len(rngs)}: the data order is the "
-                          "same, the dropout RNG is not", stacklevel=2)
+        if len(rngs) == self.world:
+            set_rng_state(rngs[self.rank])
+        elif self.main:
+            warnings.warn(f"resuming on {self.world} processes, the checkpoint has {len(rngs)}: the data order is "
+                          "the same, the dropout RNG is not", stacklevel=3)
 
-    trained = distributed.wrap_ddp(model)  # the model itself for one process
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    meta = {"identity": identity, "model_identity": _model_identity(model), "world_size": world}
+    # ------------------------------------------------------------------------------------------ the loop
 
-    def checkpoint_now() -> None:
-        rngs = _all_rng_states(world)
-        if main:
-            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "loss": loss_module.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                             "rng": rngs, "step": step, "epoch": step // steps_per_epoch, "log": log, "best": best}
-            save_checkpoint(output_dir, step, model, trainer_state,
-                            meta | {"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
-                                    "best": best, "config": asdict(config)}, config.save_total_limit)
-            _write_log(output_dir, log)
-        distributed.barrier()
+    def run(self) -> TrainResult:
+        """Every epoch from the restored position on; then :meth:`finish`."""
+        self._set_up()
+        config = self.config
+        self.started, self.examples_seen = time.time(), 0
+        self.current_round, self.rounds = 0, []
+        try:
+            name = config.loss if self.identity.get("loss") is None else type(self.loss_module).__name__
+            with tqdm(total=self.total_steps, initial=self.step, desc=f"train {name}", unit="step",
+                      disable=not (self.show_progress and self.main)) as bar:
+                for epoch in range(self.step // self.steps_per_epoch, config.epochs):
+                    if self.step >= self.total_steps or self._stopped_early():
+                        break
+                    if config.remine_every and epoch // config.remine_every != self.current_round:
+                        self._next_round(epoch)
+                    if not self._run_epoch(epoch, bar):
+                        break
+        except HardnegError:
+            raise
+        except BaseException:
+            if self.main and self.log:
+                _write_log(self.output_dir, self.log)
+            raise
+        return self.finish()
 
-    def evaluate_now() -> None:
-        if main:
-            saved_rng = rng_state()  # evaluation must not shift the dropout RNG of the training
-            score = float(evaluator(model))
-            set_rng_state(saved_rng)
-            model.train()
-            log[-1]["dev"] = round(score, 6)
-            if best["score"] is None or score > best["score"]:
-                best.update(step=step, score=score, stale=0)
-                model.save(output_dir / BEST_DIR)
-            else:
-                best["stale"] = best.get("stale", 0) + 1
-        distributed.barrier()
-        best["stale"] = distributed.broadcast_int(best.get("stale", 0))
+    def _next_round(self, epoch: int) -> None:
+        """Replace the pools by those of the re-mining round that starts at ``epoch``."""
+        self.current_round = epoch // self.config.remine_every
+        at_boundary = self.step == epoch * self.steps_per_epoch and epoch % self.config.remine_every == 0
+        self.pools = _remined_pools(self.remine, self.model if at_boundary else None, self.current_round,
+                                    self.pools, self.main)
+        self.rounds.append({"round": self.current_round, "epoch": epoch, "step": self.step})
 
-    def evaluation_due(epoch_done: bool) -> bool:
-        if evaluator is None:
+    def _run_epoch(self, epoch: int, bar: tqdm) -> bool:
+        """The remaining steps of ``epoch``; False when training ends inside it (early stop)."""
+        batches = epoch_batches(self.pools, self.config, epoch, self.corpus_ids)
+        for index in range(self.step - epoch * self.steps_per_epoch, len(batches)):
+            if self.step >= self.total_steps:
+                break
+            record = self.train_step(batches[index], epoch, index)
+            if record is None:
+                continue
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=record["examples_per_s"])
+            bar.update(1)
+            if self._evaluation_due(index == len(batches) - 1):
+                self.evaluate()
+            if self.config.save_steps and self.step % self.config.save_steps == 0 and self.step < self.total_steps:
+                self.checkpoint()
+            if self.on_step is not None:
+                self.on_step(self.step, self.model)
+            if self._stopped_early():
+                return False
+        return True
+
+    def train_step(self, batch: list[QueryExample], epoch: int, index: int) -> dict | None:
+        """One optimizer step on ``batch``; returns its log record (None for a batch too small to split)."""
+        tick = time.time()
+        slices = rank_slices(batch, self.world)
+        if any(not part for part in slices):  # fewer queries than processes: nothing to split
+            self.step += 1
+            self.scheduler.step()
+            return None
+        loss = _train_step(self.trained, self.loss_module, slices, self.rank, self.corpus, self.config,
+                           self.autocast, self.scaler, self.device, self.distills)
+        if not math.isfinite(loss):
+            self._refuse_non_finite(loss, epoch, index, batch)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.examples_seen += len(batch)
+        record = {"step": self.step, "epoch": epoch, "loss": round(loss, 6), "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": round(float(grad_norm), 6),
+                  "examples_per_s": round(len(batch) / (time.time() - tick), 2)}
+        if self.config.learnable_temperature:
+            record["temperature"] = round(float(self.loss_module.temperature.detach()), 6)
+        self.log.append(record)
+        return record
+
+    def _refuse_non_finite(self, loss: float, epoch: int, index: int, batch: list[QueryExample]) -> None:
+        if self.main:
+            _write_log(self.output_dir, self.log)
+        last = checkpoint_dirs(self.output_dir)
+        raise HardnegError(
+            f"train: loss is {loss} at step {self.step + 1} (epoch {epoch}, batch {index} of the epoch, queries "
+            f"{', '.join(e.query_id for e in batch[:5])}{', ...' if len(batch) > 5 else ''}); "
+            "stopped without updating the model" + (f"; the last good checkpoint is {last[-1]}" if last else "")
+            + ". Lower the learning rate, raise the temperature, or use fp32/bf16")
+
+    # ------------------------------------------------------------------------ dev, checkpoints, the end
+
+    def _evaluation_due(self, epoch_done: bool) -> bool:
+        if self.evaluator is None:
             return False
-        if config.eval_steps:
-            return step % config.eval_steps == 0 or step == total_steps
-        return epoch_done or step == total_steps
+        if self.config.eval_steps:
+            return self.step % self.config.eval_steps == 0 or self.step == self.total_steps
+        return epoch_done or self.step == self.total_steps
 
-    def stopped_early() -> bool:
+    def _stopped_early(self) -> bool:
         """Patience ran out: that many dev evaluations in a row without a new best."""
-        return bool(config.patience) and best.get("stale", 0) >= config.patience
+        return bool(self.config.patience) and self.best.get("stale", 0) >= self.config.patience
 
-    started = time.time()
-    examples_seen = 0
-    current_round, rounds = 0, []
-    try:
-        with tqdm(total=total_steps, initial=step, desc=f"train {config.loss}", unit="step",
-                  disable=not (show_progress and main)) as bar:
-            for epoch in range(step // steps_per_epoch, config.epochs):
-                if step >= total_steps or stopped_early():
-                    break
-                if config.remine_every and epoch // config.remine_every != current_round:
-                    current_round = epoch // config.remine_every
-                    at_boundary = step == epoch * steps_per_epoch and epoch % config.remine_every == 0
-                    pools = _remined_pools(remine, model if at_boundary else None, current_round, pools, main)
-                    rounds.append({"round": current_round, "epoch": epoch, "step": step})
-                batches = epoch_batches(pools, config, epoch, corpus_ids)
-                for index in range(step - epoch * steps_per_epoch, len(batches)):
-                    if step >= total_steps:
-                        break
-                    batch = batches[index]
-                    tick = time.time()
-                    slices = rank_slices(batch, world)
-                    if any(not part for part in slices):  # fewer queries than processes: nothing to split
-                        step += 1
-                        scheduler.step()
-                        continue
-                    loss = _train_step(trained, loss_module, slices, rank, corpus, config, autocast, scaler,
-                                       device)
-                    if not math.isfinite(loss):
-                        if main:
-                            _write_log(output_dir, log)
-                        last = checkpoint_dirs(output_dir)
-                        raise HardnegError(
-                            f"train: loss is {loss} at step {step + 1} (epoch {epoch}, batch {index} of the epoch, "
-                            f"queries {', '.join(e.query_id for e in batch[:5])}{', ...' if len(batch) > 5 else ''}); "
-                            "stopped without updating the model"
-                            + (f"; the last good checkpoint is {last[-1]}" if last else "")
-                            + ". Lower the learning rate, raise the temperature, or use fp32/bf16")
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    examples_seen += len(batch)
-                    record = {"step": step, "epoch": epoch, "loss": round(loss, 6),
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
-                              "examples_per_s": round(len(batch) / (time.time() - tick), 2)}
-                    if config.learnable_temperature:
-                        record["temperature"] = round(float(loss_module.temperature.detach()), 6)
-                    log.append(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    ex_s=record["examples_per_s"])
-                    bar.update(1)
-                    if evaluation_due(index == len(batches) - 1):
-                        evaluate_now()
-                    if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                        checkpoint_now()
-                    if on_step is not None:
-                        on_step(step, model)
-                    if stopped_early():
-                        break
-    except HardnegError:
-        raise
-    except BaseException:
-        if main and log:
-            _write_log(output_dir, log)
-        raise
+    def evaluate(self) -> None:
+        """Score the model on dev (rank 0); a new best is saved to ``output_dir/best``."""
+        if self.main:
+            saved_rng = rng_state()  # evaluation must not shift the dropout RNG of the training
+            score = float(self.evaluator(self.model))
+            set_rng_state(saved_rng)
+            self.model.train()
+            self.log[-1]["dev"] = round(score, 6)
+            if self.best["score"] is None or score > self.best["score"]:
+                self.best.update(step=self.step, score=score, stale=0)
+                self.model.save(self.output_dir / BEST_DIR)
+            else:
+                self.best["stale"] = self.best.get("stale", 0) + 1
+        distributed.barrier()
+        self.best["stale"] = distributed.broadcast_int(self.best.get("stale", 0))
 
-    if config.save_steps:
-        checkpoint_now()
-    summary = {"steps": step, "epochs": config.epochs, "epochs_run": round(step / steps_per_epoch, 3),
-               "stopped_early": stopped_early(), "queries_per_epoch": len(pools),
-               "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
-               "seconds": round(time.time() - started, 1), "examples_seen_this_session": examples_seen,
-               "resumed_from": str(checkpoint) if checkpoint else None, "world_size": world, "precision": precision,
-               "best_step": best["step"], "best_dev": best["score"]}
-    if config.remine_every:
-        summary["remine_rounds"] = rounds
-    if any("temperature" in r for r in log):
-        summary["final_temperature"] = log[-1].get("temperature")
-    if main:
-        _save_model_into(model, output_dir)
-        _write_log(output_dir, log)
-        _plot_losses(output_dir / LOSS_PLOT, log)
-        corpus_checksum = {str(corpus.path): file_checksum(corpus.path)} if corpus.path else {}
-        write_json(output_dir / TRAIN_CONFIG, {"config": asdict(config), "summary": summary,
-                                               "model_identity": meta["model_identity"],
-                                               "library_versions": library_versions(),
-                                               "input_checksums": corpus_checksum | (provenance or {})})
-    distributed.barrier()
-    return summary
+    def checkpoint(self) -> None:
+        """Everything an exact resume needs, written by rank 0 (every rank's RNG state gathered first)."""
+        rngs = _all_rng_states(self.world)
+        if self.main:
+            epoch = self.step // self.steps_per_epoch
+            trainer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                             "loss": self.loss_module.state_dict(),
+                             "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rngs,
+                             "step": self.step, "epoch": epoch, "log": self.log, "best": self.best}
+            save_checkpoint(self.output_dir, self.step, self.model, trainer_state,
+                            self.meta | {"step": self.step, "epoch": epoch, "total_steps": self.total_steps,
+                                         "best": self.best, "config": asdict(self.config)},
+                            self.config.save_total_limit)
+            _write_log(self.output_dir, self.log)
+        distributed.barrier()
+
+    def finish(self) -> TrainResult:
+        """The last checkpoint, the model folder, the log, the loss plot and ``training_config.json``."""
+        config, log = self.config, self.log
+        if config.save_steps:
+            self.checkpoint()
+        summary = {"steps": self.step, "epochs": config.epochs,
+                   "epochs_run": round(self.step / self.steps_per_epoch, 3), "stopped_early": self._stopped_early(),
+                   "queries_per_epoch": len(self.pools), "first_loss": log[0]["loss"] if log else None,
+                   "final_loss": log[-1]["loss"] if log else None, "seconds": round(time.time() - self.started, 1),
+                   "examples_seen_this_session": self.examples_seen,
+                   "resumed_from": str(self.checkpoint_dir) if self.checkpoint_dir else None,
+                   "world_size": self.world, "precision": self.precision, "best_step": self.best["step"],
+                   "best_dev": self.best["score"]}
+        if config.remine_every:
+            summary["remine_rounds"] = self.rounds
+        if any("temperature" in r for r in log):
+            summary["final_temperature"] = log[-1].get("temperature")
+        if self.main:
+            _save_model_into(self.model, self.output_dir)
+            _write_log(self.output_dir, log)
+            _plot_losses(self.output_dir / LOSS_PLOT, log)
+            corpus = self.corpus
+            corpus_checksum = {str(corpus.path): file_checksum(corpus.path)} if corpus.path else {}
+            write_json(self.output_dir / TRAIN_CONFIG, {"config": asdict(config), "summary": summary,
+                                                        "model_identity": self.meta["model_identity"],
+                                                        "library_versions": library_versions(),
+                                                        "input_checksums": corpus_checksum | (self.provenance or {})})
+        distributed.barrier()
+        return TrainResult(self.model, summary)
 
 
-def _train_step(trained, loss_module, slices, rank, corpus, config, autocast, scaler, device) -> float:
+def _train_step(trained, loss_module, slices, rank, corpus, config, autocast, scaler, device,
+                distills: bool) -> float:
     """Encode this process's slice, score it against the gathered global batch, back-propagate."""
     positive_ids, column_ids, target_columns = global_layout(slices)
     targets, negatives = build_masks(positive_ids, column_ids, target_columns)
     targets, negatives = targets.to(device), negatives.to(device)
     extra = ()
-    if config.distills:
+    if distills:
         rows, columns, values = teacher_cells(slices)
         teacher = torch.zeros(targets.shape, dtype=torch.float32)
         scored = torch.zeros(targets.shape, dtype=torch.bool)
@@ -476,6 +592,10 @@ def _remined_pools(remine: Remine, model: DualEncoder | None, round_number: int,
         raise HardnegError(f"train: re-mining round {round_number} gave pools for other queries than training "
                            f"uses ({len(fresh)} against {len(pools)}); the steps per epoch would change")
     return fresh
+
+
+def _as_dual_encoder(model: object) -> DualEncoder:
+    return model if isinstance(model, DualEncoder) else DualEncoder.from_sentence_transformer(model)
 
 
 def _device(world: int) -> torch.device:

@@ -24,7 +24,7 @@ DEMO = BUNDLED_DIR / "nfcorpus-demo"
 @pytest.mark.slow
 def test_mine_train_evaluate_through_the_console_script(tiny_model, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    hardneg = [sys.executable, "-m", "eval.cli", "--quiet"]
+    hardneg = [sys.executable, "-m", "hardneg", "--quiet"]
 
     def run(*args):
         done = subprocess.run(hardneg + list(args), capture_output=True, text=True, env=env, cwd=REPO, timeout=600)

@@ -121,7 +121,7 @@ def test_distillation_trains(changes, small, tiny_model, tmp_path):
     """End to end through the trainer (exactness under gradient caching is in test_gradcache.py)."""
     data, pools = small
     summary = train(_scored_pools(pools), data.corpus, _config(tiny_model, epochs=4, **changes), tmp_path / "m",
-                    show_progress=False)
+                    show_progress=False).summary
     losses = [json.loads(line)["loss"] for line in (tmp_path / "m" / TRAIN_LOG).read_text().splitlines()]
     assert len(losses) == summary["steps"] and all(math.isfinite(value) and value >= 0 for value in losses)
     assert sum(losses[-3:]) < sum(losses[:3])
@@ -173,11 +173,11 @@ def test_hold_out_is_seeded_by_query_and_graded_from_the_source(small):
 def test_max_steps_and_patience_stop_training(small, tiny_model, tmp_path):
     data, pools = small
     summary = train(pools, data.corpus, _config(tiny_model, epochs=3, max_steps=5), tmp_path / "capped",
-                    show_progress=False)
+                    show_progress=False).summary
     assert summary["steps"] == 5
     scores = iter([0.5, 0.4, 0.3, 0.9])
     summary = train(pools, data.corpus, _config(tiny_model, epochs=4, patience=2), tmp_path / "patient",
-                    show_progress=False, evaluator=lambda model: next(scores))
+                    show_progress=False, evaluator=lambda model: next(scores)).summary
     log = [json.loads(line) for line in (tmp_path / "patient" / TRAIN_LOG).read_text().splitlines()]
     steps_per_epoch = math.ceil(len(pools) / 8)
     assert [r["step"] for r in log if "dev" in r] == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]

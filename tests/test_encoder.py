@@ -75,3 +75,18 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 def test_hub_name_offline_is_a_clear_error():
     with pytest.raises(HardnegError, match="offline"):
         DualEncoder.load("intfloat/e5-small-v2")
+
+
+def test_a_sentence_transformer_whose_extra_layers_would_be_dropped_is_refused(tiny_model, tmp_path):
+    """A Dense head would be silently skipped by mean pooling over the transformer: refused, folder or object."""
+    from sentence_transformers.models import Dense
+
+    st_model = SentenceTransformer(str(tiny_model), device="cpu")
+    st_model.append(Dense(32, 8))
+    st_model.save(str(tmp_path / "dense"))
+    with pytest.raises(HardnegError, match=r"modules.json: module '.*Dense' is not supported"):
+        DualEncoder.load(tmp_path / "dense")
+    with pytest.raises(HardnegError, match="is not supported"):
+        DualEncoder.from_sentence_transformer(st_model)
+    shared = DualEncoder.from_sentence_transformer(SentenceTransformer(str(tiny_model), device="cpu"))
+    assert (shared.pooling, shared.normalize) == ("mean", False)  # as sentence-transformers builds a bare HF folder

@@ -1,4 +1,5 @@
-"""The import layering holds: retriever <- mining <- eval, the protocols import no implementation, no module cycles.
+"""The import layering holds: retriever <- mining <- eval <- hardneg (the public API and ``python -m hardneg``), the
+protocols import no implementation, no module cycles.
 
 Read from the source with ``ast`` (imports inside functions count too: a lazy import that closes a cycle is still
 a cycle a reader has to untangle).
@@ -10,14 +11,18 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = {"retriever": 0, "mining": 1, "eval": 2}  # a package may import its own layer and those below
+LAYERS = {"retriever": 0, "mining": 1, "eval": 2, "hardneg": 3}  # a package imports its own layer and those below
+FOLDERS = {"hardneg": "eval/hardneg"}  # pyproject.toml's package-dir; the others sit at the top level
 
 
 def _modules() -> dict[str, set[str]]:
-    names = {f"{package}.{path.stem}" for package in LAYERS for path in (REPO / package).glob("*.py")}
+    def files(package: str) -> list[Path]:
+        return sorted((REPO / FOLDERS.get(package, package)).glob("*.py"))
+
+    names = {f"{package}.{path.stem}" for package in LAYERS for path in files(package)}
     graph: dict[str, set[str]] = {}
     for package in LAYERS:
-        for path in (REPO / package).glob("*.py"):
+        for path in files(package):
             name = package if path.stem == "__init__" else f"{package}.{path.stem}"
             imported: set[str] = set()
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -367,3 +367,18 @@ def test_anchor_fallback_fills_short_queries_with_what_the_looser_anchor_keeps(d
     assert "filled up by the mean anchor fallback" in filled.summary()
     with pytest.raises(HardnegError, match="anchor"):
         mine(demo_train, "bm25", anchor_fallback="median")
+
+
+def test_mine_takes_a_loaded_sentence_transformer_as_evaluate_does(demo_train, tiny_model, tmp_path):
+    """The same object evaluate() accepts mines the same pools as the model's folder."""
+    from sentence_transformers import SentenceTransformer
+
+    from retriever.encoder import DualEncoder
+
+    data = small(demo_train, queries=12, documents=150)
+    DualEncoder.load(tiny_model, max_length=48).save(tmp_path / "st")
+    by_path = mine(data, str(tmp_path / "st"), depth=20, num_negatives=4, filter=TopK()).pools
+    loaded = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    by_object = mine(data, loaded, depth=20, num_negatives=4, filter=TopK()).pools
+    assert [[n.doc_id for n in p.negatives] for p in by_object] == [[n.doc_id for n in p.negatives] for p in by_path]
+    assert any(p.negatives for p in by_object)

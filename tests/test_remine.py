@@ -49,7 +49,7 @@ def _remining(data, pools, output: Path, **settings) -> Remining:
 def test_each_round_is_mined_by_the_student_and_kept(small, tiny_model, tmp_path):
     data, pools = small
     summary = train(pools, data.corpus, _config(tiny_model, save_steps=None), tmp_path,
-                    show_progress=False, remine=_remining(data, pools, tmp_path))
+                    show_progress=False, remine=_remining(data, pools, tmp_path)).summary
     assert [(r["round"], r["epoch"], r["step"]) for r in summary["remine_rounds"]] == [(1, 1, 3), (2, 2, 6)]
     rounds = []
     for number in (1, 2):

@@ -57,7 +57,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(small, tiny
         train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, on_step=crash_after(3))
     assert [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["step-0000002"]
     assert not (tmp_path / "cut" / "model.safetensors").exists()
-    summary = train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, resume="latest")
+    summary = train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, resume="latest").summary
     assert summary["resumed_from"].endswith("step-0000002") and summary["steps"] == 6
 
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
@@ -121,7 +121,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small, tiny
     assert not (tmp_path / "run" / "model.safetensors").exists()  # no final model from a bad state
     assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3]
     # and the run can go on from the good checkpoint
-    summary = train(pools, data.corpus, config, tmp_path / "run", show_progress=False, resume="latest")
+    summary = train(pools, data.corpus, config, tmp_path / "run", show_progress=False, resume="latest").summary
     assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
 
 
@@ -140,7 +140,7 @@ def test_keep_best_keeps_the_model_of_the_best_dev_score(small, tiny_model, demo
                         )["metrics"]["nDCG@10"]
 
     config = _config(tiny_model, eval_steps=2, save_steps=2, save_total_limit=None, learning_rate=5e-3, epochs=2)
-    summary = train(pools, data.corpus, config, tmp_path / "run", show_progress=False, evaluator=ndcg)
+    summary = train(pools, data.corpus, config, tmp_path / "run", show_progress=False, evaluator=ndcg).summary
     scored = [(r["step"], r["dev"]) for r in _log(tmp_path / "run") if "dev" in r]
     assert [s for s, _ in scored] == [2, 4, 6]
     best_step, best_score = max(scored, key=lambda item: (item[1], -item[0]))

@@ -139,7 +139,7 @@ def test_multi_positive_batch_masks_never_make_a_labelled_positive_a_negative():
 def test_each_loss_trains(loss, options, small, tiny_model, tmp_path):
     data, pools = small
     config = _config(tiny_model, loss=loss, epochs=4, **options)
-    summary = train(pools, data.corpus, config, tmp_path / loss, show_progress=False)
+    summary = train(pools, data.corpus, config, tmp_path / loss, show_progress=False).summary
     log = _log(tmp_path / loss)
     assert len(log) == summary["steps"] == 4 * math.ceil(24 / 8)
     first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-3:]])
@@ -171,14 +171,14 @@ def test_training_saves_a_loadable_model_and_is_reproducible(small, tiny_model, 
 def test_bf16_autocast_trains_on_cpu(small, tiny_model, tmp_path):
     data, pools = small
     summary = train(pools, data.corpus, _config(tiny_model, epochs=1, precision="bf16"), tmp_path / "m",
-                    show_progress=False)
+                    show_progress=False).summary
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"]) and summary["precision"] == "bf16"
 
 
 def test_auto_precision_trains_in_what_the_hardware_runs_natively(small, tiny_model, tmp_path):
     data, pools = small
     summary = train(pools, data.corpus, _config(tiny_model, epochs=1, precision="auto"), tmp_path / "m",
-                    show_progress=False)
+                    show_progress=False).summary
     expected = "bf16" if cpu_has_native_bf16() else "fp32"
     assert summary["precision"] == expected == resolve_training_precision("auto", "cpu")
     assert json.loads((tmp_path / "m" / TRAIN_CONFIG).read_text())["summary"]["precision"] == expected
@@ -190,7 +190,7 @@ def test_mixed_precision_trains_on_cuda_with_the_gradient_cache(precision, small
     """fp16 runs with a loss scaler (kept in the checkpoint); both lower the loss as fp32 does."""
     data, pools = small
     config = _config(tiny_model, epochs=4, precision=precision, cache_chunk=4, save_steps=6)
-    summary = train(pools, data.corpus, config, tmp_path / "m", show_progress=False)
+    summary = train(pools, data.corpus, config, tmp_path / "m", show_progress=False).summary
     log = _log(tmp_path / "m")
     assert summary["steps"] == 12 and all(math.isfinite(r["loss"]) for r in log)
     assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]]) * 0.93
@@ -238,7 +238,7 @@ def test_pools_must_match_the_corpus(demo_train, demo_test, tmp_path):
 
 def _cli(*args: str, env_extra: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"} | (env_extra or {})
-    command = (launcher or [sys.executable, "-m"]) + ["eval.cli", "--quiet", *args]
+    command = (launcher or [sys.executable, "-m"]) + ["hardneg", "--quiet", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -310,3 +310,53 @@ def test_pipeline_keep_best_needs_a_dev_split_before_the_reported_one(tmp_path):
         run_pipeline(load_config(config_file, [f"output_dir={tmp_path / 'out'}"]), show_progress=False)
     assert not (tmp_path / "out").exists()
     assert load_config(config_file, ["train.loss=mw", "train.resume=latest"])["train"]["loss"] == "mw"
+
+
+# ------------------------------------------------------------------------------------ objects in, model out
+
+def test_train_takes_a_model_and_a_loss_object_and_gives_the_model_back(small, tiny_model, tmp_path):
+    """A DualEncoder object and a loss module train exactly like the names in the config."""
+    from retriever.losses import make_loss
+
+    data, pools = small
+    config = _config(tiny_model, epochs=1, loss="decoupled")
+    by_name = train(pools, data.corpus, config, tmp_path / "name", show_progress=False)
+    given = DualEncoder.load(tiny_model, max_length=48)
+    by_object = train(pools, data.corpus, replace(config, loss="infonce"), tmp_path / "object", model=given,
+                      loss=make_loss("decoupled", temperature=config.temperature), show_progress=False)
+    assert by_object.model is given and by_object.summary["steps"] == by_name.summary["steps"] == 3
+    texts = [data.corpus.text(i) for i in range(20)]
+    expected = DualEncoder.load(tmp_path / "name").encode(texts)
+    assert np.allclose(given.encode(texts), expected, atol=1e-6)
+    assert np.allclose(DualEncoder.load(tmp_path / "object").encode(texts), expected, atol=1e-6)
+    assert [r["loss"] for r in _log(tmp_path / "object")] == pytest.approx([r["loss"] for r in _log(tmp_path / "name")])
+    assert train(pools, data.corpus, config, tmp_path / "loss-name", loss="mw",
+                 show_progress=False).summary["steps"] == 3
+    assert json.loads((tmp_path / "loss-name" / TRAIN_CONFIG).read_text())["config"]["loss"] == "mw"
+
+
+def test_train_trains_a_sentence_transformer_in_place(small, tiny_model, tmp_path):
+    data, pools = small
+    DualEncoder.load(tiny_model, max_length=48).save(tmp_path / "st")
+    st_model = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    texts = [data.corpus.text(i) for i in range(20)]
+    before = st_model.encode(texts)
+    result = train(pools, data.corpus, _config(tiny_model, epochs=1), tmp_path / "m", model=st_model,
+                   show_progress=False)
+    after = st_model.encode(texts)
+    assert not np.allclose(before, after, atol=1e-4)  # the object itself learned
+    assert np.allclose(after, result.model.encode(texts), atol=1e-5)
+    assert np.allclose(after, SentenceTransformer(str(tmp_path / "m"), device="cpu").encode(texts), atol=1e-5)
+
+
+def test_train_refuses_a_model_it_cannot_train(small, tiny_model, tmp_path):
+    from sentence_transformers.models import Dense
+
+    data, pools = small
+    with pytest.raises(HardnegError, match="model must be a DualEncoder or a SentenceTransformer, got str"):
+        train(pools, data.corpus, _config(tiny_model), tmp_path / "m", model=str(tiny_model), show_progress=False)
+    st_model = SentenceTransformer(str(tiny_model), device="cpu")
+    st_model.append(Dense(32, 8))
+    with pytest.raises(HardnegError, match=r"modules \['Transformer', 'Pooling', 'Dense'\] is not supported"):
+        train(pools, data.corpus, _config(tiny_model), tmp_path / "m", model=st_model, show_progress=False)
+    assert not (tmp_path / "m").exists()
