@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from retriever.data import load_beir  # noqa: E402
-from retriever.encoder import DualEncoder, resolve_model_path  # noqa: E402
+from retriever.encoder import DualEncoder, resolve_model  # noqa: E402
 
 NFCORPUS = ROOT.parent / "shared" / "data" / "beir" / "nfcorpus"
 
@@ -173,7 +173,7 @@ def main() -> None:
 
     dataset = load_beir(args.data, "test")
     texts = dataset.corpus.texts()[:args.docs]
-    path = resolve_model_path("all-MiniLM-L6-v2")
+    path = resolve_model("all-MiniLM-L6-v2")
     st_model = SentenceTransformer(path, device=args.device)
     base = DualEncoder.load(path, precision="fp32", device=args.device)
     auto = DualEncoder.load(path, precision="auto", device=args.device)

@@ -167,12 +167,12 @@ def end_to_end(args) -> None:
     from beir.retrieval.evaluation import EvaluateRetrieval
     from beir.retrieval.search.dense import DenseRetrievalExactSearch
 
-    from retriever.encoder import resolve_model_path
+    from retriever.encoder import resolve_model
     from retriever.factory import as_retriever
 
     torch.set_num_threads(2)
     dataset = load_beir(args.data, "test")
-    path = resolve_model_path("all-MiniLM-L6-v2")
+    path = resolve_model("all-MiniLM-L6-v2")
     beir_corpus = {doc_id: {"_id": doc_id, "title": dataset.corpus.titles[i], "text": dataset.corpus.bodies[i]}
                    for i, doc_id in enumerate(dataset.corpus.ids)}
     metrics = tuple(f"{m}@{k}" for m in ("nDCG", "MAP", "Recall", "P") for k in K_VALUES) + ("MRR@10",)

@@ -41,9 +41,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from eval.evaluate import evaluate  # noqa: E402
-from eval.pipeline import load_config, run_pipeline  # noqa: E402
+from hardneg.pipeline import load_config, run_pipeline  # noqa: E402
 from retriever.data import Dataset, held_out_ids, load_dataset  # noqa: E402
-from retriever.encoder import resolve_model_path  # noqa: E402
+from retriever.encoder import resolve_model  # noqa: E402
 from retriever.encoding import cpu_has_native_bf16  # noqa: E402
 from retriever.factory import as_retriever  # noqa: E402
 from retriever.io import write_json  # noqa: E402
@@ -93,7 +93,7 @@ def run_peer(train: Dataset, model: str, epochs: int, seed: int, output: Path, b
         for doc_id in sorted(train.relevant(query_id)):
             anchors.append(text)
             positives.append(train.corpus.text_of(doc_id))
-    st_model = SentenceTransformer(resolve_model_path(model), device="cpu")
+    st_model = SentenceTransformer(resolve_model(model), device="cpu")
     mined = mine_hard_negatives(HFDataset.from_dict({"query": anchors, "positive": positives}), st_model,
                                 corpus=train.corpus.texts(), **PEER["mine_hard_negatives"], use_faiss=True,
                                 batch_size=32, verbose=False)

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from retriever.bm25 import BM25Retriever  # noqa: E402
 from retriever.data import load_beir  # noqa: E402
-from retriever.encoder import DualEncoder, resolve_model_path  # noqa: E402
+from retriever.encoder import DualEncoder, resolve_model  # noqa: E402
 from retriever.gradcache import encode_and_backward  # noqa: E402
 from retriever.io import write_json  # noqa: E402
 from retriever.losses import make_loss  # noqa: E402
@@ -117,7 +117,7 @@ def time_steps(args, triples) -> dict:
     except ImportError:   # sentence-transformers before the 6.x package layout
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
 
-    path = str(resolve_model_path(args.model))
+    path = str(resolve_model(args.model))
     hardneg = DualEncoder.load(path, device=args.device, max_length=args.max_length)
     hardneg.train()
     st_model = SentenceTransformer(path, device=args.device)
@@ -148,7 +148,7 @@ def time_steps(args, triples) -> dict:
 def time_precisions(args, triples) -> dict:
     """``--precisions``: hardneg's InfoNCE step (plain and gradient-cached) in fp32 and under bf16 autocast,
     rotated step by step on the same batches, as ``train --precision`` runs it (issue 10)."""
-    model = DualEncoder.load(str(resolve_model_path(args.model)), device=args.device, max_length=args.max_length)
+    model = DualEncoder.load(str(resolve_model(args.model)), device=args.device, max_length=args.max_length)
     model.train()
     infonce = make_loss("infonce", temperature=0.05)
     methods = {f"{kind}_{name}": (model, lambda b, c=chunk, d=dtype: hardneg_step(model, infonce, b, c, autocast=d))
@@ -184,7 +184,7 @@ def memory_child(args) -> None:
     """One fresh process: load, one cached (or uncached) step, print the step's peak RSS and its growth."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     triples = [tuple(t) for t in json.loads(Path(args.triples).read_text())][:args.child_batch]
-    model = DualEncoder.load(resolve_model_path(args.model), device="cpu", max_length=args.max_length)
+    model = DualEncoder.load(resolve_model(args.model), device="cpu", max_length=args.max_length)
     model.train()
     loss_module = make_loss("infonce", temperature=0.05)
     baseline = _status_mb("VmRSS")
@@ -200,7 +200,7 @@ def memory_child(args) -> None:
 
 def cuda_memory(args, triples) -> list[dict]:
     """Peak CUDA memory of one step over the loaded model: the allocator's own counter, so in process."""
-    model = DualEncoder.load(resolve_model_path(args.model), device=args.device, max_length=args.max_length)
+    model = DualEncoder.load(resolve_model(args.model), device=args.device, max_length=args.max_length)
     model.train()
     loss_module = make_loss("infonce", temperature=0.05)
     rows = []

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from eval.evaluate import evaluate
-from eval.pipeline import format_metrics
+from hardneg.pipeline import format_metrics
 from retriever.data import load_dataset, read_pools
 from retriever.dense import DenseRetriever
 from retriever.encoder import DualEncoder

@@ -125,7 +125,9 @@ def corpus_auc(source: object, corpus: Corpus, queries: Queries, qrels: Qrels, *
     """Whole-corpus per-query AUC and the pooled sample, from exact scores of every document.
 
     Positives are the documents judged with grade >= ``relevance_level``; negatives every other
-    corpus document (judged non-relevant or unjudged). The pooled negatives are drawn per query with
+    corpus document (judged non-relevant or unjudged). A relevant document missing from the corpus has no
+    score and loses every pair, as an unretrieved one does in ``AUC`` (BEIR/MTEB keep such judgements); the
+    pooled sample holds the scored ones only. The pooled negatives are drawn per query with
     ``numpy.random.default_rng(seed)``, in query order, so the same seed gives the same sample.
     """
     rng = np.random.default_rng(seed)
@@ -144,9 +146,10 @@ def corpus_auc(source: object, corpus: Corpus, queries: Queries, qrels: Qrels, *
         negative_mask[positives] = False
         if ignore_identical_ids and query_id in corpus.position:
             negative_mask[corpus.position[query_id]] = False
-        value = _row_auc(row, positives, negative_mask)
-        if value is not None:
-            per_query[query_id] = value
+        missing = sum(1 for d, g in evaluated[query_id].items() if g >= relevance_level and d not in corpus.position)
+        value = _row_auc(row, positives, negative_mask) if positives.size else 0.0
+        if value is not None and negative_mask.any():
+            per_query[query_id] = value * positives.size / (positives.size + missing)
         pooled_pos.append(row[positives].astype(np.float64))
         candidates = np.flatnonzero(negative_mask)
         take = min(negatives_per_query, candidates.size)

@@ -19,6 +19,7 @@ from eval.metrics import (
     CORPUS_AUC,
     DEFAULT_METRICS,
     POOLED_AUC,
+    check_metrics,
     evaluated_queries,
     mean_of,
     needs_identical_id_filter,
@@ -31,28 +32,13 @@ from eval.runs import write_run
 from retriever.data import Dataset, Run
 from retriever.dense import encoding_record
 from retriever.factory import as_retriever
-from retriever.io import HardnegError, atomic_write, library_versions, write_json
+from retriever.io import HardnegError, atomic_write, check_output_folder, library_versions, write_json
 from retriever.protocol import EmbeddingSource, describe
 
 METRICS_FILE = "metrics.json"
 PER_QUERY_FILE = "per_query.json"
 RUN_FILE = "run.trec"
 REPORT_FILE = "report.md"
-
-
-def check_metrics(metrics: tuple[str, ...], depth: int) -> None:
-    """Reject unknown metric names and cut-offs deeper than the run, before any work."""
-    if not metrics:
-        raise HardnegError("no metric given; e.g. --metrics nDCG@10,Recall@100")
-    if depth < 1:
-        raise HardnegError(f"depth must be >= 1, got {depth}")
-    for name in metrics:
-        try:
-            _, cut = parse_metric(name)
-        except ValueError as err:
-            raise HardnegError(str(err)) from None
-        if cut is not None and cut > depth:
-            raise HardnegError(f"metric {name} looks deeper than the run depth {depth}; raise --depth")
 
 
 def dense_search(source: object, dataset: Dataset, depth: int) -> tuple[Run, np.ndarray]:
@@ -82,6 +68,8 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
     """
     metrics = tuple(metrics)
     check_metrics(metrics, depth)
+    if output_dir is not None:
+        check_output_folder(output_dir, "output_dir")
     if relevance_level < 1:
         raise HardnegError(f"relevance level must be >= 1, got {relevance_level}")
     if auc_negatives < 1:
@@ -157,7 +145,7 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
                           "every non-relevant corpus document; AUC-pooled: Mann-Whitney U/(n_pos*n_neg) over "
                           "all relevant pairs vs sampled non-relevant pairs of all queries",
         "encoding": encoding_record(source) if source is not None else [],
-        "skipped_qrels_rows": dataset.skipped_qrels, "library_versions": library_versions(),
+        **dataset.qrels_counts(), "library_versions": library_versions(),
         "input_checksums": dataset.checksums(), "config": config or {},
         "seconds": round(time.time() - started, 1), "search_seconds": round(search_seconds, 1),
     }

@@ -37,8 +37,11 @@ from itertools import repeat
 import numpy as np
 
 from retriever.data import Qrels, Run
+from retriever.io import HardnegError
 
-DEFAULT_METRICS = ("nDCG@10", "Recall@100", "MRR@10", "AUC")
+DEFAULT_METRICS = ("nDCG@10", "Recall@100", "MRR@10", "MAP@100", "P@10", "AUC")
+"""What every stage reports unless told otherwise: all read off the run (AUC-corpus and AUC-pooled score the whole
+corpus for a dense model, which costs a second search; they are one flag away)."""
 CORPUS_AUC = "AUC-corpus"
 POOLED_AUC = "AUC-pooled"
 _BASES = {"ndcg": "nDCG", "recall": "Recall", "mrr": "MRR", "map": "MAP", "p": "P", "precision": "P",
@@ -238,3 +241,18 @@ def mean_metrics(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRIC
     """Mean of each metric over the evaluated queries (see :func:`per_query`)."""
     return {name: mean_of(values) for name, values in per_query(
         run, qrels, metrics, relevance_level=relevance_level, ignore_identical_ids=ignore_identical_ids).items()}
+
+
+def check_metrics(metrics: tuple[str, ...], depth: int) -> None:
+    """Reject unknown metric names and cut-offs deeper than the run, before any work."""
+    if not metrics:
+        raise HardnegError("no metric given; e.g. --metrics nDCG@10,Recall@100")
+    if depth < 1:
+        raise HardnegError(f"depth must be >= 1, got {depth}")
+    for name in metrics:
+        try:
+            _, cut = parse_metric(name)
+        except ValueError as err:
+            raise HardnegError(str(err)) from None
+        if cut is not None and cut > depth:
+            raise HardnegError(f"metric {name} looks deeper than the run depth {depth}; raise --depth")

@@ -35,7 +35,10 @@ def markdown_report(record: dict) -> str:
         lines.append(f"- pooled AUC: {pooled['positives']} relevant vs {pooled['negatives']} sampled non-relevant "
                      f"pairs from the {pooled['source']} (seed {options.get('seed')}); plots: roc.png, "
                      "score_histogram.png")
-    lines.append(f"- skipped qrels rows (unknown query or document): {record.get('skipped_qrels_rows', 0)}")
+    lines.append(f"- qrels rows dropped for an unknown query: {record.get('skipped_qrels_rows', 0)}; naming a "
+                 f"document not in the corpus (kept: relevant but never retrievable, as in BEIR/MTEB): "
+                 f"{record.get('unretrievable_qrels_rows', 0)}; identical duplicates read once: "
+                 f"{record.get('duplicate_qrels_rows', 0)}")
     for path, checksum in record.get("input_checksums", {}).items():
         lines.append(f"- input `{path}`: `{checksum}`")
     return "\n".join(lines) + "\n"

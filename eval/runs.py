@@ -8,8 +8,8 @@ from collections.abc import Collection
 from pathlib import Path
 
 from eval.metrics import ranked
-from retriever.data import Run
-from retriever.io import DataError, atomic_write
+from retriever.data import Run, id_problem, numbered_lines
+from retriever.io import DataError, HardnegError, atomic_write
 
 
 def write_run(path: str | os.PathLike, run: Run, tag: str = "hardneg") -> None:
@@ -20,6 +20,11 @@ def write_run(path: str | os.PathLike, run: Run, tag: str = "hardneg") -> None:
     differently from the run it came from (seen with close cosine scores of a small model).
     """
     tag = tag.replace(" ", "_") or "hardneg"
+    for query_id, scores in run.items():  # the loaders refuse such ids; a custom retriever may still invent one
+        for value in (query_id, *scores):
+            problem = id_problem(value)
+            if problem:
+                raise HardnegError(f"{path}: cannot write id {value!r} to a TREC run: it {problem}")
     with atomic_write(path) as handle:
         for query_id in sorted(run):
             scores = run[query_id]
@@ -29,7 +34,8 @@ def write_run(path: str | os.PathLike, run: Run, tag: str = "hardneg") -> None:
 
 def read_run(path: str | os.PathLike, queries: Collection[str] | None = None, *,
              extra_queries: str = "error") -> Run:
-    """Read a TREC run; a line that is not six whitespace-separated fields with a numeric score is an error.
+    """Read a TREC run; a line that is not six whitespace-separated fields with a numeric score is an error,
+    and so is a document listed twice for one query (which of its two scores counts would be a guess).
 
     With ``queries`` (the ids of the split being evaluated), a line naming another query is an error
     that points at it (``extra_queries="error"``, the default: a run from the wrong split or dataset
@@ -41,27 +47,30 @@ def read_run(path: str | os.PathLike, queries: Collection[str] | None = None, *,
     if not path.is_file():
         raise DataError(path, "run file not found")
     run: Run = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 6:
+            raise DataError(path, f"expected 6 fields 'qid Q0 docid rank score tag', found {len(parts)}",
+                            line=number, field="columns")
+        try:
+            score = float(parts[4])
+        except ValueError:
+            raise DataError(path, f"score {parts[4]!r} is not a number", line=number, field="score") from None
+        if not math.isfinite(score):
+            raise DataError(path, f"score {parts[4]!r} is not finite", line=number, field="score")
+        if queries is not None and parts[0] not in queries:
+            if extra_queries == "ignore":
                 continue
-            parts = line.split()
-            if len(parts) != 6:
-                raise DataError(path, f"expected 6 fields 'qid Q0 docid rank score tag', found {len(parts)}",
-                                line=number, field="columns")
-            try:
-                score = float(parts[4])
-            except ValueError:
-                raise DataError(path, f"score {parts[4]!r} is not a number", line=number, field="score") from None
-            if not math.isfinite(score):
-                raise DataError(path, f"score {parts[4]!r} is not finite", line=number, field="score")
-            if queries is not None and parts[0] not in queries:
-                if extra_queries == "ignore":
-                    continue
-                raise DataError(path, f"query {parts[0]!r} is not in the evaluated split", line=number, field="qid",
-                                hint="is the run from another split or dataset? --extra-run-queries ignore drops "
-                                     "such lines")
-            run.setdefault(parts[0], {})[parts[2]] = score
+            raise DataError(path, f"query {parts[0]!r} is not in the evaluated split", line=number, field="qid",
+                            hint="is the run from another split or dataset? --extra-run-queries ignore drops "
+                                 "such lines")
+        row = run.setdefault(parts[0], {})
+        if parts[2] in row:
+            raise DataError(path, f"document {parts[2]!r} is listed a second time for query {parts[0]!r}",
+                            line=number, field="docid", hint="a run ranks each document once per query")
+        row[parts[2]] = score
     if not run:
         raise DataError(path, "the run file is empty" if queries is None else "no line of the run names a query "
                         "of the evaluated split")

@@ -32,10 +32,18 @@ from mining.filters import Filter, TopKPercPos, anchor_score, as_chain, describe
 from mining.report import HISTOGRAM_FILE, MiningReport
 from mining.settings import DEFAULT_SHARD_SIZE, SAMPLINGS
 from mining.sources import Rescored, ranked
-from retriever.data import POOLS_FILE, POOLS_META, Candidate, Dataset, Pool, read_pools
-from retriever.dense import encoder_identity, encoding_record
+from retriever.data import POOLS_FILE, POOLS_META, Candidate, Dataset, Pool, corpus_fingerprint, read_pools
+from retriever.dense import DenseRetriever, encoder_identity, encoding_record
 from retriever.factory import as_retriever
-from retriever.io import HardnegError, atomic_write, library_versions, write_json
+from retriever.index import check_index_fits
+from retriever.io import (
+    HardnegError,
+    atomic_write,
+    check_output_folder,
+    library_versions,
+    remove_stale_staging,
+    write_json,
+)
 from retriever.protocol import EncoderBacked, Scorer, components, describe
 
 META_FILE = POOLS_META  # the names live with the pools format (retriever.data)
@@ -73,6 +81,11 @@ class MiningResult:
     pools: list[Pool]
     stats: MiningStats
     meta: dict
+
+    def __repr__(self) -> str:  # the dataclass repr would print every pool
+        counts = self.meta.get("counts", {})
+        return (f"MiningResult({len(self.pools):,} pools, {counts.get('negatives_written', '?')} negatives, "
+                f"{counts.get('queries_with_hard_negatives', '?')} queries with hard negatives)")
 
     def summary(self) -> str:
         """What a user should read after mining: counts, and a warning when the filter starved the pools."""
@@ -141,6 +154,8 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     still sit below most of their positives. The counts say how many queries it filled.
     """
     check_settings(depth, num_negatives, sampling, shard_size)
+    if output_dir is not None:
+        check_output_folder(output_dir, "output_dir")
     flt = filter if filter is not None else TopKPercPos(0.95)
     chain = as_chain(flt)
     anchor_score([0.0], anchor)  # validates the anchor name up front
@@ -150,6 +165,9 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     source = as_retriever(retriever)
     if rescorer is not None:
         source = Rescored(source, rescorer)
+    for part in components(source):
+        if isinstance(part, DenseRetriever):
+            check_index_fits(part.index_spec, len(dataset.corpus))
     positives = {query_id: sorted(dataset.relevant(query_id)) for query_id in dataset.queries}
     queries = {query_id: text for query_id, text in dataset.queries.items() if positives[query_id]}
     if not queries:
@@ -167,6 +185,8 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     checksums = dataset.checksums()
     query_ids = list(queries)
     shards = [query_ids[start:start + shard_size] for start in range(0, len(query_ids), shard_size)]
+    if output_dir is not None:
+        remove_stale_staging(output_dir)  # what a killed run left half-written; its finished shards stay
     store = _ShardStore(Path(output_dir) / SHARDS_DIR,
                         _fingerprint(settings, checksums, query_ids, _model_identities(source))) \
         if output_dir is not None else None
@@ -185,6 +205,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     pools, records = [], []
     if store is not None:
         output_dir = Path(output_dir)
+        (output_dir / META_FILE).unlink(missing_ok=True)  # an old one must never describe the new pools
         with atomic_write(output_dir / POOLS_FILE, "wb") as handle:
             for number in range(len(shards)):
                 handle.write(store.pools_path(number).read_bytes())
@@ -205,9 +226,10 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
                          candidate_scores=record.candidate_scores, is_positive=record.is_positive,
                          removed_by=record.removed_by, sampled=record.sampled)
     meta = {"dataset": dataset.name, "split": dataset.split, "settings": settings,
+            "corpus": {"fingerprint": corpus_fingerprint(dataset.corpus), "documents": len(dataset.corpus)},
             "counts": stats.to_json(num_negatives), "report": report.to_json(),
             "encoding": encoding_record(source),
-            "skipped_qrels_rows": dataset.skipped_qrels, "library_versions": library_versions(),
+            **dataset.qrels_counts(), "library_versions": library_versions(),
             "input_checksums": checksums, "config": config or {}, "seconds": round(time.time() - started, 1)}
     if store is not None:
         report.write_histogram(Path(output_dir) / HISTOGRAM_FILE)
@@ -292,17 +314,15 @@ class _ShardStore:
     """
 
     def __init__(self, folder: Path, fingerprint: str) -> None:
-        self.folder = folder
-        marker = folder / "fingerprint.json"
+        self.folder, self.fingerprint = folder, fingerprint
+        self.marker = folder / "fingerprint.json"
         if folder.is_dir():
             try:
-                same = json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+                same = json.loads(self.marker.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
             except (OSError, ValueError):
                 same = False
             if not same:  # other settings or inputs: their shards are not ours to reuse
                 shutil.rmtree(folder)
-        if not folder.is_dir():
-            write_json(marker, {"fingerprint": fingerprint})
 
     def pools_path(self, number: int) -> Path:
         return self.folder / f"shard-{number:05d}.jsonl"
@@ -327,6 +347,8 @@ class _ShardStore:
             "sampled": _concat([r.sampled for r in records], bool),
             "fallback": np.array([r.fallback for r in records], dtype=bool),
         }
+        if not self.marker.is_file():  # written with the first shard: a run that fails before leaves nothing
+            write_json(self.marker, {"fingerprint": self.fingerprint})
         with atomic_write(self.records_path(number), "wb") as handle:
             np.savez(handle, **arrays)
         with atomic_write(self.pools_path(number)) as handle:

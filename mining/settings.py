@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from mining.filters import ANCHORS, FILTERS, make_filter
 from retriever.io import HardnegError
-from retriever.settings import check_fields, setting
+from retriever.settings import MAX_SEED, check_fields, setting
 
 SAMPLINGS = ("top", "random")
 DEFAULT_SHARD_SIZE = 10_000
@@ -63,7 +63,7 @@ class MineSettings:
                                                 "leaves short of negatives, in rank order; counted in the report",
                                           choices=ANCHORS)
     sampling: str = setting("top", "take the best survivors or a seeded random sample", choices=SAMPLINGS)
-    seed: int = setting(42, "seed of the random sampling")
+    seed: int = setting(42, "seed of the random sampling", ge=0, le=MAX_SEED)
 
     def check(self) -> None:
         """Types, ranges and the combinations that cannot work, before any model or document is read."""
@@ -105,7 +105,7 @@ def check_source_settings(specs: Sequence[str], *, bm25_backend: str = "bm25s", 
     together with a teacher), because a miner that quietly drops a setting is what users complain about.
     """
     from retriever.bm25 import BACKENDS
-    from retriever.encoder import resolve_model_path
+    from retriever.encoder import resolve_model
     from retriever.index import check_index_spec
 
     if not specs:
@@ -128,6 +128,6 @@ def check_source_settings(specs: Sequence[str], *, bm25_backend: str = "bm25s", 
     roles += [(role, spec) for role, spec in (("cross-encoder", cross_encoder), ("teacher", teacher)) if spec]
     for role, spec in roles:
         try:
-            resolve_model_path(spec)  # a path that does not exist is refused here
+            resolve_model(spec)  # a path that does not exist is refused here
         except HardnegError as err:
             raise HardnegError(f"{role}: {err}") from None

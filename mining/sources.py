@@ -32,7 +32,7 @@ from retriever.bm25 import BM25Retriever
 from retriever.data import Corpus, Queries, Run
 from retriever.encoding import autocast, resolve_precision
 from retriever.factory import as_retriever
-from retriever.io import HardnegError
+from retriever.io import HardnegError, last_line
 from retriever.protocol import Retriever, Scorer, describe
 
 
@@ -86,6 +86,9 @@ class Hybrid:
         return {query_id: {doc_id: row[doc_id] for doc_id in ranked(row, corpus)[:top_k]}
                 for query_id, row in fused.items()}
 
+    def parts(self) -> list[object]:
+        return list(self.sources)
+
 
 class CrossEncoderScorer:
     """Scores (query, document) pairs with a sentence-transformers ``CrossEncoder`` (a path or a hub name).
@@ -100,15 +103,16 @@ class CrossEncoderScorer:
     def __init__(self, model: str | os.PathLike | object, *, batch_size: int = 32, max_length: int | None = None,
                  device: str | None = None, show_progress: bool = True, precision: str = "auto") -> None:
         if isinstance(model, (str, os.PathLike)):
-            from retriever.encoder import resolve_model_path
+            from retriever.encoder import resolve_model
 
-            location = resolve_model_path(model)  # a missing path is refused here, before any work
+            location = resolve_model(model)  # a missing path is refused here, before any work
             try:
                 from sentence_transformers import CrossEncoder
 
                 model = CrossEncoder(location, max_length=max_length, device=device)
-            except (OSError, ValueError) as err:
-                raise HardnegError(f"cannot load cross-encoder '{location}': {err}".splitlines()[0]) from None
+            except Exception as err:  # OSError/ValueError for a bad folder, the weight loaders' own types for damage
+                raise HardnegError(f"cannot load cross-encoder '{location}': {type(err).__name__}: "
+                                   f"{last_line(err)}") from None
             self.name = str(location)
         else:
             self.name = getattr(model, "name_or_path", None) or type(model).__name__
@@ -167,6 +171,9 @@ class Rescored:
 
     def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
         return self.scorer.score(corpus, queries, pairs)
+
+    def parts(self) -> list[object]:
+        return [self.source, self.scorer]
 
 
 def build_source(specs: Sequence[str | object], *, bm25_backend: str = "bm25s", index: str = "Flat",

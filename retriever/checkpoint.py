@@ -81,7 +81,7 @@ def find_checkpoint(output_dir: str | os.PathLike, resume: str | os.PathLike) ->
     if checkpoint_dirs(path):
         return checkpoint_dirs(path)[-1]
     raise HardnegError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}) nor a run folder with "
-                       f"{CHECKPOINTS_DIR}/step-N")
+                       f"{CHECKPOINTS_DIR}/step-NNNNNNN")
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model, state: dict[str, Any],

@@ -5,16 +5,23 @@ corpora and pools too, and ``retriever`` imports neither ``mining`` nor ``eval``
 
 Readers accept BEIR folders (``corpus.jsonl[.gz]``, ``queries.jsonl[.gz]``, ``qrels/<split>.tsv``,
 CRLF or LF) and MS MARCO passage files (``collection.tsv``, ``queries.*.tsv``, qrels as TSV or as TREC
-``qid 0 pid rel``). A qrels row whose query or document is unknown is skipped and counted, never kept.
-Any malformed line raises :class:`~retriever.io.DataError` naming file, line and field.
+``qid 0 pid rel``). A byte-order mark on the first line is read as the encoding marker it is, on any file.
+A qrels row naming a document that is not in the corpus is kept for evaluation (the document can never be
+retrieved and its query still counts, as in BEIR and MTEB) but never used as a positive; a row naming an
+unknown query is dropped (there is no text to search with). Both are counted. Ids with whitespace or control
+characters are refused, since the run files and TSVs hardneg writes separate fields by whitespace. Any
+malformed line raises :class:`~retriever.io.DataError` naming file, line and field.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import math
 import os
 import random
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +55,10 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __repr__(self) -> str:  # the dataclass repr would print every document
+        where = f", path={str(self.path)!r}" if self.path else ""
+        return f"Corpus({len(self.ids):,} documents{where})"
+
     def __contains__(self, doc_id: str) -> bool:
         return doc_id in self.position
 
@@ -63,13 +74,29 @@ class Corpus:
         return self.text(self.position[doc_id])
 
 
+def corpus_fingerprint(corpus: Corpus) -> str:
+    """sha256 over document ids and the exact texts the encoder sees (so a subset or edit changes it): the key of
+    cached embeddings, and what ties mined pools to the corpus they were mined on."""
+    cached = getattr(corpus, "_hardneg_fingerprint", None)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    for i, doc_id in enumerate(corpus.ids):
+        digest.update(doc_id.encode("utf-8") + b"\x00" + corpus.text(i).encode("utf-8") + b"\x01")
+    value = digest.hexdigest()
+    object.__setattr__(corpus, "_hardneg_fingerprint", value)
+    return value
+
+
 @dataclass
 class Dataset:
     """One split of a retrieval dataset, with qrels already checked against corpus and queries.
 
     ``queries`` holds only the queries that have at least one judged document in ``qrels``.
-    ``skipped_qrels`` counts qrels rows dropped because their query or document id is unknown.
-    ``files`` are the input files, checksummed into every output's provenance record.
+    ``skipped_qrels`` counts qrels rows dropped because their query is unknown; ``unretrievable_qrels`` the rows
+    kept although their document is not in the corpus (evaluation counts them, mining cannot use them);
+    ``duplicate_qrels`` identical rows read once. ``files`` are the input files, checksummed into every
+    output's provenance record.
     """
 
     name: str
@@ -79,13 +106,27 @@ class Dataset:
     qrels: Qrels
     files: list[Path]
     skipped_qrels: int = 0
+    unretrievable_qrels: int = 0
+    duplicate_qrels: int = 0
+
+    def __repr__(self) -> str:
+        judged = sum(len(judged) for judged in self.qrels.values())
+        return (f"Dataset({self.name}/{self.split}: {len(self.queries):,} queries, {judged:,} judgements, "
+                f"{len(self.corpus):,} documents)")
 
     def checksums(self) -> dict[str, str]:
         return {str(path): file_checksum(path) for path in self.files}
 
     def relevant(self, query_id: str) -> dict[str, int]:
-        """The documents judged relevant (grade > 0) for a query."""
-        return {doc_id: grade for doc_id, grade in self.qrels.get(query_id, {}).items() if grade > 0}
+        """The documents of the corpus judged relevant (grade > 0) for a query: the positives to mine and train
+        with. Evaluation reads ``qrels`` itself, where a judged document missing from the corpus still counts."""
+        return {doc_id: grade for doc_id, grade in self.qrels.get(query_id, {}).items()
+                if grade > 0 and doc_id in self.corpus}
+
+    def qrels_counts(self) -> dict[str, int]:
+        """What reading the qrels dropped, kept or merged, for the provenance records of every output."""
+        return {"skipped_qrels_rows": self.skipped_qrels, "unretrievable_qrels_rows": self.unretrievable_qrels,
+                "duplicate_qrels_rows": self.duplicate_qrels}
 
 
 # ---------------------------------------------------------------------------------------------- lines
@@ -97,10 +138,11 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line without its end-of-line), decoding strictly so bad bytes are located.
 
-    Lines end at "\\n"; a trailing "\\r" is stripped, since BEIR ships qrels with CRLF.
+    Lines end at "\\n"; a trailing "\\r" is stripped, since BEIR ships qrels with CRLF. A UTF-8 byte-order
+    mark opening the file is dropped (Windows editors write one): kept, it would become part of the first id.
     """
     if not path.is_file():
         raise DataError(path, "file not found", hint="check the path")
@@ -113,13 +155,15 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 except UnicodeDecodeError as err:
                     raise DataError(path, f"not valid UTF-8 ({err.reason} at byte {err.start + 1} of the line)",
                                     line=number, hint="re-encode the file as UTF-8") from None
+                if number == 1:
+                    line = line.removeprefix("\ufeff")
                 yield number, line.rstrip("\r\n")
     except (OSError, EOFError) as err:  # a truncated .gz, for example
         raise DataError(path, f"cannot be read: {err}", line=number + 1) from None
 
 
 def _json_records(path: Path) -> Iterator[tuple[int, dict]]:
-    for number, line in _lines(path):
+    for number, line in numbered_lines(path):
         if not line.strip():
             continue
         try:
@@ -145,6 +189,34 @@ def _string_field(path: Path, number: int, record: dict, name: str, *, required:
     return value
 
 
+def id_problem(value: object) -> str | None:
+    """Why ``value`` cannot be an id in the files hardneg writes (TREC runs, TSVs), or None when it can.
+
+    Whitespace and control characters split or break a line; format characters (a zero-width joiner in a
+    Persian title) do not, and stay allowed.
+    """
+    if not isinstance(value, str):
+        return f"is not a string ({type(value).__name__})"
+    if not value:
+        return "is empty"
+    if value.isprintable() and " " not in value:  # the common case, at C speed
+        return None
+    for char in value:
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            name = unicodedata.name(char, "")
+            return f"contains {name} ({char!r})" if name else f"contains the control character {char!r}"
+    return None
+
+
+def _checked_id(path: Path, number: int, field: str, value: str) -> str:
+    problem = id_problem(value)
+    if problem:
+        raise DataError(path, f"id {value!r} {problem}", line=number, field=field,
+                        hint="ids must have no whitespace or control characters: TREC run files and TSVs "
+                             "separate fields by whitespace")
+    return value
+
+
 def _check_unique(seen: set[str], doc_id: str, path: Path, number: int) -> None:
     if doc_id in seen:
         raise DataError(path, f"duplicate id {doc_id!r}", line=number, field="_id",
@@ -163,13 +235,13 @@ def load_corpus(path: str | os.PathLike) -> Corpus:
     bodies: list[str] = []
     seen: set[str] = set()
     if _is_tsv(path):
-        for number, line in _lines(path):
+        for number, line in numbered_lines(path):
             if not line.strip():
                 continue
             parts = line.split("\t")
             if len(parts) < 2:
                 raise DataError(path, "expected 'pid<TAB>text'", line=number, field="text")
-            doc_id, body = parts[0].strip(), "\t".join(parts[1:]).strip()
+            doc_id, body = _checked_id(path, number, "pid", parts[0].strip()), "\t".join(parts[1:]).strip()
             _check_unique(seen, doc_id, path, number)
             if not body:
                 raise DataError(path, f"empty text for document {doc_id!r}", line=number, field="text")
@@ -178,9 +250,7 @@ def load_corpus(path: str | os.PathLike) -> Corpus:
             bodies.append(body)
     else:
         for number, record in _json_records(path):
-            doc_id = _string_field(path, number, record, "_id").strip()
-            if not doc_id:
-                raise DataError(path, "empty id", line=number, field="_id")
+            doc_id = _checked_id(path, number, "_id", _string_field(path, number, record, "_id").strip())
             body = _string_field(path, number, record, "text")
             title = _string_field(path, number, record, "title", required=False)
             _check_unique(seen, doc_id, path, number)
@@ -203,19 +273,19 @@ def load_queries(path: str | os.PathLike) -> Queries:
     path = Path(path)
     queries: Queries = {}
     if _is_tsv(path):
-        for number, line in _lines(path):
+        for number, line in numbered_lines(path):
             if not line.strip():
                 continue
             parts = line.split("\t")
             if len(parts) < 2 or not parts[1].strip():
                 raise DataError(path, "expected 'qid<TAB>text' with non-empty text", line=number, field="text")
-            query_id = parts[0].strip()
+            query_id = _checked_id(path, number, "qid", parts[0].strip())
             if query_id in queries:
                 raise DataError(path, f"duplicate id {query_id!r}", line=number, field="qid")
             queries[query_id] = "\t".join(parts[1:]).strip()
     else:
         for number, record in _json_records(path):
-            query_id = _string_field(path, number, record, "_id").strip()
+            query_id = _checked_id(path, number, "_id", _string_field(path, number, record, "_id").strip())
             text = _string_field(path, number, record, "text").strip()
             if query_id in queries:
                 raise DataError(path, f"duplicate id {query_id!r}", line=number, field="_id")
@@ -236,12 +306,21 @@ def load_qrels(path: str | os.PathLike) -> Qrels:
     * BEIR ``query-id<TAB>corpus-id<TAB>score`` with a header line;
     * MS MARCO ``qid<TAB>0<TAB>pid<TAB>rel``;
     * TREC ``qid 0 docid rel`` separated by spaces (anserini's qrels files).
-    The layout is decided by the number of columns of the first data line and then enforced.
+    The layout is decided by the number of columns of the first data line and then enforced. A (query,
+    document) pair judged twice with the same grade is read once (:func:`read_qrels` counts it); with two
+    different grades it is an error naming both lines, since any choice between them changes the scores.
     """
+    return read_qrels(path)[0]
+
+
+def read_qrels(path: str | os.PathLike) -> tuple[Qrels, int]:
+    """:func:`load_qrels` and the number of identical duplicate rows it read once."""
     path = Path(path)
     qrels: Qrels = {}
+    first_line: dict[tuple[str, str], int] = {}
+    duplicates = 0
     columns = None
-    for number, line in _lines(path):
+    for number, line in numbered_lines(path):
         if not line.strip():
             continue
         parts = line.split("\t") if "\t" in line else line.split()
@@ -258,10 +337,21 @@ def load_qrels(path: str | os.PathLike) -> Qrels:
         query_id, doc_id, grade = (parts[0], parts[1], parts[2]) if columns == 3 else (parts[0], parts[2], parts[3])
         if not _is_int(grade):
             raise DataError(path, f"relevance grade {grade!r} is not an integer", line=number, field="score")
-        qrels.setdefault(query_id.strip(), {})[doc_id.strip()] = int(grade)
+        query_id = _checked_id(path, number, "query-id", query_id.strip())
+        doc_id = _checked_id(path, number, "corpus-id", doc_id.strip())
+        judged = qrels.setdefault(query_id, {})
+        if doc_id in judged:
+            if judged[doc_id] != int(grade):
+                raise DataError(path, f"query {query_id!r} judges document {doc_id!r} twice, {judged[doc_id]} on "
+                                f"line {first_line[query_id, doc_id]} and {int(grade)} here", line=number,
+                                field="score", hint="keep one judgement per (query, document)")
+            duplicates += 1
+            continue
+        judged[doc_id] = int(grade)
+        first_line[query_id, doc_id] = number
     if not qrels:
         raise DataError(path, "no qrels rows found")
-    return qrels
+    return qrels, duplicates
 
 
 def _is_int(text: str) -> bool:
@@ -279,32 +369,38 @@ def _is_tsv(path: Path) -> bool:
 # ----------------------------------------------------------------------------------------- datasets
 
 
-def resolve_qrels(qrels: Qrels, corpus: Corpus, queries: Queries) -> tuple[Qrels, int]:
-    """Drop qrels rows whose query or document is unknown; return the kept rows and how many were dropped."""
+def resolve_qrels(qrels: Qrels, corpus: Corpus, queries: Queries) -> tuple[Qrels, int, int]:
+    """Check qrels against the queries and the corpus: (kept rows, rows dropped for an unknown query, kept rows
+    whose document is not in the corpus).
+
+    A judged document missing from the corpus stays: BEIR and MTEB evaluate with the qrels as given, so such a
+    document lowers recall and nDCG (it can never be retrieved) and a query whose relevant documents are all
+    missing still counts, at 0. Dropping them would move the mean away from the published figures.
+    """
     kept: Qrels = {}
-    skipped = 0
+    skipped = unretrievable = 0
     for query_id, judged in qrels.items():
         if query_id not in queries:
             skipped += len(judged)
             continue
-        known = {doc_id: grade for doc_id, grade in judged.items() if doc_id in corpus}
-        skipped += len(judged) - len(known)
-        if known:
-            kept[query_id] = known
-    return kept, skipped
+        unretrievable += sum(1 for doc_id in judged if doc_id not in corpus)
+        kept[query_id] = dict(judged)
+    return kept, skipped, unretrievable
 
 
 def build_dataset(name: str, split: str, corpus_path: Path, queries_path: Path, qrels_path: Path) -> Dataset:
     """Read the three files of a split and check them against each other."""
     corpus = load_corpus(corpus_path)
     all_queries = load_queries(queries_path)
-    qrels, skipped = resolve_qrels(load_qrels(qrels_path), corpus, all_queries)
-    if not qrels:
+    judged, duplicates = read_qrels(qrels_path)
+    qrels, skipped, unretrievable = resolve_qrels(judged, corpus, all_queries)
+    if not any(doc_id in corpus for judged in qrels.values() for doc_id in judged):
         raise DataError(qrels_path, "no qrels row refers to a known query and document",
                         hint=f"are {queries_path.name} and {corpus_path.name} from the same dataset?")
     queries = {query_id: all_queries[query_id] for query_id in qrels}
     return Dataset(name=name, split=split, corpus=corpus, queries=queries, qrels=qrels,
-                   files=[corpus_path, queries_path, qrels_path], skipped_qrels=skipped)
+                   files=[corpus_path, queries_path, qrels_path], skipped_qrels=skipped,
+                   unretrievable_qrels=unretrievable, duplicate_qrels=duplicates)
 
 
 def bundled_datasets() -> list[str]:
@@ -397,6 +493,9 @@ class Pool:
     positives: list[Candidate]
     negatives: list[Candidate]
 
+    def __repr__(self) -> str:
+        return f"Pool({self.query_id!r}: {len(self.positives)} positives, {len(self.negatives)} negatives)"
+
     def to_json(self) -> dict:
         return {"query_id": self.query_id, "query": self.query,
                 "positives": [p.to_json() for p in self.positives],
@@ -476,12 +575,23 @@ def write_pools(path: str | os.PathLike, pools: Iterable[Pool]) -> int:
     return count
 
 
-def read_pools(path: str | os.PathLike, corpus: Corpus | None = None) -> list[Pool]:
-    """Read ``pools.jsonl``; with ``corpus``, also check that every document id is in it."""
+def read_pools(path: str | os.PathLike, corpus: Corpus | None = None, *,
+               allow_corpus_mismatch: bool = False) -> list[Pool]:
+    """Read ``pools.jsonl``; with ``corpus``, also check that every document id is in it and, when
+    ``pools.meta.json`` beside it records the corpus they were mined on, that it is this one (same ids, same
+    texts): pools mined on other texts would train without a word. ``allow_corpus_mismatch`` skips that check
+    for a user who edited the corpus on purpose."""
     path = Path(path)
+    if corpus is not None and not allow_corpus_mismatch:
+        _check_mined_on(path, corpus)
     pools = []
+    seen: dict[str, int] = {}
     for number, record in _json_records(path):
-        query_id = _string_field(path, number, record, "query_id")
+        query_id = _checked_id(path, number, "query_id", _string_field(path, number, record, "query_id"))
+        if query_id in seen:
+            raise DataError(path, f"query {query_id!r} has a second pool (the first is on line {seen[query_id]})",
+                            line=number, field="query_id", hint="one pool per query; were two files joined?")
+        seen[query_id] = number
         query = _string_field(path, number, record, "query")
         lists = {}
         for key in ("positives", "negatives"):
@@ -492,12 +602,16 @@ def read_pools(path: str | os.PathLike, corpus: Corpus | None = None) -> list[Po
             for item in items:
                 if not isinstance(item, dict) or not isinstance(item.get("doc_id"), str):
                     raise DataError(path, "each entry needs a string 'doc_id'", line=number, field=key)
+                _checked_id(path, number, key, item["doc_id"])
                 if corpus is not None and item["doc_id"] not in corpus:
                     raise DataError(path, f"document {item['doc_id']!r} is not in the corpus", line=number,
                                     field=key, hint="were the pools mined on this corpus?")
                 score = item.get("score")
                 if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
                     raise DataError(path, f"score {score!r} is not a number", line=number, field=key)
+                if score is not None and not math.isfinite(score):
+                    raise DataError(path, f"score {score!r} is not a finite number", line=number, field=key,
+                                    hint="a NaN or infinite teacher score would make the distillation loss NaN")
                 parsed.append(Candidate(item["doc_id"], None if score is None else float(score), item.get("rank"),
                                         item.get("source")))
             lists[key] = parsed
@@ -507,6 +621,24 @@ def read_pools(path: str | os.PathLike, corpus: Corpus | None = None) -> list[Po
     if not pools:
         raise DataError(path, "no pools found", hint="did mining finish?")
     return pools
+
+
+def _check_mined_on(path: Path, corpus: Corpus) -> None:
+    meta = pools_file(path).parent / POOLS_META
+    if not meta.is_file():
+        return
+    try:
+        mined_on = json.loads(meta.read_text(encoding="utf-8")).get("corpus") or {}
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(meta, f"not readable JSON ({err})") from None
+    recorded = mined_on.get("fingerprint")
+    if recorded and recorded != corpus_fingerprint(corpus):
+        raise DataError(meta, f"the pools were mined on another corpus ({mined_on.get('documents')} documents, "
+                        f"sha256 {recorded[:12]}) than the one given ({len(corpus)} documents, sha256 "
+                        f"{corpus_fingerprint(corpus)[:12]}): same ids with other texts would train on the wrong "
+                        "documents", field="corpus",
+                        hint="give the corpus they were mined on, or, if you changed it on purpose, "
+                             "--allow-corpus-mismatch (allow_corpus_mismatch=True in Python)")
 
 
 def load_dataset(data: str | os.PathLike | None = None, split: str = "test", *,

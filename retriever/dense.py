@@ -20,26 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.data import Corpus, Queries, Run
+from retriever.data import Corpus, Queries, Run, corpus_fingerprint
 from retriever.index import VectorIndex, check_index_spec
 from retriever.io import atomic_write, file_checksum, write_json
 from retriever.protocol import Encoder, PrecisionAware, components
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("HARDNEG_CACHE_DIR", "~/.cache/hardneg/embeddings")).expanduser()
 _MODEL_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
-
-
-def corpus_fingerprint(corpus: Corpus) -> str:
-    """sha256 over document ids and the exact texts the encoder sees (so a subset or edit changes it)."""
-    cached = getattr(corpus, "_hardneg_fingerprint", None)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    for i, doc_id in enumerate(corpus.ids):
-        digest.update(doc_id.encode("utf-8") + b"\x00" + corpus.text(i).encode("utf-8") + b"\x01")
-    value = digest.hexdigest()
-    object.__setattr__(corpus, "_hardneg_fingerprint", value)
-    return value
 
 
 def encoder_identity(encoder: object) -> dict | None:
@@ -51,11 +38,11 @@ def encoder_identity(encoder: object) -> dict | None:
     if custom is not None:
         return dict(custom() if callable(custom) else custom)
     name = getattr(encoder, "name", None)
-    if not name or not hasattr(encoder, "tokenizer"):
-        return None
-    from retriever.encoder import resolve_model_path
+    if not name or not hasattr(encoder, "tokenizer") or getattr(encoder, "trained_in_memory", False):
+        return None  # weights that may differ from the files ``name`` points to are never cached
+    from retriever.encoder import resolve_model
 
-    location = resolve_model_path(name)
+    location = resolve_model(name)
     identity: dict = {"model": location}
     folder = Path(location)
     if folder.is_dir():

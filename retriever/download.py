@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from retriever.io import DataError, HardnegError, current_umask
+from retriever.io import DataError, HardnegError, current_umask, staging_prefix
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 BEIR_MD5 = {
@@ -153,7 +153,7 @@ def _extract(archive: Path, destination: Path) -> None:
     """Unzip into ``destination`` (the zip's single top folder, or its files, become the dataset folder)."""
     try:
         with zipfile.ZipFile(archive) as bundle:
-            staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+            staging = Path(tempfile.mkdtemp(prefix=staging_prefix(destination.name), dir=destination.parent))
             staging.chmod(0o777 & ~current_umask())
             try:
                 for member in bundle.namelist():

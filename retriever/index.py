@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from retriever.io import HardnegError
+from retriever.io import HardnegError, last_line
 
 GPU_K_LIMIT = 2048  # faiss-gpu's largest k (and nprobe) per search call
 _LOG = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class VectorIndex:
             if len(documents) > 256 * 1024:
                 rng = np.random.default_rng(seed)
                 sample = documents[np.sort(rng.choice(len(documents), 256 * 1024, replace=False))]
-            cpu.train(sample)
+            _train(cpu, spec, sample)
         self._set_search_params(cpu, nprobe, ef_search)
         self.nprobe, self.ef_search = nprobe, ef_search
         # Kept only where a deep or sharded search may need to rebuild part of the index (memory).
@@ -185,6 +185,30 @@ class VectorIndex:
             scores[redo], positions[redo] = faiss.knn(chunk[redo], self._documents, k,
                                                       metric=faiss.METRIC_INNER_PRODUCT)
         return scores, positions
+
+
+def check_index_fits(spec: str, documents: int) -> None:
+    """Refuse an index the corpus is too small to train, before any document is encoded: an IVF index needs at
+    least one document per list (IVF4096 on NFCorpus's 3,633 documents is otherwise a faiss traceback)."""
+    check_index_spec(spec)
+    try:
+        lists = faiss.extract_index_ivf(faiss.index_factory(768, spec, faiss.METRIC_INNER_PRODUCT)).nlist
+    except (RuntimeError, TypeError, AttributeError, ValueError):
+        return  # not an IVF index (or one faiss builds only at full dimension: its training says)
+    if documents < lists:
+        raise HardnegError(f"index {spec}: IVF{lists} needs at least {lists} documents to train its {lists} lists "
+                           f"(faiss advises 39 per list); the corpus has {documents} documents. Use fewer lists "
+                           f"(IVF{max(1, documents // 39)},Flat) or Flat")
+
+
+def _train(index, spec: str, sample: np.ndarray) -> None:
+    """Train ``index`` on ``sample``; what faiss refuses is the user's to fix, not a faiss traceback."""
+    check_index_fits(spec, len(sample))
+    try:
+        index.train(sample)
+    except RuntimeError as err:
+        raise HardnegError(f"index {spec}: faiss could not train it on {len(sample)} documents ({last_line(err)})") \
+            from None
 
 
 def _merge(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,9 @@ dense search. Positive-aware mining also needs the scores of the labelled positi
 
 The other protocols name optional capabilities that a stage uses when an object has them, each checked with
 ``isinstance`` where it is used: :class:`EmbeddingSource` and :class:`CorpusScorer` (whole-corpus scores, for
-AUC against every document), :class:`PrecisionAware` (the precision recorded beside outputs and cache shards)
-and :class:`EncoderBacked` (a retriever whose model files identify its embeddings).
+AUC against every document), :class:`PrecisionAware` (the precision recorded beside outputs and cache shards),
+:class:`EncoderBacked` (a retriever whose model files identify its embeddings) and :class:`Composite` (a
+retriever made of others, walked by :func:`components`).
 """
 
 from __future__ import annotations
@@ -76,16 +77,24 @@ class EncoderBacked(Protocol):
     encoder: Encoder
 
 
+@runtime_checkable
+class Composite(Protocol):
+    """A retriever built from others (a hybrid fuses its sources, a rescored source asks a scorer): provenance
+    names every model inside it, so it says what it is made of. A custom composite defines ``parts()``;
+    attributes such as ``.source`` are not looked for."""
+
+    def parts(self) -> list[object]: ...
+
+
 def components(retriever: object) -> list[object]:
     """Every source and scorer composed inside ``retriever`` (hybrid, rescored), inner ones first, then itself.
 
     Provenance (the model files behind a run, the precision each model encodes in) walks this one list.
     """
     found: list[object] = []
-    for child in (getattr(retriever, "source", None), getattr(retriever, "scorer", None),
-                  *getattr(retriever, "sources", [])):
-        if child is not None:
-            found.extend(components(child))
+    if isinstance(retriever, Composite):
+        for part in retriever.parts():
+            found.extend(components(part))
     found.append(retriever)
     return found
 

@@ -29,6 +29,8 @@ import yaml
 
 from retriever.io import DataError, HardnegError
 
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit; a negative one is a traceback in both
+
 
 @dataclasses.dataclass(frozen=True)
 class Meta:
@@ -301,6 +303,7 @@ class ConfigSource:
         if not isinstance(self.data, dict):
             raise DataError(self.path, "expected a mapping of settings at the top level", line=1)
         self.lines: dict[str, tuple[Path, int]] = {}
+        self.overrides: dict[str, str] = {}  # key -> the command-line flag that set it, which errors name instead
         self._index(root, "")
         if BASE_KEY in self.data:
             self._build_on(self.data.pop(BASE_KEY), _seen + (self.path.resolve(),))
@@ -322,7 +325,15 @@ class ConfigSource:
         self.data = _merged(parent.data, self.data)
         self.lines = parent.lines | {key: where for key, where in self.lines.items() if key != BASE_KEY}
 
+    def override(self, key: str, flag: str | None = None) -> None:
+        """Note that ``key`` was set on the command line (by ``flag``, default ``--set key``): an error about it
+        names the flag, not a line of the file."""
+        self.overrides[key] = flag or f"--set {key}"
+
     def error(self, field: str, message: str, hint: str | None = None) -> DataError:
+        given = [flag for key, flag in self.overrides.items() if key == field or field.startswith(key + ".")]
+        if given:
+            return DataError(given[0], message, field=field, hint=hint)
         parts = field.split(".")
         where = next((self.lines[".".join(parts[:n])] for n in range(len(parts), 0, -1)
                       if ".".join(parts[:n]) in self.lines), None)
@@ -360,3 +371,25 @@ def from_mapping(cls: type, given: dict, *, section: str, source: ConfigSource |
         except HardnegError as err:
             raise source.error(where, str(err)) if source else HardnegError(f"{where}: {err}") from None
     return cls(**values, **fixed)
+
+
+def resolve_sections(top: Any, sections: dict[str, type], source: ConfigSource,
+                     shared: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """A whole config as plain dicts: the top-level settings object ``top`` and each section read through its
+    settings class (defaults filled, types and ranges checked, then the class's ``check()``), every error with
+    the file, line and key. ``shared`` names the top-level settings a section takes instead of holding them
+    (the run config's ``seed`` for mining, training and evaluation)."""
+    shared = shared or {}
+    config = dataclasses.asdict(top)
+    for section, cls in sections.items():
+        fixed = {key: getattr(top, key) for key in shared.get(section, ())}
+        settings = from_mapping(cls, getattr(top, section), section=section, source=source, **fixed)
+        if hasattr(settings, "check"):
+            try:
+                settings.check()
+            except DataError:
+                raise
+            except HardnegError as err:
+                raise source.error(section, str(err)) from None
+        config[section] = {key: value for key, value in dataclasses.asdict(settings).items() if key not in fixed}
+    return config

@@ -62,10 +62,13 @@ from retriever.gradcache import encode_and_backward
 from retriever.io import (
     HardnegError,
     atomic_write,
+    check_output_folder,
     file_checksum,
     library_versions,
     new_figure,
+    remove_stale_staging,
     save_figure,
+    staging_prefix,
     write_json,
 )
 from retriever.losses import DistilledLoss, build_masks, make_loss
@@ -206,6 +209,11 @@ class TrainResult:
     model: DualEncoder
     summary: dict
 
+    def __repr__(self) -> str:  # the dataclass repr would print the whole network
+        shown = {key: self.summary[key] for key in ("steps", "final_loss", "best_step", "seconds")
+                 if key in self.summary}
+        return f"TrainResult(model={self.model.name or type(self.model).__name__!r}, {shown})"
+
 
 def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: str | Path, *,
           model: DualEncoder | object | None = None, loss: torch.nn.Module | str | None = None,
@@ -216,7 +224,9 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
     """Train on ``pools`` and save the model folder to ``output_dir``; returns the model and its summary.
 
     ``model``: a :class:`~retriever.encoder.DualEncoder` or a loaded ``SentenceTransformer`` to train (in place:
-    a SentenceTransformer shares its weights with the returned model); default: load ``config.model``.
+    a SentenceTransformer shares its weights with the returned model); default: load ``config.model``. The
+    config's pooling, normalize, prefixes and max_length, where set, apply to a given DualEncoder; a
+    SentenceTransformer keeps its own modules, and a setting that contradicts them is refused.
     ``loss``: a loss module (``retriever.losses``: any :class:`~retriever.losses.RetrievalLoss`, or a
     :class:`~retriever.losses.DistilledLoss`, which reads the teacher scores of the pools) or a loss name;
     default: the one ``config`` describes. ``resume``: ``"latest"`` or a checkpoint/run folder to continue from
@@ -257,6 +267,7 @@ class Trainer:
         self.evaluator, self.on_step, self.remine = evaluator, on_step, remine
         self.distills = isinstance(loss, DistilledLoss) if loss is not None else config.distills
         self._check_inputs()
+        check_output_folder(output_dir, "output_dir")
         self.identity = {f"config.{key}": value for key, value in asdict(config).items()}
         self.identity["pools"] = pools_fingerprint(pools)
         if loss is not None:
@@ -310,6 +321,8 @@ class Trainer:
         config = self.config
         distributed.init_from_env()
         self.world, self.rank, self.main = distributed.world_size(), distributed.rank(), distributed.is_main()
+        if self.main:
+            remove_stale_staging(self.output_dir)  # temp files and half-saved checkpoints of a killed run
         self.device = _device(self.world)
         if config.precision == "fp16" and self.device.type != "cuda":
             raise HardnegError("train: fp16 needs a CUDA GPU (it relies on a loss scaler for CUDA); use bf16 on CPU")
@@ -318,6 +331,7 @@ class Trainer:
         np.random.seed(config.seed)
         torch.manual_seed(config.seed + self.rank)
         self.model = self._load_model()
+        self.model.trained_in_memory = True  # its weights leave the files it was loaded from: no cached embeddings
         self.model.train()
         if self.loss_module is None:
             self.loss_module = _loss_module(config)
@@ -352,6 +366,8 @@ class Trainer:
             model = _as_dual_encoder(self.given_model).to(self.device)
         else:
             model = DualEncoder.load(config.model, **options, device=self.device)
+        if self.given_model is not None:
+            _apply_model_settings(model, options, sentence_transformer=not isinstance(self.given_model, DualEncoder))
         model.name = config.model if self.given_model is None else (model.name or config.model)
         return model
 
@@ -594,6 +610,22 @@ def _remined_pools(remine: Remine, model: DualEncoder | None, round_number: int,
     return fresh
 
 
+def _apply_model_settings(model: DualEncoder, options: dict, *, sentence_transformer: bool) -> None:
+    """The config's pooling, normalisation, prefixes and token limit (those set) on a given model object.
+
+    A DualEncoder takes them. A SentenceTransformer is trained in place and keeps encoding with its own
+    modules afterwards, so a setting that would make hardneg train it differently from how it encodes is refused.
+    """
+    for key, value in options.items():
+        current = getattr(model, key)
+        if value is None or value == current:
+            continue
+        if sentence_transformer:
+            raise HardnegError(f"train: {key}={value!r} differs from the given SentenceTransformer's {current!r}; "
+                               f"set it on the SentenceTransformer (trained in place), or leave {key} unset")
+        setattr(model, key, value)
+
+
 def _as_dual_encoder(model: object) -> DualEncoder:
     return model if isinstance(model, DualEncoder) else DualEncoder.from_sentence_transformer(model)
 
@@ -646,7 +678,7 @@ def _save_model_into(model: DualEncoder, output_dir: Path) -> None:
     Each entry is renamed into place from a finished staging copy, so a crash leaves a loadable model.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix("final"), dir=output_dir))
     try:
         model.save(staging / "model")
         for entry in sorted((staging / "model").iterdir()):

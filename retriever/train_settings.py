@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from retriever.encoding import PRECISIONS
 from retriever.io import HardnegError
-from retriever.settings import check_fields, setting
+from retriever.settings import MAX_SEED, check_fields, setting
 
 LOSSES = ("infonce", "mw", "decoupled", "kd")
 DISTILL_FORMS = ("kl", "margin-mse")
@@ -71,7 +71,7 @@ class TrainConfig:
                                                "as the dev set for keep-best and early stopping, for data with "
                                                "no dev split", gt=0, le=0.5)
     patience: int | None = setting(None, "stop after this many dev evaluations without a new best", gt=0)
-    seed: int = setting(42, "seed of the data order, sampling and initialisation")
+    seed: int = setting(42, "seed of the data order, sampling and initialisation", ge=0, le=MAX_SEED)
 
     def check(self) -> None:
         """Refuse settings that cannot train, before the model is loaded."""

@@ -30,8 +30,9 @@ def test_every_public_name_resolves_to_the_object_of_its_home_module():
 
 def test_python_m_hardneg_is_the_cli_and_importing_it_loads_no_torch():
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    probe = subprocess.run([sys.executable, "-c", "import sys, hardneg; "
-                            "print('torch' in sys.modules)"], capture_output=True, text=True, env=env, timeout=300)
+    probe = subprocess.run([sys.executable, "-c", "import sys, hardneg, hardneg.cli; hardneg.cli.build_parser(); "
+                            "print('torch' in sys.modules or 'faiss' in sys.modules)"], capture_output=True,
+                           text=True, env=env, timeout=300)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "False"
     result = subprocess.run([sys.executable, "-m", "hardneg", "train", "--help"], capture_output=True, text=True,
@@ -64,3 +65,24 @@ def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch, capsys
     assert re.search(r"^loss \d+\.\d{3}$", out, flags=re.M), out
     assert (tmp_path / "runs" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "overlap" / "metrics.json").is_file()
+
+
+def test_datasets_corpora_pools_and_results_print_short(demo_train):
+    from mining.filters import TopK
+    from mining.mine import mine
+
+    assert repr(demo_train) == "Dataset(nfcorpus-demo/train: 400 queries, 3,934 judgements, 2,000 documents)"
+    assert repr(demo_train.corpus).startswith("Corpus(2,000 documents")
+    result = mine(demo_train, "bm25", depth=20, num_negatives=2, filter=TopK(), show_progress=False)
+    assert len(repr(result)) < 200 and repr(result).startswith(f"MiningResult({len(result.pools)} pools")
+    assert repr(result.pools[0]).startswith(f"Pool({result.pools[0].query_id!r}: ")
+
+
+def test_resolve_model_gives_the_folder_sentence_transformers_loads_offline():
+    from sentence_transformers import SentenceTransformer
+
+    import hardneg
+
+    folder = hardneg.resolve_model("all-MiniLM-L6-v2")
+    assert Path(folder).is_dir()
+    assert SentenceTransformer(folder, device="cpu").encode(["a query"]).shape == (1, 384)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import pytrec_eval
 
-from eval.cli import main
 from eval.runs import read_run
+from hardneg.cli import main
 from retriever.data import BUNDLED_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,3 +145,10 @@ def test_unknown_config_key_is_refused(tmp_path, capsys):
     assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
     assert "unknown setting 'train.batchsize'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_quiet_after_the_command_silences_every_bar(capsys, tmp_path):
+    assert main(["evaluate", "--quiet", "--data", "nfcorpus-demo", "--retriever", "bm25", "--metrics", "nDCG@10",
+                 "--depth", "100", "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "nDCG@10" in captured.out

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from scipy import stats
 
-from eval.cli import main
 from eval.compare import compare, markdown_comparison, paired_t_test, randomization_test
-from eval.reproduce import MATCH, OFF, WITHIN, check, load_benchmark_config, reproduce
+from hardneg.cli import main
+from hardneg.reproduce import MATCH, OFF, WITHIN, check, load_benchmark_config, reproduce
 from retriever.io import DataError, HardnegError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -99,15 +99,18 @@ def test_unknown_split_and_missing_folder(tmp_path):
         load_beir(tmp_path / "nowhere", "test")
 
 
-def test_unknown_qrels_rows_are_skipped_and_counted(tmp_path):
-    rows = GOOD_QRELS + ["qX\td1\t1", "qX\td2\t2",  # unknown query
+def test_unknown_queries_are_dropped_and_unknown_documents_kept_unretrievable(tmp_path):
+    """BEIR/MTEB's rule: a judged document missing from the corpus stays in the qrels (it can never be retrieved,
+    so it costs recall and nDCG) and its query counts; mining never takes it as a positive."""
+    rows = GOOD_QRELS + ["qX\td1\t1", "qX\td2\t2",  # unknown query: no text to search with, dropped
                          "q1\tdX\t1",  # unknown document
                          "q3\tdY\t1"]  # known query, but its only row has an unknown document
     data = load_beir(make_beir(tmp_path / "tiny", rows), "test")
-    assert data.skipped_qrels == 4
-    assert data.qrels == {"q1": {"d1": 2, "d2": 0}, "q2": {"d2": 1, "d4": 1}}
-    assert set(data.queries) == {"q1", "q2"}
-    assert "qX" not in data.qrels and all("dX" not in judged for judged in data.qrels.values())
+    assert (data.skipped_qrels, data.unretrievable_qrels, data.duplicate_qrels) == (2, 2, 0)
+    assert data.qrels == {"q1": {"d1": 2, "d2": 0, "dX": 1}, "q2": {"d2": 1, "d4": 1}, "q3": {"dY": 1}}
+    assert set(data.queries) == {"q1", "q2", "q3"}
+    assert data.relevant("q1") == {"d1": 2} and data.relevant("q3") == {}
+    assert data.qrels_counts() == {"skipped_qrels_rows": 2, "unretrievable_qrels_rows": 2, "duplicate_qrels_rows": 0}
 
 
 def test_qrels_with_no_known_row_is_an_error(tmp_path):
@@ -184,9 +187,12 @@ def test_real_dl19_topics_and_graded_qrels_with_the_sample_corpus(msmarco_folder
                         msmarco_folder / "anserini" / "topics.dl19-passage.txt",
                         msmarco_folder / "anserini" / "qrels.dl19-passage.txt", split="dl19")
     assert data.split == "dl19" and len(data.queries) == 43
-    assert sum(len(judged) for judged in data.qrels.values()) == 4102  # every judged-relevant passage is there
-    assert data.skipped_qrels == 9260 - 4102  # judged non-relevant passages outside the sample, counted
-    assert {grade for judged in data.qrels.values() for grade in judged.values()} == {1, 2, 3}
+    assert sum(len(judged) for judged in data.qrels.values()) == 9260  # every judgement kept
+    assert data.unretrievable_qrels == 9260 - 4102  # judged non-relevant passages outside the sample, counted
+    assert data.skipped_qrels == 0
+    assert {grade for doc_ids in [data.relevant(q) for q in data.queries] for grade in doc_ids.values()} == {1, 2, 3}
+    assert {grade for judged in data.qrels.values() for doc_id, grade in judged.items()
+            if doc_id not in data.corpus} == {0}  # every judged-relevant passage is in the sample
 
 
 def test_real_dev_small_trec_qrels(msmarco_folder):

@@ -186,7 +186,7 @@ def test_max_steps_and_patience_stop_training(small, tiny_model, tmp_path):
 
 
 def test_cli_refuses_bad_distillation_and_selection_settings(small, tiny_model, tmp_path, capsys):
-    from eval.cli import main
+    from hardneg.cli import main
 
     _, pools = small
     write_pools(tmp_path / "pools.jsonl", pools)  # no pools.meta.json naming a teacher: student scores
@@ -203,7 +203,7 @@ def test_cli_refuses_bad_distillation_and_selection_settings(small, tiny_model, 
 
 
 def test_cli_selects_on_held_out_training_queries(small, tiny_model, tmp_path, capsys):
-    from eval.cli import main
+    from hardneg.cli import main
 
     _, pools = small
     write_pools(tmp_path / "pools.jsonl", pools)

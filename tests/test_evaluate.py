@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-from eval.cli import main
 from eval.evaluate import evaluate
 from eval.runs import read_run, write_run
+from hardneg.cli import main
 from retriever.data import BUNDLED_DIR, Corpus, Dataset, Queries, Run, load_beir
 from retriever.encoding import autocast, resolve_precision
 from retriever.io import DataError, HardnegError
@@ -162,7 +162,7 @@ def test_qrels_with_non_integer_grade(tmp_path, capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["--metrics", "nDCG@10,bpref"], "unknown metric 'bpref'"),
     (["--metrics", "AUC-corpus", "--run-file", "{run}"], "AUC-corpus needs document scores"),
-    (["--metrics", "nDCG@10", "--relevance-level", "0"], "relevance level must be >= 1"),
+    (["--metrics", "nDCG@10", "--relevance-level", "0"], "relevance_level: must be >= 1"),
     (["--metrics", "Recall@100", "--depth", "10"], "deeper than the run depth"),
 ])
 def test_bad_options(argv, expected, bm25_evaluation, tmp_path, capsys):

@@ -114,7 +114,7 @@ def test_sentence_transformers_loss_consumes_a_batch(pools, corpus, tiny_model):
 def test_cli_export_writes_each_format_and_refuses_without_a_corpus(tmp_path, demo_train, capsys):
     import datasets
 
-    from eval.cli import main
+    from hardneg.cli import main
     from mining.filters import TopK
     from mining.mine import mine
     from retriever.data import read_pools

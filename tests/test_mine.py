@@ -301,7 +301,7 @@ def test_report_is_written_and_matches_the_counts(demo_train, tmp_path):
     (["--shard-size", "0"], "shard_size"),
 ])
 def test_cli_refuses_bad_settings_before_work(extra, message, tmp_path, capsys):
-    from eval.cli import main
+    from hardneg.cli import main
 
     output = tmp_path / "pools"
     code = main(["--quiet", "mine", "--data", "nfcorpus-demo", "--output", str(output), *extra])
@@ -312,7 +312,7 @@ def test_cli_refuses_bad_settings_before_work(extra, message, tmp_path, capsys):
 
 
 def test_cli_mines_with_a_fused_source_and_a_teacher(demo_train, tiny_model, tmp_path, capsys):
-    from eval.cli import main
+    from hardneg.cli import main
 
     data_dir = tmp_path / "data"
     (data_dir / "qrels").mkdir(parents=True)

@@ -131,7 +131,7 @@ def test_remining_needs_its_hook_and_a_round_to_come(small, tiny_model, tmp_path
 
 
 def test_cli_remines_with_the_recorded_mining_settings(small, tiny_model, tmp_path, capsys):
-    from eval.cli import main
+    from hardneg.cli import main
 
     data, pools = small
     qrels = tmp_path / "qrels.tsv"
@@ -154,7 +154,7 @@ def test_cli_remines_with_the_recorded_mining_settings(small, tiny_model, tmp_pa
 
 
 def test_cli_refuses_remining_pools_it_cannot_remine(small, tiny_model, tmp_path, capsys):
-    from eval.cli import main
+    from hardneg.cli import main
 
     _, pools = small
     write_pools(tmp_path / "pools.jsonl", pools)  # converted pools: no record of how they were mined

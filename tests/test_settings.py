@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 
-from eval.cli import build_parser, main
-from eval.pipeline import SECTIONS, load_config
+from eval.settings import EvaluateSettings
+from hardneg.cli import build_parser, main
+from hardneg.pipeline import SECTIONS, load_config
 from mining.settings import MineSettings
 from retriever.encoding import EncodeSettings
 from retriever.io import DataError
@@ -70,6 +71,41 @@ def test_a_bad_run_config_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("override, field", [("train.epochs=two", "train.epochs"), ("seed=-1", "seed"),
+                                             ("evaluate.depth=0", "evaluate.depth")])
+def test_a_bad_value_given_with_set_names_the_override_not_a_line(tmp_path, override, field):
+    path = _config(tmp_path, "train:\n  epochs: 2\n  loss: nosuch\n")
+    with pytest.raises(DataError) as error:
+        load_config(path, [override, "train.loss=infonce"])
+    assert str(error.value).startswith(f"--set {override.partition('=')[0]}: field '{field}': ")
+
+
+def test_run_flags_are_named_in_errors_and_a_file_value_is_not_blamed_on_an_override(tmp_path, capsys):
+    path = _config(tmp_path, "train:\n  epochs: 2\n  loss: nosuch\n")
+    assert main(["run", str(path), "--seed", "-1", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "hardneg: error: --seed: field 'seed': must be >= 0" in capsys.readouterr().err
+    with pytest.raises(DataError) as error:
+        load_config(path, ["train.epochs=3"])
+    assert str(error.value).startswith(f"{path}:4: field 'train.loss'")
+
+
+def test_the_python_functions_default_to_the_schema():
+    """``mine()`` and ``evaluate()`` take their settings as keyword arguments; where a default is a plain value
+    it must be the schema's (the CLI's, the YAML's), so the three ways in cannot drift apart."""
+    import inspect
+
+    from eval.evaluate import evaluate
+    from mining.mine import mine
+
+    for function, cls, objects in [(mine, MineSettings, {"retriever", "filter"}), (evaluate, EvaluateSettings, set())]:
+        parameters = inspect.signature(function).parameters
+        shared = [item for item in settings_of(cls) if item.name in parameters and item.name not in objects]
+        assert len(shared) >= 6
+        for item in shared:
+            default = tuple(item.default) if isinstance(item.default, list) else item.default
+            assert parameters[item.name].default == default, (function.__name__, item.name)
+
+
 def _flags(command: str) -> dict[str, object]:
     """dest -> default of every option of a sub-command."""
     parser = build_parser()
@@ -79,7 +115,8 @@ def _flags(command: str) -> dict[str, object]:
 
 @pytest.mark.parametrize("command, cls, prefix", [("train", TrainConfig, ""), ("mine", MineSettings, ""),
                                                   ("train", EncodeSettings, "encode_"),
-                                                  ("evaluate", EncodeSettings, "encode_")])
+                                                  ("evaluate", EncodeSettings, "encode_"),
+                                                  ("evaluate", EvaluateSettings, "")])
 def test_cli_flags_and_defaults_come_from_the_schema(command, cls, prefix):
     flags = _flags(command)
     for item in settings_of(cls):

@@ -136,6 +136,29 @@ def test_a_teacher_scores_instead_of_the_retriever(demo_train, tiny_model, tmp_p
     assert all(-1.0001 <= n.score <= 1.0001 for pool in result.pools for n in pool.negatives)
 
 
+def test_provenance_names_every_model_inside_composed_sources(tiny_model):
+    from retriever.dense import encoding_record
+    from retriever.protocol import components
+
+    lexical, semantic, teacher = bm25(show_progress=False), dense(str(tiny_model)), dense(str(tiny_model))
+    composed = Rescored(Hybrid([lexical, semantic]), teacher)
+    assert components(composed)[:3] == [lexical, semantic, composed.source]
+    assert components(composed)[3:] == [teacher, composed]
+
+    class Ensemble:  # a user's own composite: it says what it is made of, and its models are recorded
+        def __init__(self, members):
+            self.members = members
+
+        def search(self, corpus, queries, top_k):
+            return self.members[0].search(corpus, queries, top_k)
+
+        def parts(self):
+            return list(self.members)
+
+    assert len(encoding_record(Ensemble([semantic, teacher]))) == 2
+    assert encoding_record(Ensemble([lexical])) == []
+
+
 def test_hybrid_with_a_positive_aware_filter_needs_a_rescorer(demo_train, tiny_model):
     data = small(demo_train, 4, 300)
     fused = Hybrid([bm25(show_progress=False), dense(str(tiny_model), show_progress=False)])

@@ -248,7 +248,7 @@ def _cli(*args: str, env_extra: dict | None = None, launcher: list[str] | None =
     (["--resume"], "no checkpoint in"),
 ])
 def test_cli_refuses_bad_training_settings_before_work(extra, message, small, tiny_model, tmp_path, capsys):
-    from eval.cli import main
+    from hardneg.cli import main
 
     _, pools = small
     write_pools(tmp_path / "pools.jsonl", pools)
@@ -261,7 +261,7 @@ def test_cli_refuses_bad_training_settings_before_work(extra, message, small, ti
 
 
 def test_cli_keeps_the_best_model_on_a_dev_split(small, tiny_model, tmp_path, capsys):
-    from eval.cli import main
+    from hardneg.cli import main
 
     _, pools = small
     write_pools(tmp_path / "pools.jsonl", pools)
@@ -302,7 +302,7 @@ def test_torchrun_two_processes_train_and_write_once(small, tiny_model, tmp_path
 
 
 def test_pipeline_keep_best_needs_a_dev_split_before_the_reported_one(tmp_path):
-    from eval.pipeline import load_config, run_pipeline
+    from hardneg.pipeline import load_config, run_pipeline
 
     config_file = tmp_path / "run.yaml"
     config_file.write_text("data: {path: nfcorpus-demo}\ntrain: {eval_steps: 5}\nevaluate: {split: test}\n")
@@ -347,6 +347,26 @@ def test_train_trains_a_sentence_transformer_in_place(small, tiny_model, tmp_pat
     assert not np.allclose(before, after, atol=1e-4)  # the object itself learned
     assert np.allclose(after, result.model.encode(texts), atol=1e-5)
     assert np.allclose(after, SentenceTransformer(str(tmp_path / "m"), device="cpu").encode(texts), atol=1e-5)
+
+
+def test_config_model_settings_apply_to_a_given_model_or_are_refused(small, tiny_model, tmp_path):
+    """Set model settings are never ignored: a DualEncoder takes them; a SentenceTransformer, which keeps
+    encoding with its own modules after training in place, refuses one that contradicts them."""
+    data, pools = small
+    given = DualEncoder.load(tiny_model, max_length=48)
+    train(pools, data.corpus, _config(tiny_model, epochs=1, max_length=24, query_prefix="q: "), tmp_path / "d",
+          model=given, show_progress=False)
+    assert (given.max_length, given.query_prefix) == (24, "q: ")
+    from retriever.dense import encoder_identity  # trained weights are not those of its files: never cached
+
+    assert encoder_identity(given) is None and encoder_identity(DualEncoder.load(tiny_model)) is not None
+    assert DualEncoder.load(tmp_path / "d").max_length == 24
+    DualEncoder.load(tiny_model, max_length=48).save(tmp_path / "st")
+    st_model = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    with pytest.raises(HardnegError, match="pooling='cls' differs from the given SentenceTransformer's 'mean'"):
+        train(pools, data.corpus, _config(tiny_model, pooling="cls"), tmp_path / "m", model=st_model,
+              show_progress=False)
+    assert not (tmp_path / "m").exists()
 
 
 def test_train_refuses_a_model_it_cannot_train(small, tiny_model, tmp_path):

@@ -30,7 +30,7 @@ _EXPORTS = {
     "read_pools": "retriever.data", "write_pools": "retriever.data",
     # what a custom model implements, and the built-in models
     "Encoder": "retriever.protocol", "Retriever": "retriever.protocol", "Scorer": "retriever.protocol",
-    "DualEncoder": "retriever.encoder", "as_retriever": "retriever.factory",
+    "DualEncoder": "retriever.encoder", "as_retriever": "retriever.factory", "resolve_model": "retriever.encoder",
     # mining
     "mine": "mining.mine", "MiningResult": "mining.mine", "Remining": "mining.remine",
     "TopK": "mining.filters", "TopKAbs": "mining.filters", "TopKMarginPos": "mining.filters",
@@ -42,7 +42,7 @@ _EXPORTS = {
     "CombinedLoss": "retriever.losses", "DistilledLoss": "retriever.losses", "make_loss": "retriever.losses",
     "build_masks": "retriever.losses",
     # evaluation and whole runs
-    "evaluate": "eval.evaluate", "load_config": "eval.pipeline", "run_pipeline": "eval.pipeline",
+    "evaluate": "eval.evaluate", "load_config": "hardneg.pipeline", "run_pipeline": "hardneg.pipeline",
     "HardnegError": "retriever.io",
 }
 

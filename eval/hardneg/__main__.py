@@ -2,6 +2,6 @@
 
 import sys
 
-from eval.cli import main
+from hardneg.cli import main
 
 sys.exit(main())

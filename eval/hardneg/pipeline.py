@@ -5,8 +5,8 @@ key is checked before any work starts, so a typo fails in a second, not after an
 The output folder gets ``config.yaml`` (the resolved config) and ``run.json`` (seed, library
 versions, input checksums, the metrics before and after).
 
-This module lives in ``eval`` because it is the one place that sees all three stages: imports run
-retriever <- mining <- eval.
+It lives in the ``hardneg`` app package because it strings all three stages together: imports run
+retriever <- mining <- eval <- hardneg.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from eval.evaluate import check_metrics, dev_evaluator, evaluate
-from eval.metrics import DEFAULT_METRICS
+from eval.evaluate import dev_evaluator, evaluate
+from eval.metrics import check_metrics
+from eval.settings import EvaluateSettings
 from mining.mine import mine
 from mining.remine import remining_for_pools
 from mining.settings import MineSettings
@@ -27,9 +28,17 @@ from retriever.data import POOLS_FILE, Dataset, hold_out, load_dataset, pools_da
 from retriever.dense import DEFAULT_CACHE_DIR
 from retriever.encoding import EncodeSettings, default_device, describe_precision, encode_options
 from retriever.factory import as_retriever
-from retriever.io import DataError, HardnegError, atomic_write, file_checksum, library_versions, write_json
+from retriever.index import check_index_fits
+from retriever.io import (
+    HardnegError,
+    atomic_write,
+    check_output_folder,
+    file_checksum,
+    library_versions,
+    write_json,
+)
 from retriever.protocol import describe
-from retriever.settings import ConfigSource, from_mapping, parse_yaml, setting
+from retriever.settings import MAX_SEED, ConfigSource, from_mapping, parse_yaml, resolve_sections, setting
 from retriever.train import BEST_DIR, TrainConfig, train
 
 
@@ -49,23 +58,17 @@ class RunTrain(TrainConfig):
 
 
 @dataclass
-class RunEvaluate:
-    """The ``evaluate:`` section (``seed`` is the config's)."""
+class RunEvaluate(EvaluateSettings):
+    """The ``evaluate:`` section: the evaluation settings (``seed`` is the config's) and the splits scored."""
 
     split: list = setting(["test"], "split(s) evaluated before and after training; with keep-best or early "
                                     "stopping on a dev split, list it first, e.g. [dev, test]")
-    metrics: list = setting(list(DEFAULT_METRICS), "metrics reported")
-    depth: int = setting(1000, "documents retrieved per query", ge=1)
     before: bool = setting(True, "also evaluate the model before training")
-    relevance_level: int = setting(1, "lowest grade counted relevant by Recall, P, MAP, MRR, AUC (trec_eval -l)")
-    ignore_identical_ids: bool | None = setting(None, "drop a hit whose id equals the query id (default: on for "
-                                                      "ArguAna and Quora only, as BEIR/MTEB)")
-    auc_negatives: int = setting(100, "non-relevant documents sampled per query for AUC-pooled", ge=1)
 
     def check(self) -> None:
         if not self.split:
             raise HardnegError("evaluate.split: give a split name or a list of them, e.g. [dev, test]")
-        check_metrics(tuple(self.metrics), self.depth)
+        super().check()
 
 
 @dataclass
@@ -83,7 +86,7 @@ class RunConfig:
     """The top level of a ``hardneg run`` config."""
 
     name: str = setting("run", "name of the run (recorded in run.json)")
-    seed: int = setting(42, "seed of mining, training and evaluation")
+    seed: int = setting(42, "seed of mining, training and evaluation", ge=0, le=MAX_SEED)
     output_dir: str = setting("runs/run", "folder for every output of the run")
     model: str = setting("all-MiniLM-L6-v2", "model to evaluate, mine with and train")
     data: dict = setting({}, "see RunData", cli=False)
@@ -94,12 +97,14 @@ class RunConfig:
 
 
 SECTIONS = {"data": RunData, "encode": EncodeSettings, "mine": RunMine, "train": RunTrain, "evaluate": RunEvaluate}
-SHARED = {"mine": ("seed",), "train": ("model", "seed")}  # set at the top level of the config
+SHARED = {"mine": ("seed",), "train": ("model", "seed"), "evaluate": ("seed",)}  # set at the config's top level
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+def load_config(path: str | Path, overrides: list[str] | None = None, *,
+                flags: dict[str, str] | None = None) -> dict:
     """Read a config, apply ``key.sub=value`` overrides, check every key and value against the settings schema
-    (unknown keys and wrong types name the file, line and key), fill defaults; returns the resolved config."""
+    (unknown keys and wrong types name the file, line and key, or the override's flag: ``flags`` maps a key to
+    the flag that set it, default ``--set KEY``), fill defaults; returns the resolved config."""
     source = ConfigSource(path)
     given = source.data
     for override in overrides or []:
@@ -113,22 +118,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
                 raise source.error(parent, "must be a mapping")
             target = target[parent]
         target[leaf] = parse_yaml(value)
-    top = from_mapping(RunConfig, given, section="", source=source)
-    config = dataclasses.asdict(top)
-    for section, cls in SECTIONS.items():
-        value = getattr(top, section)
-        shared = {key: getattr(top, key) for key in SHARED.get(section, ())}
-        settings = from_mapping(cls, value, section=section, source=source, **shared)
-        if hasattr(settings, "check"):
-            try:
-                settings.check()
-            except DataError:
-                raise
-            except HardnegError as err:
-                raise source.error(section, str(err)) from None
-        config[section] = {key: value for key, value in dataclasses.asdict(settings).items()
-                           if key not in SHARED.get(section, ())}
-    return config
+        source.override(key.strip(), (flags or {}).get(key.strip()))
+    return resolve_sections(from_mapping(RunConfig, given, section="", source=source), SECTIONS, source, SHARED)
 
 
 def train_config_of(config: dict) -> TrainConfig:
@@ -143,6 +134,13 @@ def mine_settings(config: dict) -> MineSettings:
     names = {field.name for field in dataclasses.fields(MineSettings)}
     return MineSettings(seed=config["seed"], **{key: value for key, value in config["mine"].items()
                                                 if key in names and key != "seed"})
+
+
+def evaluate_settings(config: dict) -> EvaluateSettings:
+    """The :class:`EvaluateSettings` of a resolved run config."""
+    names = {field.name for field in dataclasses.fields(EvaluateSettings)}
+    return EvaluateSettings(seed=config["seed"], **{key: value for key, value in config["evaluate"].items()
+                                                    if key in names and key != "seed"})
 
 
 def _splits(config: dict) -> list[str]:
@@ -167,15 +165,11 @@ def _datasets(config: dict) -> tuple[Dataset, list[Dataset]]:
 
 def _evaluate_all(splits: list[Dataset], retriever, config: dict, output: Path, echo, label: str) -> dict:
     """Evaluate on every split (``output/<split>/``); the corpus is encoded once for all of them."""
-    evaluation = config["evaluate"]
+    options = evaluate_settings(config).options()
     results = {}
     for dataset in splits:
-        results[dataset.split] = evaluate(dataset, retriever, metrics=tuple(evaluation["metrics"]),
-                                          depth=evaluation["depth"], output_dir=output / dataset.split,
-                                          config=config, relevance_level=evaluation["relevance_level"],
-                                          ignore_identical_ids=evaluation["ignore_identical_ids"],
-                                          auc_negatives=evaluation["auc_negatives"],
-                                          seed=int(config["seed"]))["metrics"]
+        results[dataset.split] = evaluate(dataset, retriever, output_dir=output / dataset.split, config=config,
+                                          **options)["metrics"]
         echo(format_metrics(results[dataset.split], f"{label} {dataset.split}"))
     return results
 
@@ -206,9 +200,11 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     if train_config.distills and not (mining.teacher or mining.cross_encoder):
         raise HardnegError("config: distillation (train.loss kd or train.distill_weight) needs teacher scores in "
                            "the pools: set mine.teacher (a bi-encoder) or mine.cross_encoder")
+    check_output_folder(config["output_dir"], "output_dir")
     encode = encode_options(config["encode"], show_progress=show_progress)
     precision_note = describe_precision(encode["precision"], default_device())  # fp16 on a CPU fails here
     mine_split, eval_splits = _datasets(config)
+    check_index_fits(mining.index, len(mine_split.corpus))  # before the evaluation that comes first writes
     output = Path(config["output_dir"])
     echo(f"      {precision_note}")
     base = as_retriever(config["model"], **encode)  # loads the model now: a bad model name fails here

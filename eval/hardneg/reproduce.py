@@ -15,36 +15,51 @@ an error names the config file, the line and the field (``configs/x.yaml:5: fiel
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 from pathlib import Path
 
-from retriever.encoding import ENCODE_DEFAULTS, check_precision, encode_options
+from eval.settings import EvaluateSettings
+from hardneg.pipeline import RunData
+from retriever.encoding import EncodeSettings, encode_options
 from retriever.io import DataError, HardnegError, write_json
-from retriever.settings import ConfigSource
+from retriever.settings import ConfigSource, from_mapping, resolve_sections, setting
 
 MATCH = "match"
 WITHIN = "within tolerance"
 OFF = "off"
 MATCH_PRECISION = 0.5e-4 + 1e-12
 
-DEFAULTS: dict = {
-    "name": None,
-    "description": "",
-    "data": {"path": None, "split": "test", "corpus": None, "queries": None, "qrels": None},
-    "retriever": None,
-    "run_file": None,
-    "encode": dict(ENCODE_DEFAULTS),
-    "evaluate": {"metrics": ["nDCG@10", "Recall@100", "MRR@10", "MAP@100", "P@10", "AUC"], "depth": 1000,
-                 "relevance_level": 1, "ignore_identical_ids": None, "auc_negatives": 100, "seed": 42},
-    "output_dir": None,
-}
+@dataclass
+class BenchmarkData(RunData):
+    """The ``data:`` section of a benchmark config: the dataset and the split scored."""
+
+    split: str = setting("test", "qrels split evaluated")
+
+
+@dataclass
+class BenchmarkConfig:
+    """The top level of a benchmark config (``configs/eval-*.yaml``)."""
+
+    name: str | None = setting(None, "the config's key in expected_scores.yaml")
+    description: str = setting("", "what the benchmark measures")
+    retriever: str | None = setting(None, "a model directory or name, or bm25 (or give run_file)")
+    run_file: str | None = setting(None, "a TREC run to score instead of retrieving")
+    output_dir: str | None = setting(None, "evaluation folder (default: runs/reproduce/NAME)")
+    data: dict = setting({}, "see BenchmarkData", cli=False)
+    encode: dict = setting({}, "see retriever.encoding.EncodeSettings", cli=False)
+    evaluate: dict = setting({}, "see eval.settings.EvaluateSettings", cli=False)
+
+
+BENCHMARK_SECTIONS = {"data": BenchmarkData, "encode": EncodeSettings, "evaluate": EvaluateSettings}
 
 
 def load_benchmark_config(path: str | Path) -> tuple[dict, ConfigSource]:
-    """Read a benchmark config, fill defaults, reject unknown keys and wrong types (with their line)."""
+    """Read a benchmark config through its schema: defaults filled, unknown keys, wrong types and bad values
+    refused with their line."""
     source = ConfigSource(path)
-    config = _merge(DEFAULTS, source.data, source, "")
-    if not config["name"] or not isinstance(config["name"], str):
+    config = resolve_sections(from_mapping(BenchmarkConfig, source.data, section="", source=source),
+                              BENCHMARK_SECTIONS, source)
+    if not config["name"]:
         raise source.error("name", "missing: every benchmark config needs a name (its key in expected_scores.yaml)")
     if bool(config["retriever"]) == bool(config["run_file"]):
         raise source.error("retriever", "give exactly one of 'retriever' (a model, bm25) and 'run_file'")
@@ -52,31 +67,7 @@ def load_benchmark_config(path: str | Path) -> tuple[dict, ConfigSource]:
     if not data["path"] and not (data["corpus"] and data["queries"] and data["qrels"]):
         raise source.error("data", "set data.path (a BEIR folder, bundled name or beir:NAME) or data.corpus, "
                                    "data.queries and data.qrels")
-    evaluation = config["evaluate"]
-    if not isinstance(evaluation["metrics"], list) or not evaluation["metrics"]:
-        raise source.error("evaluate.metrics", "expected a non-empty list, e.g. [nDCG@10, Recall@100]")
-    for key in ("depth", "relevance_level", "auc_negatives", "seed"):
-        if not isinstance(evaluation[key], int) or isinstance(evaluation[key], bool):
-            raise source.error(f"evaluate.{key}", f"expected an integer, got {evaluation[key]!r}")
-    try:
-        check_precision(config["encode"]["precision"])
-    except HardnegError as err:
-        raise source.error("encode.precision", str(err)) from None
     return config, source
-
-
-def _merge(defaults: dict, given: dict, source: ConfigSource, prefix: str) -> dict:
-    merged = copy.deepcopy(defaults)
-    for key, value in given.items():
-        if key not in defaults:
-            raise source.error(f"{prefix}{key}", f"unknown setting; known: {', '.join(defaults)}")
-        if isinstance(defaults[key], dict):
-            if not isinstance(value, dict):
-                raise source.error(f"{prefix}{key}", "must be a mapping")
-            merged[key] = _merge(defaults[key], value, source, f"{prefix}{key}.")
-        else:
-            merged[key] = value
-    return merged
 
 
 def _resolve(value: str | None, source: ConfigSource) -> str | None:
@@ -123,7 +114,7 @@ def reproduce(config_path: str | Path, *, expected: str | Path | None = None, ou
     Returns ``{"name", "checks": [{metric, against, measured, reference, tolerance, status}], "ok",
     "record"}``; ``ok`` is False when any check is off.
     """
-    from eval.evaluate import check_metrics, evaluate
+    from eval.evaluate import evaluate
     from eval.runs import read_run
     from retriever.data import load_dataset
     from retriever.factory import as_retriever
@@ -131,13 +122,8 @@ def reproduce(config_path: str | Path, *, expected: str | Path | None = None, ou
     config, source = load_benchmark_config(config_path)
     expected_path = Path(expected) if expected else source.path.parent / "expected_scores.yaml"
     table, _ = load_expected(expected_path, config["name"])
-    evaluation = config["evaluate"]
-    metrics = tuple(evaluation["metrics"])
-    try:
-        check_metrics(metrics, evaluation["depth"])
-    except HardnegError as err:
-        raise source.error("evaluate.metrics", str(err)) from None
-    missing = [metric for metric in table if metric not in metrics]
+    settings = EvaluateSettings(**config["evaluate"])
+    missing = [metric for metric in table if metric not in settings.metrics]
     if missing:
         raise source.error("evaluate.metrics", f"the expected scores check {missing}, which this config does not "
                                                "compute")
@@ -149,9 +135,7 @@ def reproduce(config_path: str | Path, *, expected: str | Path | None = None, ou
         field = "data.path" if data["path"] else "data"
         raise source.error(field, f"cannot load the dataset: {err}") from None
     output = Path(output_dir or config["output_dir"] or Path("runs") / "reproduce" / config["name"])
-    options = {"metrics": metrics, "depth": evaluation["depth"], "relevance_level": evaluation["relevance_level"],
-               "ignore_identical_ids": evaluation["ignore_identical_ids"], "auc_negatives": evaluation["auc_negatives"],
-               "seed": evaluation["seed"], "output_dir": output, "config": config, "show_progress": show_progress}
+    options = settings.options() | {"output_dir": output, "config": config, "show_progress": show_progress}
     if config["run_file"]:
         run_path = _resolve(config["run_file"], source)
         try:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 
+from eval.settings import EvaluateSettings
 from mining.settings import MineSettings
 from retriever.encoding import EncodeSettings
-from retriever.io import HardnegError, file_checksum
+from retriever.io import HardnegError, check_output_folder, file_checksum
 from retriever.settings import HelpFormatter, add_arguments, from_arguments
 from retriever.train_settings import TrainConfig
 
@@ -88,6 +91,7 @@ def cmd_mine(args) -> None:
     check_precision(args.encode_precision)
     settings = from_arguments(MineSettings, args)
     settings.check()
+    check_output_folder(args.output, "--output")
     cache_dir = None if args.no_cache else (settings.cache_dir or DEFAULT_CACHE_DIR)
     encode = _encode_options(args)
     rescorer = build_rescorer(cross_encoder=settings.cross_encoder, teacher=settings.teacher, cache_dir=cache_dir,
@@ -111,6 +115,7 @@ def cmd_train(args) -> None:
     check_precision(args.encode_precision)
     config = from_arguments(TrainConfig, args)
     config.check()
+    check_output_folder(args.output, "--output")
     path = pools_file(args.pools)
     if config.distills and pools_scorer(path) is None:
         raise HardnegError(f"{path}: distillation needs pools mined with a teacher or cross-encoder (their "
@@ -122,7 +127,7 @@ def cmd_train(args) -> None:
 
         mine_settings = recorded_mine_settings(path, config.model)  # refused here, before the corpus is read
     corpus = load_corpus_of(args.data, args.corpus)
-    pools = read_pools(path, corpus)
+    pools = read_pools(path, corpus, allow_corpus_mismatch=args.allow_corpus_mismatch)
     evaluator = None
     if config.dev_fraction:
         pools, evaluator = _held_out_evaluator(pools, corpus, config, args)
@@ -178,21 +183,21 @@ def _held_out_evaluator(pools, corpus, config, args):
 
 
 def cmd_evaluate(args) -> None:
-    from eval.evaluate import check_metrics, evaluate
-    from eval.pipeline import format_metrics
+    from eval.evaluate import evaluate
     from eval.runs import read_run
+    from hardneg.pipeline import format_metrics
     from retriever.encoding import check_precision
 
     check_precision(args.encode_precision)
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    check_metrics(metrics, args.depth)
+    settings = from_arguments(EvaluateSettings, args)
+    settings.check()
     if not args.run_file and not args.retriever:
         raise HardnegError("give --retriever (a model directory or name, or bm25) or --run-file")
+    if args.output:
+        check_output_folder(args.output, "--output")
     dataset = _dataset(args)
-    options = {"metrics": metrics, "depth": args.depth, "output_dir": args.output, "config": _recorded(args),
-               "relevance_level": args.relevance_level, "ignore_identical_ids": args.ignore_identical_ids,
-               "auc_negatives": args.auc_negatives, "seed": args.seed, "plots": not args.no_plots,
-               "show_progress": not args.quiet}
+    options = settings.options() | {"output_dir": args.output, "config": _recorded(args), "plots": not args.no_plots,
+                                    "show_progress": not args.quiet}
     if args.run_file:
         run = read_run(args.run_file, dataset.queries, extra_queries=args.extra_run_queries)
         record = evaluate(dataset, args.run_file, run=run, **options)
@@ -219,7 +224,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_reproduce(args) -> int:
-    from eval.reproduce import format_checks, reproduce
+    from hardneg.reproduce import format_checks, reproduce
 
     outcome = reproduce(args.config, expected=args.expected, output_dir=args.output,
                         show_progress=not args.quiet)
@@ -229,28 +234,36 @@ def cmd_reproduce(args) -> int:
 
 def cmd_export(args) -> None:
     from mining.export import export_pools
-    from retriever.data import load_corpus_of, read_pools
+    from retriever.data import load_corpus_of, pools_file, read_pools
 
-    pools_path = os.path.join(args.pools, "pools.jsonl") if os.path.isdir(args.pools) else args.pools
+    pools_path = pools_file(args.pools)
     needs_corpus = args.format != "pools"
     if needs_corpus and not (args.data or args.corpus):
         raise HardnegError(f"--format {args.format} needs the corpus to resolve texts: give --data or --corpus")
     corpus = load_corpus_of(args.data, args.corpus) if (args.data or args.corpus) else None
-    result = export_pools(read_pools(pools_path, corpus), corpus, args.output, args.format,
+    pools = read_pools(pools_path, corpus, allow_corpus_mismatch=args.allow_corpus_mismatch)
+    result = export_pools(pools, corpus, args.output, args.format,
                           num_negatives=args.num_negatives, max_positives=args.max_positives)
     print(result.summary())
 
 
 def cmd_run(args) -> None:
-    from eval.pipeline import load_config, run_pipeline
+    from hardneg.pipeline import load_config, run_pipeline
 
-    overrides = list(args.set or [])
+    overrides, flags = list(args.set or []), {}
     for key in ("output_dir", "seed", "model"):
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
-    config = load_config(args.config, overrides)
+            flags[key] = "--" + key.replace("_", "-")
+    config = load_config(args.config, overrides, flags=flags)
     run_pipeline(config, show_progress=not args.quiet)
     print(f"done: outputs in {config['output_dir']}")
+
+
+def _allow_corpus_mismatch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-corpus-mismatch", action="store_true",
+                        help="use the pools although pools.meta.json says they were mined on another corpus (other "
+                             "ids or texts)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pools", required=True, help="pools.jsonl, or the folder holding it")
     p.add_argument("--data", help="dataset folder or bundled name whose corpus the pools refer to")
     p.add_argument("--corpus", help="or the corpus file itself")
+    _allow_corpus_mismatch(p)
     p.add_argument("--output", required=True, help="folder for the trained model, checkpoints/, best/ and logs")
     add_arguments(p.add_argument_group("training (the train: section of a config)"), TrainConfig)
     group = p.add_argument_group("checkpoints and model selection")
@@ -292,20 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-file", help="evaluate this TREC run instead of retrieving")
     p.add_argument("--extra-run-queries", choices=("error", "ignore"), default="error",
                    help="a run line naming a query outside the split: stop (default) or drop it")
-    p.add_argument("--metrics", default="nDCG@10,Recall@100,MRR@10,MAP@100,P@10,AUC,AUC-pooled",
-                   help="comma-separated: nDCG@k, Recall@k, P@k, MAP[@k], MRR[@k], AUC (retrieved list), "
-                        "AUC-corpus (whole corpus, dense or bm25), AUC-pooled (across queries)")
-    p.add_argument("--depth", type=int, default=1000, help="documents retrieved per query (default: 1000)")
-    p.add_argument("--relevance-level", type=int, default=1,
-                   help="lowest grade counted relevant by Recall, P, MAP, MRR, AUC (trec_eval -l; default 1)")
-    identical = p.add_mutually_exclusive_group()
-    identical.add_argument("--ignore-identical-ids", dest="ignore_identical_ids", action="store_true",
-                           default=None, help="drop a hit whose id equals the query id (default: on for "
-                                              "ArguAna and Quora only, as BEIR/MTEB)")
-    identical.add_argument("--keep-identical-ids", dest="ignore_identical_ids", action="store_false")
-    p.add_argument("--auc-negatives", type=int, default=100,
-                   help="non-relevant documents sampled per query for AUC-pooled (default: 100)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the AUC-pooled sample (default: 42)")
+    add_arguments(p, EvaluateSettings)
+    p.add_argument("--keep-identical-ids", dest="ignore_identical_ids", action="store_false", default=None,
+                   help="the same as --no-ignore-identical-ids")
     p.add_argument("--no-plots", action="store_true", help="do not write roc.png and score_histogram.png")
     p.add_argument("--output", help="folder for metrics.json, per_query.json, report.md, run.trec, plots")
     p.set_defaults(func=cmd_evaluate)
@@ -322,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "out (default: the most any pool has)")
     p.add_argument("--max-positives", type=int, help="triplets/ntuples: use at most this many positives per "
                    "query, in pool order (default: all)")
+    _allow_corpus_mismatch(p)
     p.add_argument("--output", required=True, help="a .parquet file, or a folder for datasets.save_to_disk")
     p.set_defaults(func=cmd_export)
 
@@ -350,20 +354,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--model", help="override model")
     p.set_defaults(func=cmd_run)
+    for command in sub.choices.values():  # `hardneg mine --quiet ...` as well as `hardneg --quiet mine ...`
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars (also accepted before the command)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        _silence_progress_bars()
+    previous = _stop_on_sigterm()
     try:
         code = args.func(args)
     except HardnegError as err:
         print(f"hardneg: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hardneg: interrupted", file=sys.stderr)
+        print("hardneg: interrupted; outputs are whole or absent, and --resume (train) or the same command "
+              "(mine) continues from the last checkpoint or shard", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine, not the input: disk full, a folder removed under the run, ...
+        where = f": {err.filename}" if err.filename else ""
+        print(f"hardneg: error: {err.strerror or err}{where} (rerun once it is fixed: finished mining shards and "
+              "checkpoints are reused)", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code or 0
+
+
+def _silence_progress_bars() -> None:
+    """``--quiet`` covers the libraries' bars too (transformers' weight loading, the hub's downloads)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub / transformers are imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler's or torchrun's stop) ends the command as Ctrl-C does: temporary files removed,
+    finished checkpoints kept, exit status 130. Returns the handler it replaced (None off the main thread)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":
