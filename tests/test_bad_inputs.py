@@ -358,6 +358,16 @@ def test_mining_never_takes_a_missing_document_as_a_positive(world, tmp_path):
     assert any(pool.query_id == query for pool in result.pools)
 
 
+def test_run_refuses_an_output_folder_it_cannot_write_before_any_stage(tmp_path, capsys):
+    from hardneg.cli import main
+
+    (tmp_path / "blocker").write_text("not a folder")
+    config = REPO / "configs" / "nfcorpus-demo.yaml"
+    assert main(["--quiet", "run", str(config), "--output-dir", str(tmp_path / "blocker" / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"output_dir .*blocker/run: cannot be made, .*blocker is a file", err[0]), err
+
+
 # ------------------------------------------------------------------------------------------------ faults
 
 

@@ -122,25 +122,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     return resolve_sections(from_mapping(RunConfig, given, section="", source=source), SECTIONS, source, SHARED)
 
 
-def train_config_of(config: dict) -> TrainConfig:
-    """The :class:`TrainConfig` of a resolved run config."""
-    names = {field.name for field in dataclasses.fields(TrainConfig)}
-    return TrainConfig(model=config["model"], seed=config["seed"],
-                       **{key: value for key, value in config["train"].items() if key in names})
-
-
-def mine_settings(config: dict) -> MineSettings:
-    """The :class:`MineSettings` of a resolved run config (``retriever: model`` is the model being trained)."""
-    names = {field.name for field in dataclasses.fields(MineSettings)}
-    return MineSettings(seed=config["seed"], **{key: value for key, value in config["mine"].items()
-                                                if key in names and key != "seed"})
-
-
-def evaluate_settings(config: dict) -> EvaluateSettings:
-    """The :class:`EvaluateSettings` of a resolved run config."""
-    names = {field.name for field in dataclasses.fields(EvaluateSettings)}
-    return EvaluateSettings(seed=config["seed"], **{key: value for key, value in config["evaluate"].items()
-                                                    if key in names and key != "seed"})
+def section_settings(cls: type, config: dict, section: str) -> object:
+    """The settings object of one section of a resolved run config, with the top-level settings it shares
+    (``SHARED``: the config's ``seed``, and ``model`` for training) and without the section's run-only keys
+    (``split``, ``before``, ``resume`` ...)."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    shared = {key: config[key] for key in SHARED.get(section, ())}
+    return cls(**shared, **{key: value for key, value in config[section].items() if key in names and key not in shared})
 
 
 def _splits(config: dict) -> list[str]:
@@ -165,7 +153,7 @@ def _datasets(config: dict) -> tuple[Dataset, list[Dataset]]:
 
 def _evaluate_all(splits: list[Dataset], retriever, config: dict, output: Path, echo, label: str) -> dict:
     """Evaluate on every split (``output/<split>/``); the corpus is encoded once for all of them."""
-    options = evaluate_settings(config).options()
+    options = section_settings(EvaluateSettings, config, "evaluate").options()
     results = {}
     for dataset in splits:
         results[dataset.split] = evaluate(dataset, retriever, output_dir=output / dataset.split, config=config,
@@ -182,13 +170,13 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     """
     seed = int(config["seed"])
     training = config["train"]
-    mining = mine_settings(config)
+    mining = section_settings(MineSettings, config, "mine")
     mining.retriever = ["model" if spec == config["model"] else spec for spec in mining.retriever]
     mining.check()
     flt = mining.build_filter()
     source_options = {"bm25_backend": mining.bm25_backend, "index": mining.index, "nprobe": mining.nprobe,
                       "ef_search": mining.ef_search, "rrf_k": mining.rrf_k}
-    train_config = train_config_of(config)
+    train_config = section_settings(TrainConfig, config, "train")
     train_config.check()
     selects = bool(train_config.eval_steps or train_config.patience or train_config.dev_fraction)
     if selects:
