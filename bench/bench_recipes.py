@@ -134,8 +134,7 @@ def run_recipe(config: dict, output: Path) -> Path:
     record = run_pipeline(config, show_progress=False, echo=lambda line: None)
     write_json(output / "run-summary.json", {"training": record["training"], "mining": record["mining"],
                                              "remining": record.get("remining", [])})
-    best = output / "run" / "model" / "best"
-    return best if best.is_dir() else output / "run" / "model"
+    return output / "run" / "model"  # the best epoch on dev (train keeps it there)
 
 
 # --------------------------------------------------------------------------------------------- table

@@ -88,7 +88,7 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
     source = None
     query_vectors = None
     if run is None:
-        source = as_retriever(retriever)
+        source = as_retriever(retriever, show_progress=show_progress)
         if CORPUS_AUC.lower() in bases and not can_score_corpus(source):
             raise HardnegError(f"{CORPUS_AUC} needs a retriever that scores every document (a dense model or "
                                f"bm25); {describe(source)} only searches")
@@ -191,6 +191,7 @@ def dev_evaluator(dev: Dataset, metric: str, *, batch_size: int = 64, precision:
             if trained_precision is not None:
                 model.precision = trained_precision
 
+    score.metric = metric  # the name training logs and plots the dev score under
     return score
 
 

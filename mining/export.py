@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from retriever.data import Candidate, Corpus, Pool
+from retriever.data import POOLS_FILE, Candidate, Corpus, Pool, pools_file, read_pools, write_pools
 from retriever.io import HardnegError, atomic_directory, atomic_write
 
 FORMATS = ("pools", "triplets", "ntuples")
@@ -149,13 +149,34 @@ def pools_to_ntuples(pools: Sequence[Pool], corpus: Corpus, num_negatives: int |
     return Dataset.from_dict(columns), left_out
 
 
+# The file suffix picks the container; no suffix is a ``save_to_disk`` folder. Anything else is refused rather
+# than written as a folder with a file's name.
+CONTAINERS = {".parquet": "one parquet file", ".jsonl": "JSON lines (for --format pools: pools.jsonl itself)",
+              "": "a datasets.save_to_disk folder"}
+
+
+def container_of(path: str | os.PathLike) -> str:
+    """The container suffix of ``path`` (``""`` for a folder), or a one-line error for one hardneg cannot write."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in CONTAINERS:
+        choices = "; ".join(f"{key or 'no suffix'}: {value}" for key, value in CONTAINERS.items())
+        raise HardnegError(f"export: cannot write {suffix!r} files ({path}); the output's suffix picks the "
+                           f"container: {choices}")
+    return suffix
+
+
 def save_dataset(dataset, path: str | os.PathLike) -> Path:
-    """Write a dataset atomically: ``*.parquet`` as one parquet file, anything else as a ``save_to_disk``
-    folder (read back with ``datasets.load_from_disk``)."""
+    """Write a dataset atomically, in the container the suffix names (:data:`CONTAINERS`); a folder is read back
+    with ``datasets.load_from_disk``, the files with ``datasets.load_dataset("parquet"/"json", ...)``."""
     path = Path(path)
-    if path.suffix == ".parquet":
+    suffix = container_of(path)
+    if suffix == ".parquet":
         with atomic_write(path, "wb") as handle:
             dataset.to_parquet(handle)
+        return path
+    if suffix == ".jsonl":
+        with atomic_write(path, "wb") as handle:
+            dataset.to_json(handle, lines=True, force_ascii=False)
         return path
     if path.exists() and not path.is_dir():
         raise HardnegError(f"output '{path}' exists and is not a folder; give a folder or a .parquet file")
@@ -173,10 +194,13 @@ def export_pools(pools: Sequence[Pool], corpus: Corpus | None, output: str | os.
         raise HardnegError(f"export format {format!r} needs the corpus to resolve document texts")
     if format != "ntuples" and num_negatives is not None:
         raise HardnegError("num_negatives applies to the ntuples format only")
+    if format == "pools" and max_positives is not None:
+        raise HardnegError("max_positives applies to the triplets and ntuples formats only")
     left_out = 0
+    if format == "pools" and container_of(output) == ".jsonl":  # hardneg's own file, byte for byte
+        write_pools(output, pools)
+        return ExportResult(path=Path(output), format=format, rows=len(pools), queries=len(pools))
     if format == "pools":
-        if max_positives is not None:
-            raise HardnegError("max_positives applies to the triplets and ntuples formats only")
         dataset = pools_to_dataset(pools)
     elif format == "triplets":
         dataset = pools_to_triplets(pools, corpus, max_positives=max_positives)
@@ -184,3 +208,38 @@ def export_pools(pools: Sequence[Pool], corpus: Corpus | None, output: str | os.
         dataset, left_out = pools_to_ntuples(pools, corpus, num_negatives, max_positives=max_positives)
     path = save_dataset(dataset, output)
     return ExportResult(path=path, format=format, rows=len(dataset), queries=len(pools), queries_left_out=left_out)
+
+
+def is_exported_pools(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``datasets`` export (a ``save_to_disk`` folder or a parquet file), not pools.jsonl."""
+    path = Path(path)
+    return path.suffix.lower() == ".parquet" or (path.is_dir() and not (path / POOLS_FILE).exists()
+                                                 and (path / "dataset_info.json").is_file())
+
+
+def load_pools(path: str | os.PathLike, corpus: Corpus | None = None, *,
+               allow_corpus_mismatch: bool = False) -> list[Pool]:
+    """Pools from ``pools.jsonl`` (or its folder), or from a ``--format pools`` export (folder or parquet): what
+    ``hardneg train --pools`` reads, so an export edited with ``datasets`` trains as it is."""
+    if not is_exported_pools(path):
+        return read_pools(pools_file(path), corpus, allow_corpus_mismatch=allow_corpus_mismatch)
+    import datasets
+
+    try:
+        dataset = (datasets.Dataset.from_parquet(str(path)) if Path(path).suffix.lower() == ".parquet"
+                   else datasets.load_from_disk(str(path)))
+    except (OSError, ValueError) as err:
+        raise HardnegError(f"{path}: not a readable datasets export ({err})") from None
+    if "anchor" in dataset.column_names:
+        raise HardnegError(f"{path}: a triplets/ntuples export holds texts, not document ids, and cannot be "
+                           "trained on by hardneg; export with --format pools (or give pools.jsonl)")
+    try:
+        pools = dataset_to_pools(dataset)
+    except HardnegError as err:
+        raise HardnegError(f"{path}: {err}") from None
+    if corpus is not None:
+        missing = sorted({c.doc_id for p in pools for c in [*p.positives, *p.negatives] if c.doc_id not in corpus})
+        if missing:
+            raise HardnegError(f"{path}: {len(missing)} document ids are not in the corpus (e.g. {missing[:3]}); "
+                               "were the pools mined on this corpus?")
+    return pools

@@ -162,7 +162,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     if anchor_fallback is not None:
         anchor_score([0.0], anchor_fallback)
     started = time.time()
-    source = as_retriever(retriever)
+    source = as_retriever(retriever, show_progress=show_progress)
     if rescorer is not None:
         source = Rescored(source, rescorer)
     for part in components(source):

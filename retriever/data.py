@@ -519,6 +519,12 @@ def pools_file(path: str | os.PathLike) -> Path:
 def pools_scorer(path: str | os.PathLike) -> str | None:
     """The teacher or cross-encoder whose scores the pools carry (from ``pools.meta.json`` beside them), or None
     when they carry the retriever's own scores or no metadata says otherwise (pools not written by ``mine``)."""
+    return ((read_pools_meta(path) or {}).get("settings") or {}).get("rescorer")
+
+
+def read_pools_meta(path: str | os.PathLike) -> dict | None:
+    """``pools.meta.json`` beside the pools (how they were mined: settings, counts, the corpus), or None when
+    there is none (pools written by another tool)."""
     meta = pools_file(path).parent / POOLS_META
     if not meta.is_file():
         return None
@@ -526,7 +532,9 @@ def pools_scorer(path: str | os.PathLike) -> str | None:
         record = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(meta, f"not readable JSON ({err})") from None
-    return (record.get("settings") or {}).get("rescorer")
+    if not isinstance(record, dict):
+        raise DataError(meta, "not a JSON object")
+    return record
 
 
 def hold_out(pools: list[Pool], fraction: float, seed: int) -> tuple[list[Pool], list[Pool]]:
@@ -625,12 +633,7 @@ def read_pools(path: str | os.PathLike, corpus: Corpus | None = None, *,
 
 def _check_mined_on(path: Path, corpus: Corpus) -> None:
     meta = pools_file(path).parent / POOLS_META
-    if not meta.is_file():
-        return
-    try:
-        mined_on = json.loads(meta.read_text(encoding="utf-8")).get("corpus") or {}
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(meta, f"not readable JSON ({err})") from None
+    mined_on = (read_pools_meta(path) or {}).get("corpus") or {}
     recorded = mined_on.get("fingerprint")
     if recorded and recorded != corpus_fingerprint(corpus):
         raise DataError(meta, f"the pools were mined on another corpus ({mined_on.get('documents')} documents, "

@@ -30,10 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -68,16 +65,20 @@ from retriever.io import (
     new_figure,
     remove_stale_staging,
     save_figure,
-    staging_prefix,
     write_json,
 )
 from retriever.losses import DistilledLoss, build_masks, make_loss
+from retriever.model_card import write_model_card
+from retriever.reporting import Reporter, check_report_target, open_reporter
 from retriever.train_settings import LOSSES, TrainConfig
 
-TRAIN_LOG = "train_log.jsonl"
-TRAIN_CONFIG = "training_config.json"
-LOSS_PLOT = "loss_curve.png"
-BEST_DIR = "best"
+# The run folder (``output_dir``). The model folder holds the model and its card only, so that uploading or
+# sharing it as it is carries no logs, checkpoints or optimizer states; they live beside it.
+MODEL_DIR = "model"                       # the trained model (the best on dev when dev selection ran) + README.md
+TRAIN_LOG = "logs/train_log.jsonl"        # one JSON record per step: loss, lr, grad norm, examples/s, dev
+LOSS_PLOT = "logs/loss_curve.png"
+TENSORBOARD_DIR = "logs/tensorboard"      # with report_to tensorboard
+TRAIN_CONFIG = "training_config.json"     # config, summary, mining record, checksums, library versions
 # Settings that may change when resuming: they change speed, memory or bookkeeping, not the result.
 RESUMABLE_CHANGES = ("cache_chunk", "save_steps", "save_total_limit", "eval_steps", "patience")
 __all__ = ["LOSSES", "Remine", "TrainConfig", "TrainResult", "Trainer", "train"]
@@ -220,31 +221,37 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
           show_progress: bool = True, provenance: dict | None = None, resume: str | Path | None = None,
           evaluator: Callable[[DualEncoder], float] | None = None,
           on_step: Callable[[int, DualEncoder], None] | None = None,
-          remine: Remine | None = None) -> TrainResult:
-    """Train on ``pools`` and save the model folder to ``output_dir``; returns the model and its summary.
+          remine: Remine | None = None, pools_meta: dict | list | None = None) -> TrainResult:
+    """Train on ``pools`` into the run folder ``output_dir``; returns the model and its summary.
 
-    ``model``: a :class:`~retriever.encoder.DualEncoder` or a loaded ``SentenceTransformer`` to train (in place:
-    a SentenceTransformer shares its weights with the returned model); default: load ``config.model``. The
-    config's pooling, normalize, prefixes and max_length, where set, apply to a given DualEncoder; a
-    SentenceTransformer keeps its own modules, and a setting that contradicts them is refused.
-    ``loss``: a loss module (``retriever.losses``: any :class:`~retriever.losses.RetrievalLoss`, or a
-    :class:`~retriever.losses.DistilledLoss`, which reads the teacher scores of the pools) or a loss name;
-    default: the one ``config`` describes. ``resume``: ``"latest"`` or a checkpoint/run folder to continue from
-    (its weights replace the given model's). ``evaluator`` maps the model to a dev score (higher is better);
-    with ``config.eval_steps`` it is called every that many steps and at the end, else after every epoch, and
-    the best model is kept in ``output_dir/best``. ``on_step(step, model)`` is called after each finished step
-    (and its checkpoint): a hook for custom logging, or to stop a run in a test. ``provenance`` maps input files
-    to checksums, recorded beside the model. ``remine`` (needed by ``config.remine_every`` E, see
-    :class:`mining.remine.Remining`) gives the pools of re-mining round r, which the epochs from r x E on train
-    on: ``remine(model, r)`` mines them with the model at the end of epoch r x E (or reads them when that round
-    is finished), ``remine(None, r)`` only reads a finished round (a resume in the middle of it; the other
-    processes of a distributed run, after rank 0 mined).
+    ``output_dir/model/`` is the trained model with its model card (``README.md``) and nothing else, so it can be
+    shared as it is; beside it ``logs/`` (``train_log.jsonl``, ``loss_curve.png``, ``tensorboard/``),
+    ``checkpoints/step-NNNNNNN/`` and ``training_config.json``.
+
+    ``model``: a :class:`~retriever.encoder.DualEncoder` or a loaded ``SentenceTransformer`` to train (in place: a
+    SentenceTransformer shares its weights with the returned model); default: load ``config.model``. The config's
+    pooling, normalize, prefixes and max_length, where set, apply to a given DualEncoder; a SentenceTransformer
+    keeps its own modules, and a setting that contradicts them is refused. ``loss``: a loss module
+    (``retriever.losses``: any :class:`~retriever.losses.RetrievalLoss`, or a
+    :class:`~retriever.losses.DistilledLoss`, which reads the teacher scores of the pools) or a loss name; default:
+    the one ``config`` describes. ``resume``: ``"latest"`` or a checkpoint/run folder to continue from (its weights
+    replace the given model's). ``evaluator`` maps the model to a dev score (higher is better); with
+    ``config.eval_steps`` it is called every that many steps and at the end, else after every epoch, and the best
+    model is what ``output_dir/model`` holds and what is returned. ``on_step(step, model)`` is called after each
+    finished step (and its checkpoint): a hook for custom logging, or to stop a run in a test. ``provenance`` maps
+    input files to checksums, recorded beside the model. ``remine`` (needed by ``config.remine_every`` E, see
+    :class:`mining.remine.Remining`) gives the pools of re-mining round r, which the epochs from r x E on train on:
+    ``remine(model, r)`` mines them with the model at the end of epoch r x E (or reads them when that round is
+    finished), ``remine(None, r)`` only reads a finished round (a resume in the middle of it; the other processes of
+    a distributed run, after rank 0 mined). ``pools_meta``: how the pools were mined
+    (:func:`retriever.data.read_pools_meta`), for the model card.
     """
     if isinstance(loss, str):
         config = replace(config, loss=loss)
         loss = None
     trainer = Trainer(pools, corpus, config, Path(output_dir), model=model, loss=loss, show_progress=show_progress,
-                      provenance=provenance, evaluator=evaluator, on_step=on_step, remine=remine)
+                      provenance=provenance, evaluator=evaluator, on_step=on_step, remine=remine,
+                      pools_meta=pools_meta)
     trainer.restore(resume)
     return trainer.run()
 
@@ -259,12 +266,17 @@ class Trainer:
     def __init__(self, pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: Path, *,
                  model: DualEncoder | object | None, loss: torch.nn.Module | None, show_progress: bool,
                  provenance: dict | None, evaluator: Callable[[DualEncoder], float] | None,
-                 on_step: Callable[[int, DualEncoder], None] | None, remine: Remine | None) -> None:
+                 on_step: Callable[[int, DualEncoder], None] | None, remine: Remine | None,
+                 pools_meta: dict | list | None = None) -> None:
         config.check()
+        check_report_target(config.report_to)  # a missing extra fails before the model loads
         self.pools, self.corpus, self.config, self.output_dir = pools, corpus, config, output_dir
         self.given_model, self.loss_module = model, loss
         self.show_progress, self.provenance = show_progress, provenance
         self.evaluator, self.on_step, self.remine = evaluator, on_step, remine
+        self.pools_meta = pools_meta
+        self.dev_metric = getattr(evaluator, "metric", "score")  # eval.evaluate.dev_evaluator names its metric
+        self.reporter: Reporter = Reporter()
         self.distills = isinstance(loss, DistilledLoss) if loss is not None else config.distills
         self._check_inputs()
         check_output_folder(output_dir, "output_dir")
@@ -404,6 +416,10 @@ class Trainer:
         config = self.config
         self.started, self.examples_seen = time.time(), 0
         self.current_round, self.rounds = 0, []
+        self.reporter = (open_reporter(config.report_to, self.output_dir / TENSORBOARD_DIR, first_step=self.step)
+                         if self.main else Reporter())
+        if self.step == 0:
+            self._report_pools()
         try:
             name = config.loss if self.identity.get("loss") is None else type(self.loss_module).__name__
             with tqdm(total=self.total_steps, initial=self.step, desc=f"train {name}", unit="step",
@@ -420,6 +436,7 @@ class Trainer:
         except BaseException:
             if self.main and self.log:
                 _write_log(self.output_dir, self.log)
+            self.reporter.close()
             raise
         return self.finish()
 
@@ -430,6 +447,15 @@ class Trainer:
         self.pools = _remined_pools(self.remine, self.model if at_boundary else None, self.current_round,
                                     self.pools, self.main)
         self.rounds.append({"round": self.current_round, "epoch": epoch, "step": self.step})
+        self._report_pools()
+
+    def _report_pools(self) -> None:
+        """The pools a round trains on, as the reporter's mining counts (round 0: the pools given)."""
+        with_negatives = sum(1 for pool in self.pools if pool.negatives)
+        self.reporter.scalars(self.step, {"mining/round": self.current_round,
+                                          "mining/queries_with_negatives": with_negatives,
+                                          "mining/negatives_per_query":
+                                              sum(len(p.negatives) for p in self.pools) / len(self.pools)})
 
     def _run_epoch(self, epoch: int, bar: tqdm) -> bool:
         """The remaining steps of ``epoch``; False when training ends inside it (early stop)."""
@@ -482,7 +508,15 @@ class Trainer:
         if self.config.learnable_temperature:
             record["temperature"] = round(float(self.loss_module.temperature.detach()), 6)
         self.log.append(record)
+        self.reporter.scalars(self.step, {"train/loss": loss, "train/learning_rate": record["lr"],
+                                          "train/grad_norm": record["grad_norm"],
+                                          "train/temperature": record.get("temperature", self._fixed_temperature()),
+                                          "train/examples_per_second": record["examples_per_s"]})
         return record
+
+    def _fixed_temperature(self) -> float | None:
+        temperature = getattr(self.loss_module, "temperature", None)
+        return float(temperature) if isinstance(temperature, (int, float)) else None
 
     def _refuse_non_finite(self, loss: float, epoch: int, index: int, batch: list[QueryExample]) -> None:
         if self.main:
@@ -508,16 +542,17 @@ class Trainer:
         return bool(self.config.patience) and self.best.get("stale", 0) >= self.config.patience
 
     def evaluate(self) -> None:
-        """Score the model on dev (rank 0); a new best is saved to ``output_dir/best``."""
+        """Score the model on dev (rank 0); a new best is saved to ``output_dir/model`` (what the run gives)."""
         if self.main:
             saved_rng = rng_state()  # evaluation must not shift the dropout RNG of the training
             score = float(self.evaluator(self.model))
             set_rng_state(saved_rng)
             self.model.train()
             self.log[-1]["dev"] = round(score, 6)
+            self.reporter.scalars(self.step, {f"dev/{self.dev_metric}": score})
             if self.best["score"] is None or score > self.best["score"]:
                 self.best.update(step=self.step, score=score, stale=0)
-                self.model.save(self.output_dir / BEST_DIR)
+                self.model.save(self.output_dir / MODEL_DIR)
             else:
                 self.best["stale"] = self.best.get("stale", 0) + 1
         distributed.barrier()
@@ -540,7 +575,11 @@ class Trainer:
         distributed.barrier()
 
     def finish(self) -> TrainResult:
-        """The last checkpoint, the model folder, the log, the loss plot and ``training_config.json``."""
+        """The last checkpoint, the model folder and its card, the log, the loss plot and ``training_config.json``.
+
+        With dev selection the model folder already holds the best model, and the returned model takes its
+        weights (as ``load_best_model_at_end`` in HF's Trainer); otherwise it is the model of the last step.
+        """
         config, log = self.config, self.log
         if config.save_steps:
             self.checkpoint()
@@ -551,22 +590,28 @@ class Trainer:
                    "examples_seen_this_session": self.examples_seen,
                    "resumed_from": str(self.checkpoint_dir) if self.checkpoint_dir else None,
                    "world_size": self.world, "precision": self.precision, "best_step": self.best["step"],
-                   "best_dev": self.best["score"]}
+                   "best_dev": self.best["score"], "dev_metric": self.dev_metric if self.evaluator else None}
         if config.remine_every:
             summary["remine_rounds"] = self.rounds
         if any("temperature" in r for r in log):
             summary["final_temperature"] = log[-1].get("temperature")
+        model_dir = self.output_dir / MODEL_DIR
         if self.main:
-            _save_model_into(self.model, self.output_dir)
+            if self.best["step"] is None:
+                self.model.save(model_dir)
             _write_log(self.output_dir, log)
-            _plot_losses(self.output_dir / LOSS_PLOT, log)
+            _plot_losses(self.output_dir / LOSS_PLOT, log, self.dev_metric)
             corpus = self.corpus
             corpus_checksum = {str(corpus.path): file_checksum(corpus.path)} if corpus.path else {}
-            write_json(self.output_dir / TRAIN_CONFIG, {"config": asdict(config), "summary": summary,
-                                                        "model_identity": self.meta["model_identity"],
-                                                        "library_versions": library_versions(),
-                                                        "input_checksums": corpus_checksum | (self.provenance or {})})
+            record = {"config": asdict(config), "summary": summary, "model_identity": self.meta["model_identity"],
+                      "mining": self.pools_meta, "library_versions": library_versions(),
+                      "input_checksums": corpus_checksum | (self.provenance or {})}
+            write_json(self.output_dir / TRAIN_CONFIG, record)
+            write_model_card(model_dir, record)
+        self.reporter.close()
         distributed.barrier()
+        if self.best["step"] is not None:  # every rank continues with the selected weights
+            _load_weights(self.model, model_dir)
         return TrainResult(self.model, summary)
 
 
@@ -660,7 +705,8 @@ def _model_identity(model: DualEncoder) -> dict:
     return {"name": model.name, "model_type": getattr(config, "model_type", None),
             "hidden_size": getattr(config, "hidden_size", None),
             "layers": getattr(config, "num_hidden_layers", None), "vocab_size": getattr(config, "vocab_size", None),
-            "pooling": model.pooling, "normalize": model.normalize, "max_length": model.max_length}
+            "pooling": model.pooling, "normalize": model.normalize, "max_length": model.max_length,
+            "query_prefix": model.query_prefix, "document_prefix": model.document_prefix}
 
 
 def _all_rng_states(world: int) -> list[dict]:
@@ -672,22 +718,10 @@ def _all_rng_states(world: int) -> list[dict]:
     return states
 
 
-def _save_model_into(model: DualEncoder, output_dir: Path) -> None:
-    """Put the final model files at the top of ``output_dir`` without touching checkpoints/ and best/.
-
-    Each entry is renamed into place from a finished staging copy, so a crash leaves a loadable model.
-    """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix("final"), dir=output_dir))
-    try:
-        model.save(staging / "model")
-        for entry in sorted((staging / "model").iterdir()):
-            target = output_dir / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _load_weights(model: DualEncoder, folder: Path) -> None:
+    """Give ``model`` the weights saved in the model folder ``folder`` (the best on dev)."""
+    saved = type(model.model).from_pretrained(folder)
+    model.model.load_state_dict(saved.state_dict())
 
 
 def _write_log(output_dir: Path, log: list[dict]) -> None:
@@ -695,8 +729,9 @@ def _write_log(output_dir: Path, log: list[dict]) -> None:
         handle.writelines(json.dumps(record) + "\n" for record in log)
 
 
-def _plot_losses(path: Path, log: list[dict]) -> None:
-    """The training loss per step (and its running mean, and dev scores when evaluated) as a PNG."""
+def _plot_losses(path: Path, log: list[dict], dev_metric: str) -> None:
+    """The training loss per step, its running mean when there are enough steps to smooth, and the dev score
+    (named by its metric) at each evaluation, as a PNG."""
     if not log:
         return
     try:
@@ -706,21 +741,23 @@ def _plot_losses(path: Path, log: list[dict]) -> None:
         return
     steps = [r["step"] for r in log]
     losses = [r["loss"] for r in log]
-    window = max(1, len(losses) // 20)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
     axis = figure.subplots()
-    axis.plot(steps, losses, color="tab:blue", alpha=0.35, label="loss")
-    axis.plot(steps[window - 1:], smooth, color="tab:blue", label=f"running mean ({window} steps)")
-    axis.set_xlabel("step")
+    window = len(losses) // 20
+    if window >= 2:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss per step")
+        axis.plot(steps[window - 1:], smooth, color="tab:blue", label=f"running mean of {window} steps")
+    else:
+        axis.plot(steps, losses, "o-" if len(steps) < 30 else "-", color="tab:blue", label="loss per step")
+    axis.set_xlabel("optimizer step")
     axis.set_ylabel("training loss")
+    axis.xaxis.get_major_locator().set_params(integer=True)
     dev = [(r["step"], r["dev"]) for r in log if "dev" in r]
     if dev:
         other = axis.twinx()
-        other.plot(*zip(*dev), "o-", color="tab:orange", label="dev")
-        other.set_ylabel("dev score")
+        other.plot(*zip(*dev), "o-", color="tab:orange", label=f"dev {dev_metric}")
+        other.set_ylabel(f"dev {dev_metric}")
         other.legend(loc="upper right")
     axis.legend(loc="upper left" if dev else "best")
     figure.tight_layout()
     save_figure(figure, path, dpi=100)
-
-

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from retriever.encoding import PRECISIONS
 from retriever.io import HardnegError
+from retriever.reporting import REPORT_TARGETS
 from retriever.settings import MAX_SEED, check_fields, setting
 
 LOSSES = ("infonce", "mw", "decoupled", "kd")
@@ -66,11 +67,14 @@ class TrainConfig:
     save_total_limit: int | None = setting(None, "keep only the last N checkpoints", gt=0)
     eval_steps: int | None = setting(None, "score the dev queries every N steps and at the end (default, when "
                                            "there are dev queries: at the end of every epoch); the best model "
-                                           "is kept in OUTPUT/best", gt=0)
+                                           "is what OUTPUT/model holds", gt=0)
     dev_fraction: float | None = setting(None, "hold out this share of the training queries (seeded, by query) "
                                                "as the dev set for keep-best and early stopping, for data with "
                                                "no dev split", gt=0, le=0.5)
     patience: int | None = setting(None, "stop after this many dev evaluations without a new best", gt=0)
+    report_to: str = setting("none", "where step metrics go besides OUTPUT/logs/train_log.jsonl: none, or "
+                                     "tensorboard (OUTPUT/logs/tensorboard; the `tensorboard` extra)",
+                             choices=REPORT_TARGETS)
     seed: int = setting(42, "seed of the data order, sampling and initialisation", ge=0, le=MAX_SEED)
 
     def check(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import hardneg
+from tests.test_model_card import UPLOADED_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,17 +64,20 @@ def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch, capsys
     assert re.search(r"^\d+ steps; \{'nDCG@10': 0\.\d+", out, flags=re.M), out
     assert re.search(r"^\d+ of 400 queries have hard negatives$", out, flags=re.M), out
     assert re.search(r"^loss \d+\.\d{3}$", out, flags=re.M), out
-    assert (tmp_path / "runs" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "train" / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs" / "train" / "model").iterdir()) == UPLOADED_FILES
     assert (tmp_path / "runs" / "overlap" / "metrics.json").is_file()
 
 
-def test_datasets_corpora_pools_and_results_print_short(demo_train):
+def test_datasets_corpora_pools_and_results_print_short(demo_train, capfd):
     from mining.filters import TopK
     from mining.mine import mine
 
     assert repr(demo_train) == "Dataset(nfcorpus-demo/train: 400 queries, 3,934 judgements, 2,000 documents)"
     assert repr(demo_train.corpus).startswith("Corpus(2,000 documents")
+    capfd.readouterr()
     result = mine(demo_train, "bm25", depth=20, num_negatives=2, filter=TopK(), show_progress=False)
+    assert capfd.readouterr().err == ""  # show_progress=False reaches the source a name builds (the bm25 bar)
     assert len(repr(result)) < 200 and repr(result).startswith(f"MiningResult({len(result.pools)} pools")
     assert repr(result.pools[0]).startswith(f"Pool({result.pools[0].query_id!r}: ")
 

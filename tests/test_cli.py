@@ -38,9 +38,9 @@ def test_mine_train_evaluate_through_the_console_script(tiny_model, tmp_path):
     assert meta["counts"]["queries"] == 400 and meta["settings"]["filter"]["perc"] == 0.95
     run("train", "--pools", str(tmp_path / "pools"), "--data", "nfcorpus-demo", "--model", str(tiny_model),
         "--output", str(tmp_path / "model"), "--train-batch-size", "32", "--max-length", "48")
-    assert (tmp_path / "model" / "modules.json").is_file()
-    out = run("evaluate", "--data", "nfcorpus-demo", "--split", "test", "--retriever", str(tmp_path / "model"),
-              "--output", str(tmp_path / "eval"), "--max-length", "48")
+    assert (tmp_path / "model" / "model" / "modules.json").is_file()
+    out = run("evaluate", "--data", "nfcorpus-demo", "--split", "test", "--retriever",
+              str(tmp_path / "model" / "model"), "--output", str(tmp_path / "eval"), "--max-length", "48")
     assert "nDCG@10" in out
     record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert record["split"] == "test" and record["queries"] == 80
@@ -75,9 +75,11 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
     assert "max_length: 32" in config and str(tiny_model) in config
     # the 320 training queries are re-mined; the 80 held out to select on (train.dev_fraction 0.2) are not
     assert [r["round"] for r in record["remining"]] == [1] and record["remining"][0]["queries"] == 320
-    for produced in ("pools/pools.jsonl", "model/train_log.jsonl", "eval/test/metrics.json",
-                     "eval-before/test/run.trec", "model/remined/round-1/pools.meta.json"):
+    for produced in ("pools/pools.jsonl", "logs/train_log.jsonl", "eval/test/metrics.json", "model/README.md",
+                     "eval-before/test/run.trec", "remined/round-1/pools.meta.json", "training_config.json"):
         assert (tmp_path / "out" / produced).is_file(), produced
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "## Evaluation" in card and f"{record['metrics']['after']['test']['nDCG@10']:.4f}" in card
 
 
 def _copy_demo(tmp_path: Path) -> Path:

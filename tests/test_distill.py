@@ -19,7 +19,7 @@ from mining.mine import mine
 from retriever.data import Candidate, Pool, hold_out, pools_dataset, write_pools
 from retriever.io import HardnegError
 from retriever.losses import DistilledLoss, distillation, info_nce
-from retriever.train import TRAIN_LOG, TrainConfig, epoch_batches, train
+from retriever.train import MODEL_DIR, TRAIN_LOG, TrainConfig, epoch_batches, train
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_max_steps_and_patience_stop_training(small, tiny_model, tmp_path):
     steps_per_epoch = math.ceil(len(pools) / 8)
     assert [r["step"] for r in log if "dev" in r] == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]
     assert summary["stopped_early"] and summary["steps"] == 3 * steps_per_epoch
-    assert summary["best_step"] == steps_per_epoch and (tmp_path / "patient" / "best").is_dir()
+    assert summary["best_step"] == steps_per_epoch and (tmp_path / "patient" / MODEL_DIR).is_dir()
 
 
 def test_cli_refuses_bad_distillation_and_selection_settings(small, tiny_model, tmp_path, capsys):
@@ -216,4 +216,4 @@ def test_cli_selects_on_held_out_training_queries(small, tiny_model, tmp_path, c
     log = [json.loads(line) for line in (tmp_path / "out" / TRAIN_LOG).read_text().splitlines()]
     kept = len(pools) - round(0.2 * len(pools))
     assert [r["step"] for r in log if "dev" in r] == [math.ceil(kept / 8), 2 * math.ceil(kept / 8)]
-    assert "on held-out training queries" in out and (tmp_path / "out" / "best" / "model.safetensors").is_file()
+    assert "on held-out training queries" in out and (tmp_path / "out" / MODEL_DIR / "model.safetensors").is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mining.export import (
@@ -134,3 +136,47 @@ def test_cli_export_writes_each_format_and_refuses_without_a_corpus(tmp_path, de
     assert main(["--quiet", "export", "--pools", str(tmp_path / "pools"), "--format", "ntuples",
                  "--output", str(tmp_path / "n")]) == 2
     assert "needs the corpus" in capsys.readouterr().err and not (tmp_path / "n").exists()
+
+
+def test_the_output_suffix_picks_the_container_and_train_reads_an_export_back(tmp_path, demo_train, tiny_model,
+                                                                              capsys):
+    import datasets
+
+    from hardneg.cli import main
+    from mining.export import load_pools
+    from mining.filters import TopK
+    from mining.mine import mine
+    from retriever.data import read_pools
+    from tests.conftest import small
+
+    data = small(demo_train, queries=24)
+    mine(data, "bm25", depth=10, num_negatives=2, filter=TopK(), output_dir=tmp_path / "pools", show_progress=False)
+    pools_jsonl = tmp_path / "pools" / "pools.jsonl"
+    pools = read_pools(pools_jsonl)
+    export = ["--quiet", "export", "--pools", str(tmp_path / "pools")]
+    assert main([*export, "--output", str(tmp_path / "copy.jsonl")]) == 0  # pools.jsonl itself, not a folder
+    assert (tmp_path / "copy.jsonl").read_bytes() == pools_jsonl.read_bytes()
+    triplet_export = [*export, "--format", "triplets", "--data", "nfcorpus-demo"]
+    assert main([*triplet_export, "--output", str(tmp_path / "t.jsonl")]) == 0
+    triplets = datasets.load_dataset("json", data_files=str(tmp_path / "t.jsonl"), split="train")
+    assert triplets.column_names == ["anchor", "positive", "negative"] and len(triplets) > 0
+    capsys.readouterr()
+    assert main([*export, "--output", str(tmp_path / "x.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write '.csv' files" in err and ".parquet" in err
+    assert not (tmp_path / "x.csv").exists()
+
+    assert main([*export, "--output", str(tmp_path / "folder")]) == 0
+    assert main([*export, "--output", str(tmp_path / "p.parquet")]) == 0
+    assert load_pools(tmp_path / "folder", data.corpus) == pools == load_pools(tmp_path / "p.parquet", data.corpus)
+    train = ["--quiet", "train", "--data", "nfcorpus-demo", "--model", str(tiny_model), "--epochs", "1",
+             "--train-batch-size", "8", "--max-length", "32"]
+    assert main([*train, "--pools", str(tmp_path / "folder"), "--output", str(tmp_path / "run")]) == 0
+    recorded = json.loads((tmp_path / "run" / "training_config.json").read_text())["input_checksums"]
+    assert any(name.endswith(".arrow") for name in recorded)
+    assert main([*train, "--pools", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "run2")]) == 0
+    capsys.readouterr()
+    assert main([*train, "--pools", str(tmp_path / "t.jsonl"), "--output", str(tmp_path / "run3")]) == 2
+    assert main([*triplet_export, "--output", str(tmp_path / "tf")]) == 0
+    assert main([*train, "--pools", str(tmp_path / "tf"), "--output", str(tmp_path / "run4")]) == 2
+    assert "holds texts, not document ids" in capsys.readouterr().err and not (tmp_path / "run4").exists()

@@ -73,7 +73,7 @@ def test_resume_across_rounds_gives_the_weights_of_an_uninterrupted_run(small, t
     config = _config(tiny_model)
     train(pools, data.corpus, config, tmp_path / "whole", show_progress=False,
           remine=_remining(data, pools, tmp_path / "whole"))
-    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
     # Killed after step 5 (round 1, checkpoint of step 4): round 1 is read back, round 2 mined on resume.
     # Killed after step 7 (checkpoint of step 6, the end of epoch 2): round 2 was mined already and is read back.
     for crash, reused in ((5, [True, False]), (7, [True])):
@@ -84,7 +84,7 @@ def test_resume_across_rounds_gives_the_weights_of_an_uninterrupted_run(small, t
         remining = _remining(data, pools, folder)
         train(pools, data.corpus, config, folder, show_progress=False, resume="latest", remine=remining)
         assert [r["reused"] for r in remining.rounds] == reused
-        resumed = load_file(str(folder / "model.safetensors"))
+        resumed = load_file(str(folder / "model" / "model.safetensors"))
         for name in whole:
             assert torch.equal(whole[name], resumed[name]), (crash, name)
         for number in (1, 2):

@@ -19,7 +19,7 @@ from retriever.checkpoint import STATE_FILE, checkpoint_dirs
 from retriever.data import Corpus
 from retriever.dense import DenseRetriever
 from retriever.io import HardnegError
-from retriever.train import BEST_DIR, TRAIN_LOG, TrainConfig, train
+from retriever.train import MODEL_DIR, TRAIN_LOG, TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(small, tiny
     summary = train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, resume="latest").summary
     assert summary["resumed_from"].endswith("step-0000002") and summary["steps"] == 6
 
-    whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    whole, resumed = _weights(tmp_path / "whole" / MODEL_DIR), _weights(tmp_path / "cut" / MODEL_DIR)
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name  # bit-identical on CPU
@@ -145,9 +145,9 @@ def test_keep_best_keeps_the_model_of_the_best_dev_score(small, tiny_model, demo
     assert [s for s, _ in scored] == [2, 4, 6]
     best_step, best_score = max(scored, key=lambda item: (item[1], -item[0]))
     assert summary["best_step"] == best_step and summary["best_dev"] == pytest.approx(best_score, abs=1e-6)
-    best = _weights(tmp_path / "run" / BEST_DIR)
+    best = _weights(tmp_path / "run" / MODEL_DIR)
     at_step = _weights(tmp_path / "run" / "checkpoints" / f"step-{best_step:07d}" / "model")
     assert all(torch.equal(best[name], at_step[name]) for name in best)
     from retriever.encoder import DualEncoder
 
-    assert ndcg(DualEncoder.load(tmp_path / "run" / BEST_DIR)) == pytest.approx(best_score, abs=1e-6)
+    assert ndcg(DualEncoder.load(tmp_path / "run" / MODEL_DIR)) == pytest.approx(best_score, abs=1e-6)

@@ -153,7 +153,8 @@ def test_the_shipped_run_configs_load_and_the_recipes_differ_only_where_they_say
     cheap, distill, demo = loaded["recipe-minilm"], loaded["recipe-distill"], loaded["nfcorpus-demo"]
     changed = {(section, key) for section in ("mine", "train") for key in cheap[section]
                if cheap[section][key] != distill[section][key]}
-    assert changed == {("mine", "teacher"), ("train", "distill_weight"), ("train", "remine_every")}
+    assert changed == {("mine", "teacher"), ("train", "distill_weight"), ("train", "remine_every"),
+                       ("train", "random_negatives")}
     assert cheap["train"]["dev_fraction"] and cheap["mine"]["retriever"] == ["model"]  # selects on held-out queries
     assert {k: v for k, v in demo.items() if k not in ("name", "output_dir")} == \
         {k: v for k, v in cheap.items() if k not in ("name", "output_dir")}  # the demo is the cheap recipe

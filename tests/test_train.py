@@ -24,6 +24,7 @@ from retriever.io import HardnegError
 from retriever.losses import build_masks
 from retriever.train import (
     LOSS_PLOT,
+    MODEL_DIR,
     TRAIN_CONFIG,
     TRAIN_LOG,
     QueryExample,
@@ -159,12 +160,12 @@ def test_training_saves_a_loadable_model_and_is_reproducible(small, tiny_model, 
     assert (tmp_path / "a" / LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "a" / TRAIN_CONFIG).read_text())
     assert saved["config"]["loss"] == "infonce" and saved["library_versions"]["torch"]
-    SentenceTransformer(str(tmp_path / "a"), device="cpu")  # loads
+    SentenceTransformer(str(tmp_path / "a" / MODEL_DIR), device="cpu")  # loads
 
     train(pools, data.corpus, config, tmp_path / "b", show_progress=False)
     texts = [data.corpus.text(i) for i in range(20)]
-    a = DualEncoder.load(tmp_path / "a").encode(texts)
-    assert np.array_equal(a, DualEncoder.load(tmp_path / "b").encode(texts))
+    a = DualEncoder.load(tmp_path / "a" / MODEL_DIR).encode(texts)
+    assert np.array_equal(a, DualEncoder.load(tmp_path / "b" / MODEL_DIR).encode(texts))
     assert not np.allclose(a, DualEncoder.load(tiny_model, max_length=48).encode(texts), atol=1e-3)
 
 
@@ -275,7 +276,7 @@ def test_cli_keeps_the_best_model_on_a_dev_split(small, tiny_model, tmp_path, ca
     assert sorted(dev) == [2, 3]
     best_step = max(dev, key=lambda s: (dev[s], -s))
     assert f"best nDCG@10 on test: {dev[best_step]:.4f} at step {best_step}" in out
-    assert (tmp_path / "out" / "best" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / MODEL_DIR / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -298,7 +299,7 @@ def test_torchrun_two_processes_train_and_write_once(small, tiny_model, tmp_path
     assert state["world_size"] == 2
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
     assert json.loads((tmp_path / "out" / TRAIN_CONFIG).read_text())["summary"]["world_size"] == 2
-    SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    SentenceTransformer(str(tmp_path / "out" / MODEL_DIR), device="cpu")
 
 
 def test_pipeline_keep_best_needs_a_dev_split_before_the_reported_one(tmp_path):
@@ -326,9 +327,9 @@ def test_train_takes_a_model_and_a_loss_object_and_gives_the_model_back(small, t
                       loss=make_loss("decoupled", temperature=config.temperature), show_progress=False)
     assert by_object.model is given and by_object.summary["steps"] == by_name.summary["steps"] == 3
     texts = [data.corpus.text(i) for i in range(20)]
-    expected = DualEncoder.load(tmp_path / "name").encode(texts)
+    expected = DualEncoder.load(tmp_path / "name" / MODEL_DIR).encode(texts)
     assert np.allclose(given.encode(texts), expected, atol=1e-6)
-    assert np.allclose(DualEncoder.load(tmp_path / "object").encode(texts), expected, atol=1e-6)
+    assert np.allclose(DualEncoder.load(tmp_path / "object" / MODEL_DIR).encode(texts), expected, atol=1e-6)
     assert [r["loss"] for r in _log(tmp_path / "object")] == pytest.approx([r["loss"] for r in _log(tmp_path / "name")])
     assert train(pools, data.corpus, config, tmp_path / "loss-name", loss="mw",
                  show_progress=False).summary["steps"] == 3
@@ -346,7 +347,8 @@ def test_train_trains_a_sentence_transformer_in_place(small, tiny_model, tmp_pat
     after = st_model.encode(texts)
     assert not np.allclose(before, after, atol=1e-4)  # the object itself learned
     assert np.allclose(after, result.model.encode(texts), atol=1e-5)
-    assert np.allclose(after, SentenceTransformer(str(tmp_path / "m"), device="cpu").encode(texts), atol=1e-5)
+    reloaded = SentenceTransformer(str(tmp_path / "m" / MODEL_DIR), device="cpu")
+    assert np.allclose(after, reloaded.encode(texts), atol=1e-5)
 
 
 def test_config_model_settings_apply_to_a_given_model_or_are_refused(small, tiny_model, tmp_path):
@@ -360,7 +362,7 @@ def test_config_model_settings_apply_to_a_given_model_or_are_refused(small, tiny
     from retriever.dense import encoder_identity  # trained weights are not those of its files: never cached
 
     assert encoder_identity(given) is None and encoder_identity(DualEncoder.load(tiny_model)) is not None
-    assert DualEncoder.load(tmp_path / "d").max_length == 24
+    assert DualEncoder.load(tmp_path / "d" / MODEL_DIR).max_length == 24
     DualEncoder.load(tiny_model, max_length=48).save(tmp_path / "st")
     st_model = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     with pytest.raises(HardnegError, match="pooling='cls' differs from the given SentenceTransformer's 'mean'"):

@@ -3,8 +3,8 @@
     import hardneg
     train_split = hardneg.load_beir("nfcorpus-demo", "train")
     pools = hardneg.mine(train_split, "bm25", filter=hardneg.TopKPercPos(0.95)).pools
-    hardneg.train(pools, train_split.corpus, hardneg.TrainConfig(), "runs/model")
-    hardneg.evaluate(hardneg.load_beir("nfcorpus-demo", "test"), "runs/model")
+    hardneg.train(pools, train_split.corpus, hardneg.TrainConfig(), "runs/train")
+    hardneg.evaluate(hardneg.load_beir("nfcorpus-demo", "test"), "runs/train/model")
 
 The names live in the three packages (``retriever`` ← ``mining`` ← ``eval``); this module only gathers them, and
 loads each on first use so that ``python -m hardneg --help`` does not import torch. The source sits in
@@ -42,7 +42,8 @@ _EXPORTS = {
     "CombinedLoss": "retriever.losses", "DistilledLoss": "retriever.losses", "make_loss": "retriever.losses",
     "build_masks": "retriever.losses",
     # evaluation and whole runs
-    "evaluate": "eval.evaluate", "load_config": "hardneg.pipeline", "run_pipeline": "hardneg.pipeline",
+    "evaluate": "eval.evaluate", "evaluate_datasets": "eval.suite", "SuiteResult": "eval.suite",
+    "load_config": "hardneg.pipeline", "run_pipeline": "hardneg.pipeline",
     "HardnegError": "retriever.io",
 }
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from eval.settings import EvaluateSettings
 from mining.settings import MineSettings
@@ -34,10 +36,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+class _Once(argparse.Action):
+    """A flag that takes one value: given twice, it is an error (argparse would keep the last silently)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice; this command takes one"
+                         + (" (evaluate takes several --data)" if option_string == "--data" else ""))
+        setattr(namespace, self.dest, values)
+
+
+def _data_arguments(parser: argparse.ArgumentParser, split: str, *, several: bool = False) -> None:
     group = parser.add_argument_group("data (a BEIR folder or bundled name, or explicit files)")
-    group.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/), a bundled dataset "
-                                      "name such as nfcorpus-demo, or beir:NAME (downloaded once, md5-checked)")
+    group.add_argument("--data", action="append" if several else _Once,
+                       help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/), a bundled dataset name such as "
+                            "nfcorpus-demo, or beir:NAME (downloaded once, md5-checked)"
+                            + ("; repeat it to evaluate on several datasets (a folder each and a summary table)"
+                               if several else ""))
     group.add_argument("--split", default=split, help=f"qrels split (default: {split})")
     group.add_argument("--corpus", help="corpus file: BEIR corpus.jsonl[.gz] or MS MARCO collection.tsv")
     group.add_argument("--queries", help="queries file: BEIR queries.jsonl or MS MARCO queries.*.tsv")
@@ -108,16 +123,18 @@ def cmd_mine(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from retriever.data import load_corpus_of, pools_file, pools_scorer, read_pools
+    from mining.export import is_exported_pools, load_pools
+    from retriever.data import load_corpus_of, pools_file, pools_scorer, read_pools_meta
     from retriever.encoding import check_precision
-    from retriever.train import TrainConfig, train
+    from retriever.train import MODEL_DIR, TrainConfig, train
 
     check_precision(args.encode_precision)
     config = from_arguments(TrainConfig, args)
     config.check()
     check_output_folder(args.output, "--output")
-    path = pools_file(args.pools)
-    if config.distills and pools_scorer(path) is None:
+    exported = is_exported_pools(args.pools)  # a --format pools export (datasets folder or parquet)
+    path = Path(args.pools) if exported else pools_file(args.pools)
+    if config.distills and not exported and pools_scorer(path) is None:
         raise HardnegError(f"{path}: distillation needs pools mined with a teacher or cross-encoder (their "
                            "scores are the soft labels); these carry the retriever's own scores. Mine with "
                            "--teacher MODEL or --cross-encoder MODEL")
@@ -127,7 +144,7 @@ def cmd_train(args) -> None:
 
         mine_settings = recorded_mine_settings(path, config.model)  # refused here, before the corpus is read
     corpus = load_corpus_of(args.data, args.corpus)
-    pools = read_pools(path, corpus, allow_corpus_mismatch=args.allow_corpus_mismatch)
+    pools = load_pools(path, corpus, allow_corpus_mismatch=args.allow_corpus_mismatch)
     evaluator = None
     if config.dev_fraction:
         pools, evaluator = _held_out_evaluator(pools, corpus, config, args)
@@ -141,17 +158,21 @@ def cmd_train(args) -> None:
                                     echo=lambda line: print(f"hardneg: {line}", file=sys.stderr),
                                     config=_recorded(args))
     summary = train(pools, corpus, config, args.output, show_progress=not args.quiet,
-                    provenance={str(path): file_checksum(path)}, resume=args.resume, evaluator=evaluator,
-                    remine=remine).summary
+                    provenance={str(f): file_checksum(f) for f in ([path] if path.is_file() else
+                                                                    sorted(path.glob("*.arrow")))},
+                    resume=args.resume, evaluator=evaluator,
+                    remine=remine, pools_meta=None if exported else read_pools_meta(path)).summary
     from retriever import distributed
 
     if distributed.is_main():
+        model_dir = os.path.join(args.output, MODEL_DIR)
         print(f"trained {summary['steps']} steps in {summary['seconds']}s (loss {summary['first_loss']} -> "
-              f"{summary['final_loss']}); model saved to {args.output}")
+              f"{summary['final_loss']}); model (with its README.md card) in {model_dir}, logs in "
+              f"{os.path.join(args.output, 'logs')}")
         if summary["best_step"] is not None:
             where = "held-out training queries" if config.dev_fraction else args.dev_split
             print(f"best {args.dev_metric} on {where}: {summary['best_dev']:.4f} at step "
-                  f"{summary['best_step']}; saved to {os.path.join(args.output, 'best')}")
+                  f"{summary['best_step']}: the model in {model_dir}")
     distributed.cleanup()
 
 
@@ -186,6 +207,7 @@ def cmd_evaluate(args) -> None:
     from eval.evaluate import evaluate
     from eval.runs import read_run
     from hardneg.pipeline import format_metrics
+    from retriever.data import load_dataset
     from retriever.encoding import check_precision
 
     check_precision(args.encode_precision)
@@ -193,11 +215,26 @@ def cmd_evaluate(args) -> None:
     settings.check()
     if not args.run_file and not args.retriever:
         raise HardnegError("give --retriever (a model directory or name, or bm25) or --run-file")
-    if args.output:
-        check_output_folder(args.output, "--output")
-    dataset = _dataset(args)
-    options = settings.options() | {"output_dir": args.output, "config": _recorded(args), "plots": not args.no_plots,
+    several = args.data is not None and len(args.data) > 1
+    if several and args.run_file:
+        raise HardnegError("--run-file scores one dataset; give one --data with it")
+    if several and (args.corpus or args.queries or args.qrels):
+        raise HardnegError("--corpus/--queries/--qrels replace the files of one dataset; give one --data with them")
+    datasets = [load_dataset(data, args.split, corpus=args.corpus, queries=args.queries, qrels=args.qrels)
+                for data in (args.data or [None])]  # every dataset read before any is scored
+    output = args.output or default_evaluation_folder(args.run_file or args.retriever, datasets)
+    check_output_folder(output, "--output")
+    options = settings.options() | {"output_dir": output, "config": _recorded(args), "plots": not args.no_plots,
                                     "show_progress": not args.quiet}
+    if several:
+        from eval.suite import SUMMARY_MD, evaluate_datasets
+
+        suite = evaluate_datasets(datasets, _retriever(args.retriever, args), **options)
+        print(f"{suite.retriever} on {len(datasets)} datasets ({args.split}):")
+        print(suite.table(), end="")
+        print(f"wrote a folder per dataset, {SUMMARY_MD} and summary.json to {output}")
+        return
+    dataset = datasets[0]
     if args.run_file:
         run = read_run(args.run_file, dataset.queries, extra_queries=args.extra_run_queries)
         record = evaluate(dataset, args.run_file, run=run, **options)
@@ -205,8 +242,19 @@ def cmd_evaluate(args) -> None:
         record = evaluate(dataset, _retriever(args.retriever, args), **options)
     print(f"{record['dataset']}/{record['split']} ({record['queries']} queries), {record['retriever']}:")
     print(format_metrics(record["metrics"]))
-    if args.output:
-        print(f"wrote metrics.json, per_query.json, report.md and run.trec to {args.output}")
+    print(f"wrote metrics.json, per_query.json, report.md and run.trec to {output}")
+
+
+DEFAULT_EVALUATION_ROOT = "runs/evaluate"
+
+
+def default_evaluation_folder(what: str, datasets: list) -> str:
+    """Where ``evaluate`` writes without ``--output``: ``runs/evaluate/<retriever>/<dataset>-<split>``, or
+    ``runs/evaluate/<retriever>/<split>`` for several datasets (a folder each inside)."""
+    name = Path(what).name if Path(what).exists() else what
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).stem if Path(what).is_file() else name).strip("-.") or "run"
+    leaf = datasets[0].split if len(datasets) > 1 else f"{datasets[0].name}-{datasets[0].split}"
+    return str(Path(DEFAULT_EVALUATION_ROOT) / name / leaf)
 
 
 def cmd_compare(args) -> None:
@@ -233,9 +281,10 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_export(args) -> None:
-    from mining.export import export_pools
+    from mining.export import container_of, export_pools
     from retriever.data import load_corpus_of, pools_file, read_pools
 
+    container_of(args.output)  # a suffix hardneg cannot write fails before the corpus is read
     pools_path = pools_file(args.pools)
     needs_corpus = args.format != "pools"
     if needs_corpus and not (args.data or args.corpus):
@@ -281,11 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mine)
 
     p = sub.add_parser("train", help="train a dual encoder on mined pools (torchrun for several GPUs/processes)")
-    p.add_argument("--pools", required=True, help="pools.jsonl, or the folder holding it")
-    p.add_argument("--data", help="dataset folder or bundled name whose corpus the pools refer to")
+    p.add_argument("--pools", required=True, action=_Once, help="pools.jsonl, or the folder holding it")
+    p.add_argument("--data", action=_Once, help="dataset folder or bundled name whose corpus the pools refer to")
     p.add_argument("--corpus", help="or the corpus file itself")
     _allow_corpus_mismatch(p)
-    p.add_argument("--output", required=True, help="folder for the trained model, checkpoints/, best/ and logs")
+    p.add_argument("--output", required=True, help="run folder: the trained model (with its model card) in "
+                                                  "OUTPUT/model; logs/, checkpoints/, training_config.json beside it")
     add_arguments(p.add_argument_group("training (the train: section of a config)"), TrainConfig)
     group = p.add_argument_group("checkpoints and model selection")
     group.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint folder, or the "
@@ -300,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a model, BM25 or a run file on a split")
-    _data_arguments(p, "test")
+    _data_arguments(p, "test", several=True)
     _encoder_arguments(p)
     p.add_argument("--retriever", help="a model directory or name, or bm25 / bm25:rank-bm25")
     p.add_argument("--run-file", help="evaluate this TREC run instead of retrieving")
@@ -310,13 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-identical-ids", dest="ignore_identical_ids", action="store_false", default=None,
                    help="the same as --no-ignore-identical-ids")
     p.add_argument("--no-plots", action="store_true", help="do not write roc.png and score_histogram.png")
-    p.add_argument("--output", help="folder for metrics.json, per_query.json, report.md, run.trec, plots")
+    p.add_argument("--output", help="folder for metrics.json, per_query.json, report.md, run.trec, plots; with "
+                                    "several --data, a folder per dataset and summary.md/summary.json "
+                                    f"(default: {DEFAULT_EVALUATION_ROOT}/RETRIEVER/..., printed)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write mined pools as a Hugging Face dataset, parquet, or "
                        "sentence-transformers triplets / n-tuples")
-    p.add_argument("--pools", required=True, help="pools.jsonl, or the folder holding it")
-    p.add_argument("--data", help="dataset folder or bundled name whose corpus the pools refer to")
+    p.add_argument("--pools", required=True, action=_Once, help="pools.jsonl, or the folder holding it")
+    p.add_argument("--data", action=_Once, help="dataset folder or bundled name whose corpus the pools refer to")
     p.add_argument("--corpus", help="or the corpus file itself")
     p.add_argument("--format", default="pools", choices=("pools", "triplets", "ntuples"),
                    help="pools: one row per query with ids and scores; triplets: (anchor, positive, negative) "

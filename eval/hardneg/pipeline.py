@@ -12,6 +12,7 @@ retriever <- mining <- eval <- hardneg.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +38,10 @@ from retriever.io import (
     library_versions,
     write_json,
 )
+from retriever.model_card import write_model_card
 from retriever.protocol import describe
 from retriever.settings import MAX_SEED, ConfigSource, from_mapping, parse_yaml, resolve_sections, setting
-from retriever.train import BEST_DIR, TrainConfig, train
+from retriever.train import MODEL_DIR, TRAIN_CONFIG, TrainConfig, train
 
 
 @dataclass
@@ -234,20 +236,23 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                                   precision=encode["precision"])
     remine = None
     if train_config.remine_every:
-        remine = remining_for_pools(pools, mine_split.corpus, mining, output / "model", source=mine_split,
+        remine = remining_for_pools(pools, mine_split.corpus, mining, output, source=mine_split,
                                     encode=encode, echo=lambda line: echo(f"      {line}"), config=config)
-    summary = train(pools, mine_split.corpus, train_config, output / "model",
+    summary = train(pools, mine_split.corpus, train_config, output,
                     show_progress=show_progress, provenance={str(pools_file): file_checksum(pools_file)},
-                    resume=training["resume"], evaluator=evaluator, remine=remine).summary
+                    resume=training["resume"], evaluator=evaluator, remine=remine, pools_meta=mined.meta).summary
     echo(f"      {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
-    trained = output / "model"
+    trained = output / MODEL_DIR
     if summary["best_step"] is not None:
-        trained = output / "model" / BEST_DIR
         echo(f"      best {training['dev_metric']} on {dev_name}: {summary['best_dev']:.4f} at step "
-             f"{summary['best_step']} (model/{BEST_DIR})")
+             f"{summary['best_step']}, the model kept in {MODEL_DIR}/")
     echo(f"[4/4] evaluating the trained model on {names}")
     results["after"] = _evaluate_all(eval_splits, as_retriever(str(trained), **encode), config,
                                      output / "eval", echo, "after")
+    labelled = {stage: {f"{eval_splits[0].name}/{split}": metrics for split, metrics in by_split.items()}
+                for stage, by_split in results.items()}
+    training_record = json.loads((output / TRAIN_CONFIG).read_text(encoding="utf-8"))
+    write_model_card(trained, training_record, labelled)  # the card now with its metrics
     for split, after in results["after"].items():
         if "before" in results:
             echo(f"{eval_splits[0].name}/{split}:\n" + format_comparison(results["before"][split], after))
