@@ -129,6 +129,9 @@ def _summary_sentence(summary: dict, config: dict) -> str:
         text += (f" This folder holds the model of step {summary['best_step']}, the best "
                  f"{summary.get('dev_metric', 'dev score')} on held-out queries ({summary['best_dev']:.4f})"
                  + (", chosen on queries held out of training" if config.get("dev_fraction") else "") + ".")
+    if summary.get("datasets"):
+        text += (" Trained on " + ", ".join(f"{name} ({count} queries)" for name, count in summary["datasets"].items())
+                 + ", each batch drawn from one dataset.")
     if summary.get("remine_rounds"):
         text += f" Negatives re-mined with the model in {len(summary['remine_rounds'])} rounds."
     return text

@@ -68,6 +68,7 @@ from retriever.io import (
     write_json,
 )
 from retriever.losses import DistilledLoss, build_masks, make_loss
+from retriever.mixture import group_document_ids
 from retriever.model_card import write_model_card
 from retriever.reporting import Reporter, check_report_target, open_reporter
 from retriever.train_settings import LOSSES, TrainConfig
@@ -101,11 +102,15 @@ class QueryExample:
 
 
 def epoch_batches(pools: list[Pool], config: TrainConfig, epoch: int,
-                  corpus_ids: list[str] | None = None) -> list[list[QueryExample]]:
+                  corpus_ids: list[str] | dict[str, list[str]] | None = None,
+                  groups: list[str] | None = None) -> list[list[QueryExample]]:
     """The batches of one epoch, a pure function of (pools, seed, epoch) so that resume is exact.
 
     With ``config.random_negatives`` R, R documents drawn from ``corpus_ids`` (never a positive of the query,
-    never one of its mined negatives) are added to each query's negatives, anew every epoch.
+    never one of its mined negatives) are added to each query's negatives, anew every epoch. ``groups`` (each
+    pool's dataset, :func:`retriever.mixture.mix`) with more than one dataset: every batch holds the queries of one
+    dataset (in-batch negatives from the same collection), the batches of all datasets in a seeded order, and
+    ``corpus_ids`` maps each dataset to the documents its random negatives come from.
     """
     rng = random.Random(config.seed * 1_000_003 + epoch)
     # A stream of its own, so adding random negatives changes no mined draw and no batch (a clean ablation).
@@ -119,12 +124,32 @@ def epoch_batches(pools: list[Pool], config: TrainConfig, epoch: int,
             [pool.negatives[i].doc_id for i in negatives], frozenset(p.doc_id for p in pool.positives),
             [pool.positives[i].score for i in positives], [pool.negatives[i].score for i in negatives])
         if config.random_negatives:
-            example.negatives += _random_documents(random_rng, corpus_ids, config.random_negatives,
+            drawn_from = corpus_ids[groups[len(examples)]] if isinstance(corpus_ids, dict) else corpus_ids
+            example.negatives += _random_documents(random_rng, drawn_from, config.random_negatives,
                                                    example.positive_ids | {n.doc_id for n in pool.negatives})
             example.negative_scores += [None] * (len(example.negatives) - len(example.negative_scores))
         examples.append(example)
-    rng.shuffle(examples)
-    return [examples[start:start + config.batch_size] for start in range(0, len(examples), config.batch_size)]
+    if groups is None or len(set(groups)) < 2:
+        rng.shuffle(examples)
+        return _chunks(examples, config.batch_size)
+    batches = []
+    for name in dict.fromkeys(groups):  # datasets in first-seen order, so the draw does not depend on set order
+        members = [example for example, group in zip(examples, groups) if group == name]
+        rng.shuffle(members)
+        batches += _chunks(members, config.batch_size)
+    rng.shuffle(batches)
+    return batches
+
+
+def batches_per_epoch(pools: int, batch_size: int, groups: list[str] | None = None) -> int:
+    """How many batches :func:`epoch_batches` makes (each dataset of ``groups`` ends with its own last batch)."""
+    if groups is None or len(set(groups)) < 2:
+        return math.ceil(pools / batch_size)
+    return sum(math.ceil(groups.count(name) / batch_size) for name in set(groups))
+
+
+def _chunks(examples: list[QueryExample], size: int) -> list[list[QueryExample]]:
+    return [examples[start:start + size] for start in range(0, len(examples), size)]
 
 
 def _random_documents(rng: random.Random, corpus_ids: list[str] | None, count: int, excluded: set[str]) -> list[str]:
@@ -221,7 +246,8 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
           show_progress: bool = True, provenance: dict | None = None, resume: str | Path | None = None,
           evaluator: Callable[[DualEncoder], float] | None = None,
           on_step: Callable[[int, DualEncoder], None] | None = None,
-          remine: Remine | None = None, pools_meta: dict | list | None = None) -> TrainResult:
+          remine: Remine | None = None, pools_meta: dict | list | None = None,
+          groups: list[str] | None = None) -> TrainResult:
     """Train on ``pools`` into the run folder ``output_dir``; returns the model and its summary.
 
     ``output_dir/model/`` is the trained model with its model card (``README.md``) and nothing else, so it can be
@@ -244,14 +270,16 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
     ``remine(model, r)`` mines them with the model at the end of epoch r x E (or reads them when that round is
     finished), ``remine(None, r)`` only reads a finished round (a resume in the middle of it; the other processes of
     a distributed run, after rank 0 mined). ``pools_meta``: how the pools were mined
-    (:func:`retriever.data.read_pools_meta`), for the model card.
+    (:func:`retriever.data.read_pools_meta`; a list of them for several datasets), for the model card. ``groups``:
+    each pool's dataset when training on several (:func:`retriever.mixture.mix` gives pools, corpus and groups);
+    every batch is then drawn from one dataset.
     """
     if isinstance(loss, str):
         config = replace(config, loss=loss)
         loss = None
     trainer = Trainer(pools, corpus, config, Path(output_dir), model=model, loss=loss, show_progress=show_progress,
                       provenance=provenance, evaluator=evaluator, on_step=on_step, remine=remine,
-                      pools_meta=pools_meta)
+                      pools_meta=pools_meta, groups=groups)
     trainer.restore(resume)
     return trainer.run()
 
@@ -267,7 +295,7 @@ class Trainer:
                  model: DualEncoder | object | None, loss: torch.nn.Module | None, show_progress: bool,
                  provenance: dict | None, evaluator: Callable[[DualEncoder], float] | None,
                  on_step: Callable[[int, DualEncoder], None] | None, remine: Remine | None,
-                 pools_meta: dict | list | None = None) -> None:
+                 pools_meta: dict | list | None = None, groups: list[str] | None = None) -> None:
         config.check()
         check_report_target(config.report_to)  # a missing extra fails before the model loads
         self.pools, self.corpus, self.config, self.output_dir = pools, corpus, config, output_dir
@@ -275,6 +303,8 @@ class Trainer:
         self.show_progress, self.provenance = show_progress, provenance
         self.evaluator, self.on_step, self.remine = evaluator, on_step, remine
         self.pools_meta = pools_meta
+        self.groups = groups
+        self.mixed = groups is not None and len(set(groups)) > 1
         self.dev_metric = getattr(evaluator, "metric", "score")  # eval.evaluate.dev_evaluator names its metric
         self.reporter: Reporter = Reporter()
         self.distills = isinstance(loss, DistilledLoss) if loss is not None else config.distills
@@ -282,6 +312,8 @@ class Trainer:
         check_output_folder(output_dir, "output_dir")
         self.identity = {f"config.{key}": value for key, value in asdict(config).items()}
         self.identity["pools"] = pools_fingerprint(pools)
+        if self.mixed:  # the batches depend on the datasets of the pools
+            self.identity["groups"] = hashlib.sha256("\n".join(groups).encode()).hexdigest()
         if loss is not None:
             self.identity["loss"] = repr(loss)
         self.checkpoint_dir: Path | None = None
@@ -302,6 +334,10 @@ class Trainer:
         if (config.patience or config.dev_fraction) and self.evaluator is None:
             raise HardnegError("train: patience and dev_fraction need a dev evaluator (the CLI and `run` build it "
                                "from --dev-fraction, --dev-split or --dev-data)")
+        if self.groups is not None and len(self.groups) != len(pools):
+            raise HardnegError(f"train: groups names {len(self.groups)} pools' datasets, there are {len(pools)} pools")
+        if config.remine_every and self.mixed:
+            raise HardnegError("train: re-mining (remine_every) works on one dataset; train on several without it")
         if config.remine_every and self.remine is None:
             raise HardnegError("train: remine_every needs the mining settings to re-mine with (the CLI and `run` "
                                "pass them; in Python give remine=mining.remine.Remining(...))")
@@ -348,11 +384,13 @@ class Trainer:
         if self.loss_module is None:
             self.loss_module = _loss_module(config)
         self.loss_module = self.loss_module.to(self.device)
-        self.steps_per_epoch = math.ceil(len(self.pools) / config.batch_size)
+        self.steps_per_epoch = batches_per_epoch(len(self.pools), config.batch_size, self.groups)
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        self.corpus_ids = list(self.corpus.ids) if config.random_negatives else None
+        self.corpus_ids = None
+        if config.random_negatives:
+            self.corpus_ids = (group_document_ids(self.corpus, self.groups) if self.mixed else list(self.corpus.ids))
         self.optimizer = self._optimizer()
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(config.warmup_ratio * self.total_steps),
                                                          self.total_steps)
@@ -459,7 +497,7 @@ class Trainer:
 
     def _run_epoch(self, epoch: int, bar: tqdm) -> bool:
         """The remaining steps of ``epoch``; False when training ends inside it (early stop)."""
-        batches = epoch_batches(self.pools, self.config, epoch, self.corpus_ids)
+        batches = epoch_batches(self.pools, self.config, epoch, self.corpus_ids, self.groups)
         for index in range(self.step - epoch * self.steps_per_epoch, len(batches)):
             if self.step >= self.total_steps:
                 break
@@ -593,6 +631,8 @@ class Trainer:
                    "best_dev": self.best["score"], "dev_metric": self.dev_metric if self.evaluator else None}
         if config.remine_every:
             summary["remine_rounds"] = self.rounds
+        if self.mixed:
+            summary["datasets"] = {name: self.groups.count(name) for name in dict.fromkeys(self.groups)}
         if any("temperature" in r for r in log):
             summary["final_temperature"] = log[-1].get("temperature")
         model_dir = self.output_dir / MODEL_DIR

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_model_card import UPLOADED_FILES
 
 import hardneg
-from tests.test_model_card import UPLOADED_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -141,13 +141,13 @@ def test_cli_export_writes_each_format_and_refuses_without_a_corpus(tmp_path, de
 def test_the_output_suffix_picks_the_container_and_train_reads_an_export_back(tmp_path, demo_train, tiny_model,
                                                                               capsys):
     import datasets
+    from conftest import small
 
     from hardneg.cli import main
     from mining.export import load_pools
     from mining.filters import TopK
     from mining.mine import mine
     from retriever.data import read_pools
-    from tests.conftest import small
 
     data = small(demo_train, queries=24)
     mine(data, "bm25", depth=10, num_negatives=2, filter=TopK(), output_dir=tmp_path / "pools", show_progress=False)

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import yaml
+from conftest import small as _small
 from sentence_transformers import SentenceTransformer
 
 from eval.evaluate import dev_evaluator
@@ -18,7 +19,6 @@ from retriever.encoder import DualEncoder
 from retriever.io import HardnegError
 from retriever.model_card import render_model_card
 from retriever.train import MODEL_DIR, TENSORBOARD_DIR, TRAIN_CONFIG, TRAIN_LOG, TrainConfig, train
-from tests.conftest import small as _small
 
 # What `huggingface-cli upload REPO OUTPUT/model` would send: model files and the card, no logs or checkpoints.
 UPLOADED_FILES = ["1_Pooling", "2_Normalize", "README.md", "config.json", "config_sentence_transformers.json",

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 import hardneg
 from eval.evaluate import evaluate
@@ -15,7 +16,6 @@ from eval.suite import SUMMARY_JSON, SUMMARY_MD, evaluate_datasets
 from hardneg.cli import main
 from retriever.data import load_beir
 from retriever.io import HardnegError
-from tests.conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 MSMARCO_SAMPLE = SHARED_DATA / "msmarco" / "beir-sample"

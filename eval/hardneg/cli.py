@@ -126,29 +126,54 @@ def cmd_train(args) -> None:
     from mining.export import is_exported_pools, load_pools
     from retriever.data import load_corpus_of, pools_file, pools_scorer, read_pools_meta
     from retriever.encoding import check_precision
+    from retriever.mixture import mix
     from retriever.train import MODEL_DIR, TrainConfig, train
 
     check_precision(args.encode_precision)
     config = from_arguments(TrainConfig, args)
     config.check()
     check_output_folder(args.output, "--output")
-    exported = is_exported_pools(args.pools)  # a --format pools export (datasets folder or parquet)
-    path = Path(args.pools) if exported else pools_file(args.pools)
-    if config.distills and not exported and pools_scorer(path) is None:
-        raise HardnegError(f"{path}: distillation needs pools mined with a teacher or cross-encoder (their "
-                           "scores are the soft labels); these carry the retriever's own scores. Mine with "
-                           "--teacher MODEL or --cross-encoder MODEL")
+    several = len(args.pools) > 1
+    if several:
+        if args.corpus or not args.data or len(args.data) != len(args.pools):
+            raise HardnegError("training on several datasets takes one --data per --pools, in the same order "
+                               f"(got {len(args.pools)} --pools and {len(args.data or [])} --data; no --corpus)")
+        if config.remine_every:
+            raise HardnegError("--remine-every re-mines one dataset; train on several without it")
+        if (config.eval_steps or config.patience) and not config.dev_fraction:
+            raise HardnegError("on several datasets, select with --dev-fraction (held-out training queries of "
+                               "each dataset); --dev-split/--dev-data name one dataset")
+    elif args.data is not None and len(args.data) > 1:
+        raise HardnegError("give one --pools per --data (several datasets train from their own pools)")
+    paths = []
+    for pools_arg in args.pools:
+        exported = is_exported_pools(pools_arg)  # a --format pools export (datasets folder or parquet)
+        path = Path(pools_arg) if exported else pools_file(pools_arg)
+        if config.distills and not exported and pools_scorer(path) is None:
+            raise HardnegError(f"{path}: distillation needs pools mined with a teacher or cross-encoder (their "
+                               "scores are the soft labels); these carry the retriever's own scores. Mine with "
+                               "--teacher MODEL or --cross-encoder MODEL")
+        paths.append((path, exported))
     mine_settings = None
     if config.remine_every:
         from mining.remine import recorded_mine_settings
 
-        mine_settings = recorded_mine_settings(path, config.model)  # refused here, before the corpus is read
-    corpus = load_corpus_of(args.data, args.corpus)
-    pools = load_pools(path, corpus, allow_corpus_mismatch=args.allow_corpus_mismatch)
-    evaluator = None
-    if config.dev_fraction:
-        pools, evaluator = _held_out_evaluator(pools, corpus, config, args)
-    elif config.eval_steps or config.patience:
+        mine_settings = recorded_mine_settings(paths[0][0], config.model)  # refused here, before the corpus is read
+    parts, metas, evaluators, provenance = {}, [], [], {}
+    for (path, exported), data in zip(paths, args.data or [None]):
+        corpus = load_corpus_of(data, args.corpus)
+        pools = load_pools(path, corpus, allow_corpus_mismatch=args.allow_corpus_mismatch)
+        meta = None if exported else read_pools_meta(path)
+        name = _dataset_name(meta, data, path, taken=parts)
+        if config.dev_fraction:
+            pools, evaluator = _held_out_evaluator(pools, corpus, config, args, name)
+            evaluators.append(evaluator)
+        parts[name] = (pools, corpus)
+        metas.append(meta or {"dataset": name})
+        provenance |= {str(f): file_checksum(f) for f in ([path] if path.is_file() else sorted(path.glob("*.arrow")))}
+    pools, corpus, groups = mix(parts)
+    evaluator = _mean_evaluator(evaluators, args.dev_metric) if evaluators else None
+    if evaluator is None and (config.eval_steps or config.patience):
         evaluator = _dev_evaluator(args)
     remine = None
     if mine_settings is not None:
@@ -157,11 +182,12 @@ def cmd_train(args) -> None:
         remine = remining_for_pools(pools, corpus, mine_settings, args.output, encode=_encode_options(args),
                                     echo=lambda line: print(f"hardneg: {line}", file=sys.stderr),
                                     config=_recorded(args))
-    summary = train(pools, corpus, config, args.output, show_progress=not args.quiet,
-                    provenance={str(f): file_checksum(f) for f in ([path] if path.is_file() else
-                                                                    sorted(path.glob("*.arrow")))},
-                    resume=args.resume, evaluator=evaluator,
-                    remine=remine, pools_meta=None if exported else read_pools_meta(path)).summary
+    if several and not args.quiet:
+        print("hardneg: training on " + ", ".join(f"{n} ({len(p)} queries)" for n, (p, _) in parts.items())
+              + "; each batch from one dataset", file=sys.stderr)
+    summary = train(pools, corpus, config, args.output, show_progress=not args.quiet, provenance=provenance,
+                    resume=args.resume, evaluator=evaluator, remine=remine,
+                    pools_meta=metas if several else metas[0], groups=groups if several else None).summary
     from retriever import distributed
 
     if distributed.is_main():
@@ -182,7 +208,7 @@ def _dev_evaluator(args):
     from retriever.data import load_dataset
 
     try:
-        dev = load_dataset(args.dev_data or args.data, args.dev_split,
+        dev = load_dataset(args.dev_data or (args.data[0] if args.data else None), args.dev_split,
                            corpus=None if args.dev_data else args.corpus)
     except HardnegError as err:
         raise HardnegError(f"{err}; or hold out training queries to select on with --dev-fraction 0.1") from None
@@ -190,7 +216,7 @@ def _dev_evaluator(args):
     return dev_evaluator(dev, args.dev_metric, batch_size=options["batch_size"], precision=options["precision"])
 
 
-def _held_out_evaluator(pools, corpus, config, args):
+def _held_out_evaluator(pools, corpus, config, args, name: str):
     """``--dev-fraction``: the training pools without the held-out queries, and a scorer on those queries."""
     from eval.evaluate import dev_evaluator
     from retriever.data import hold_out, pools_dataset
@@ -198,9 +224,32 @@ def _held_out_evaluator(pools, corpus, config, args):
     kept, held = hold_out(pools, config.dev_fraction, config.seed)
     options = _encode_options(args)
     if not args.quiet:
-        print(f"hardneg: selecting on {len(held)} held-out training queries ({len(kept)} train)", file=sys.stderr)
+        print(f"hardneg: selecting on {len(held)} held-out training queries of {name} ({len(kept)} train)",
+              file=sys.stderr)
     return kept, dev_evaluator(pools_dataset(held, corpus), args.dev_metric, batch_size=options["batch_size"],
                                precision=options["precision"])
+
+
+def _mean_evaluator(evaluators: list, metric: str):
+    """One dev score for several datasets: the mean of each dataset's held-out score (as the mean row of a
+    BEIR table), so selection does not favour the dataset with the most queries."""
+    if len(evaluators) == 1:
+        return evaluators[0]
+
+    def score(model) -> float:
+        return sum(evaluator(model) for evaluator in evaluators) / len(evaluators)
+
+    score.metric = f"mean {metric}"
+    return score
+
+
+def _dataset_name(meta: dict | None, data: str | None, path: Path, *, taken) -> str:
+    """A dataset's name in a mixture: the one its mining recorded, else its folder's; numbered when repeated."""
+    name = (meta or {}).get("dataset") or (Path(data).name if data else path.stem)
+    unique, number = name, 2
+    while unique in taken:
+        unique, number = f"{name}-{number}", number + 1
+    return unique
 
 
 def cmd_evaluate(args) -> None:
@@ -330,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mine)
 
     p = sub.add_parser("train", help="train a dual encoder on mined pools (torchrun for several GPUs/processes)")
-    p.add_argument("--pools", required=True, action=_Once, help="pools.jsonl, or the folder holding it")
-    p.add_argument("--data", action=_Once, help="dataset folder or bundled name whose corpus the pools refer to")
+    p.add_argument("--pools", required=True, action="append",
+                   help="pools.jsonl, the folder holding it, or a --format pools export; repeat it with one --data "
+                        "each to train on several datasets (each batch from one dataset)")
+    p.add_argument("--data", action="append", help="dataset folder or bundled name whose corpus the pools refer to")
     p.add_argument("--corpus", help="or the corpus file itself")
     _allow_corpus_mismatch(p)
     p.add_argument("--output", required=True, help="run folder: the trained model (with its model card) in "
