@@ -30,10 +30,11 @@ from eval.metrics import (
 from eval.report import markdown_report
 from eval.runs import write_run
 from retriever.data import Dataset, Run
-from retriever.dense import encoding_record
+from retriever.dense import encoding_record, sharding_record
 from retriever.factory import as_retriever
 from retriever.io import HardnegError, atomic_write, check_output_folder, library_versions, write_json
 from retriever.protocol import EmbeddingSource, describe
+from retriever.ranks import is_main
 
 METRICS_FILE = "metrics.json"
 PER_QUERY_FILE = "per_query.json"
@@ -42,12 +43,18 @@ REPORT_FILE = "report.md"
 
 
 def dense_search(source: object, dataset: Dataset, depth: int) -> tuple[Run, np.ndarray]:
-    """Exact search of a dense retriever that also returns the query vectors, reused by the corpus AUC."""
+    """Exact search of a dense retriever that also returns the query vectors, reused by the corpus AUC.
+
+    hardneg's own :class:`~retriever.dense.DenseRetriever` searches its rows in chunks (and under torchrun its
+    shard, the lists merged across ranks); any other ``EmbeddingSource`` is searched over its whole matrix."""
+    from retriever.dense import DenseRetriever
     from retriever.index import exact_search
 
-    documents = source.corpus_embeddings(dataset.corpus)
     vectors = np.asarray(source.query_embeddings(dataset.queries), dtype=np.float32)
-    scores, positions = exact_search(documents, vectors, depth)
+    if isinstance(source, DenseRetriever):
+        scores, positions = source.search_embeddings(dataset.corpus, vectors, depth, exact=True)
+    else:
+        scores, positions = exact_search(source.corpus_embeddings(dataset.corpus), vectors, depth)
     ids = dataset.corpus.ids
     run = {query_id: {ids[p]: s for s, p in zip(row_scores, row_positions) if p >= 0}
            for query_id, row_scores, row_positions in zip(dataset.queries, scores.tolist(), positions.tolist())}
@@ -145,6 +152,7 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
                           "every non-relevant corpus document; AUC-pooled: Mann-Whitney U/(n_pos*n_neg) over "
                           "all relevant pairs vs sampled non-relevant pairs of all queries",
         "encoding": encoding_record(source) if source is not None else [],
+        "sharding": sharding_record(source) if source is not None else [],
         **dataset.qrels_counts(), "library_versions": library_versions(),
         "input_checksums": dataset.checksums(), "config": config or {},
         "seconds": round(time.time() - started, 1), "search_seconds": round(search_seconds, 1),
@@ -152,7 +160,7 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
     if auc_result is not None:
         record["auc_pooled"] = {"source": auc_result.source, "positives": int(auc_result.pooled_positives.size),
                                 "negatives": int(auc_result.pooled_negatives.size), "value": auc_result.pooled}
-    if output_dir is not None:
+    if output_dir is not None and is_main():  # under torchrun every rank has the record; rank 0 writes it
         output_dir = Path(output_dir)
         write_run(output_dir / RUN_FILE, run, tag=name)
         write_json(output_dir / PER_QUERY_FILE, {"dataset": dataset.name, "split": dataset.split,

@@ -33,7 +33,7 @@ from mining.report import HISTOGRAM_FILE, MiningReport
 from mining.settings import DEFAULT_SHARD_SIZE, SAMPLINGS
 from mining.sources import Rescored, ranked
 from retriever.data import POOLS_FILE, POOLS_META, Candidate, Dataset, Pool, corpus_fingerprint, read_pools
-from retriever.dense import DenseRetriever, encoder_identity, encoding_record
+from retriever.dense import DenseRetriever, encoder_identity, encoding_record, sharding_record
 from retriever.factory import as_retriever
 from retriever.index import check_index_fits
 from retriever.io import (
@@ -45,6 +45,7 @@ from retriever.io import (
     write_json,
 )
 from retriever.protocol import EncoderBacked, Scorer, components, describe
+from retriever.ranks import broadcast_object, is_main
 
 META_FILE = POOLS_META  # the names live with the pools format (retriever.data)
 SHARDS_DIR = ".pools-shards"
@@ -185,14 +186,16 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     checksums = dataset.checksums()
     query_ids = list(queries)
     shards = [query_ids[start:start + shard_size] for start in range(0, len(query_ids), shard_size)]
+    fingerprint = _fingerprint(settings, checksums, query_ids, _model_identities(source))
+    if output_dir is not None and not is_main():
+        output_dir = None  # under torchrun rank 0 writes; the others only take part in the sharded search
     if output_dir is not None:
         remove_stale_staging(output_dir)  # what a killed run left half-written; its finished shards stay
-    store = _ShardStore(Path(output_dir) / SHARDS_DIR,
-                        _fingerprint(settings, checksums, query_ids, _model_identities(source))) \
-        if output_dir is not None else None
+    store = _ShardStore(Path(output_dir) / SHARDS_DIR, fingerprint) if output_dir is not None else None
     source_name = getattr(source, "kind", None) or type(source).__name__
     in_memory: list[tuple[list[Pool], list[_QueryRecord]]] = []
-    todo = [number for number in range(len(shards)) if store is None or not store.done(number)]
+    # Every rank must search the same shards (each search is a collective): rank 0's store decides.
+    todo = broadcast_object([number for number in range(len(shards)) if store is None or not store.done(number)])
     for number in tqdm(todo, desc="mine shards", unit="shard", disable=not show_progress or len(shards) < 2):
         shard_queries = {query_id: queries[query_id] for query_id in shards[number]}
         pools, records = _mine_shard(dataset, source, source_name, shard_queries, positives, chain, depth,
@@ -228,7 +231,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     meta = {"dataset": dataset.name, "split": dataset.split, "settings": settings,
             "corpus": {"fingerprint": corpus_fingerprint(dataset.corpus), "documents": len(dataset.corpus)},
             "counts": stats.to_json(num_negatives), "report": report.to_json(),
-            "encoding": encoding_record(source),
+            "encoding": encoding_record(source), "sharding": sharding_record(source),
             **dataset.qrels_counts(), "library_versions": library_versions(),
             "input_checksums": checksums, "config": config or {}, "seconds": round(time.time() - started, 1)}
     if store is not None:

@@ -7,6 +7,11 @@ its weight and config files, or its hub name), the corpus content (sha256 over i
 encoding options (max length, document prefix, pooling, normalisation, and the precision the
 encoder runs in: bf16 and fp32 embeddings are never mixed). A later run with the same key
 memory-maps the file instead of encoding; any change gives a new key, never a stale hit.
+
+Under ``torchrun`` every rank encodes, caches and searches its own contiguous rows of the corpus; the queries
+are encoded in shares and exchanged, and only the per-shard top-k lists and the scores of requested documents
+travel between ranks (:meth:`DenseRetriever.search_embeddings`). Every rank calls the same methods in the same
+order with the same arguments (each is a collective), and ends with the same results.
 """
 
 from __future__ import annotations
@@ -15,15 +20,24 @@ import hashlib
 import inspect
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from retriever.data import Corpus, Queries, Run, corpus_fingerprint
-from retriever.index import VectorIndex, check_index_spec
-from retriever.io import atomic_write, file_checksum, write_json
+from retriever.embedding_cache import (
+    EmbeddingCache,
+    Rows,
+    block_size,
+    encode_in_blocks,
+    exact_top_k,
+    shard_rows,
+)
+from retriever.index import VectorIndex, check_index_spec, merge_top_k, use_gpu_default
+from retriever.io import file_checksum
 from retriever.protocol import Encoder, PrecisionAware, components
+from retriever.ranks import process_group
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("HARDNEG_CACHE_DIR", "~/.cache/hardneg/embeddings")).expanduser()
 _MODEL_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
@@ -56,6 +70,13 @@ def encoder_identity(encoder: object) -> dict | None:
     return identity
 
 
+def sharding_record(retriever: object) -> list[dict]:
+    """How each dense part of ``retriever`` split the corpus (world size; per rank the documents it held and
+    encoded), for ``metrics.json`` / ``pools.meta.json``. A collective under torchrun: every rank calls it."""
+    return [{"model": getattr(part.encoder, "name", "") or type(part.encoder).__name__} | part.shard_record()
+            for part in components(retriever) if isinstance(part, DenseRetriever)]
+
+
 def encoding_record(retriever: object) -> list[dict]:
     """The precision each model behind ``retriever`` encodes in, for ``metrics.json`` / ``pools.meta.json``.
 
@@ -68,35 +89,6 @@ def encoding_record(retriever: object) -> list[dict]:
             found.append({"model": getattr(model, "name", "") or type(model).__name__,
                           "precision": model.encode_precision, "requested": model.precision})
     return found
-
-
-def _read_cache_entry(path: Path, corpus: Corpus) -> np.ndarray | None:
-    """A cached embedding matrix, memory-mapped, or None (with a warning) when the entry cannot be trusted.
-
-    The ``.npy`` must match its sidecar ``.json`` (written after it) in checksum, shape and dtype, and the
-    sidecar must name this corpus: a truncated, edited or half-written entry is re-encoded, never used.
-    """
-    sidecar = path.with_suffix(".json")
-    problem = None
-    try:
-        record = json.loads(sidecar.read_text(encoding="utf-8"))
-        if record.get("corpus_sha256") != corpus_fingerprint(corpus):
-            problem = "it was written for another corpus"
-        elif record.get("sha256") != file_checksum(path):
-            problem = "its checksum does not match (truncated or changed on disk)"
-        else:
-            embeddings = np.load(path, mmap_mode="r")
-            if embeddings.shape != (len(corpus), record.get("dimension")) or str(embeddings.dtype) != record.get(
-                    "dtype", "float32"):
-                problem = f"its shape {embeddings.shape} / {embeddings.dtype} is not what its record says"
-            else:
-                return embeddings
-    except FileNotFoundError:
-        problem = f"its record {sidecar.name} is missing (an interrupted write)"
-    except (OSError, ValueError) as err:
-        problem = f"it cannot be read ({type(err).__name__}: {err})"
-    warnings.warn(f"embedding cache entry {path} is not usable: {problem}; encoding the corpus again", stacklevel=3)
-    return None
 
 
 class DenseRetriever:
@@ -122,20 +114,25 @@ class DenseRetriever:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.cache_hits = 0
         self._cached: tuple[Corpus, np.ndarray] | None = None
+        self._rows: tuple[Corpus, list[Rows]] | None = None
+        self.documents_encoded = 0  # by this process (the rest of its rows came from the cache)
+        self.shard_documents = 0
         self._index: tuple[Corpus, VectorIndex] | None = None
         self._last_queries: tuple[bytes, np.ndarray] | None = None
         name = getattr(encoder, "name", "") or type(encoder).__name__
         self.description = f"dense:{name}" + ("" if index == "Flat" else f"[{index}]")
 
-    def _encode(self, texts: list[str], *, is_query: bool) -> np.ndarray:
+    def _encode(self, texts: list[str], *, is_query: bool, show_progress: bool | None = None) -> np.ndarray:
         method = self.encoder.encode_queries if is_query else self.encoder.encode_documents
         parameters = inspect.signature(method).parameters
         takes_options = "batch_size" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-        options = {"batch_size": self.batch_size, "show_progress": self.show_progress} if takes_options else {}
+        show = self.show_progress if show_progress is None else show_progress
+        options = {"batch_size": self.batch_size, "show_progress": show} if takes_options else {}
         return np.asarray(method(texts, **options), dtype=np.float32)  # a custom Encoder may take only texts
 
     def cache_path(self, corpus: Corpus) -> Path | None:
-        """Where this encoder's embeddings of ``corpus`` are cached (None: caching off or encoder unknown)."""
+        """Where this encoder's embeddings of the whole ``corpus`` are cached (None: caching off or encoder unknown);
+        the row ranges ranks write sit beside it (:mod:`retriever.embedding_cache`)."""
         if self.cache_dir is None:
             return None
         identity = encoder_identity(self.encoder)
@@ -145,67 +142,155 @@ class DenseRetriever:
                                         sort_keys=True).encode()).hexdigest()[:32]
         return self.cache_dir / f"{key}.npy"
 
+    def local_rows(self, corpus: Corpus) -> list[Rows]:
+        """This process's rows of the corpus embeddings: all of them, or under torchrun its contiguous shard of
+        whole encoding blocks (:func:`~retriever.embedding_cache.shard_rows`). Rows a valid cache entry holds
+        are memory-mapped from it, whichever world size wrote it; the others are encoded, a block at a time, and
+        cached as this rank's own entry."""
+        if self._rows is not None and self._rows[0] is corpus:
+            return self._rows[1]
+        group = process_group()
+        start, end = shard_rows(len(corpus), group.rank(), group.world_size()) if group else (0, len(corpus))
+        path = self.cache_path(corpus)
+        cache = EmbeddingCache(path, corpus, encoder_identity(self.encoder)) if path is not None else None
+        if cache is not None:
+            pieces, gaps = cache.rows(start, end)
+        else:
+            pieces, gaps = [], [(start, end)] if end > start else []
+        if not gaps and pieces:
+            self.cache_hits += 1
+        several = sum(last - first for first, last in gaps) > block_size(len(corpus))
+        with tqdm(total=sum(last - first for first, last in gaps), desc="encode documents", unit="text",
+                  disable=not self.show_progress or not several) as bar:
+            def encode(texts: list[str]) -> np.ndarray:  # one bar over the blocks, not a bar per block
+                vectors = self._encode(texts, is_query=False, show_progress=self.show_progress and not several)
+                bar.update(len(texts))
+                return vectors
+
+            for first, last in gaps:
+                blocks = encode_in_blocks(encode, corpus.text, len(corpus), first, last)
+                if cache is not None:
+                    pieces.append(cache.write(first, last, blocks))
+                else:
+                    pieces.append(Rows(first, np.concatenate(list(blocks))))
+                self.documents_encoded += last - first
+        pieces.sort(key=lambda piece: piece.start)
+        self._rows = (corpus, pieces)
+        self.shard_documents = end - start
+        return pieces
+
     def corpus_embeddings(self, corpus: Corpus) -> np.ndarray:
+        """Every document's embedding, in corpus order (memory-mapped from the cache when one entry holds them).
+
+        Under torchrun this gathers every rank's rows on every rank, so it is for callers that need the whole
+        matrix; hardneg's own search and scoring work on :meth:`local_rows` and exchange only results."""
         if self._cached is not None and self._cached[0] is corpus:
             return self._cached[1]
-        path = self.cache_path(corpus)
-        if path is not None and path.is_file():
-            embeddings = _read_cache_entry(path, corpus)
-            if embeddings is not None:
-                self.cache_hits += 1
-                self._cached = (corpus, embeddings)
-                return embeddings
-        embeddings = self._encode(corpus.texts(), is_query=False)
-        if path is not None:
-            with atomic_write(path, "wb") as handle:
-                np.save(handle, embeddings)
-            # The sidecar is written last: an entry without it (a crash in between) is never trusted.
-            write_json(path.with_suffix(".json"), {"encoder": encoder_identity(self.encoder),
-                                                   "corpus_sha256": corpus_fingerprint(corpus),
-                                                   "documents": len(corpus), "dimension": int(embeddings.shape[1]),
-                                                   "dtype": str(embeddings.dtype), "sha256": file_checksum(path)})
+        pieces = self.local_rows(corpus)
+        group = process_group()
+        if group:
+            pieces = [piece for part in group.all_gather_objects([Rows(p.start, np.asarray(p.array))
+                                                                 for p in pieces]) for piece in part]
+        embeddings = _joined(pieces)
         self._cached = (corpus, embeddings)
         return embeddings
 
     def vector_index(self, corpus: Corpus) -> VectorIndex:
+        """A faiss index over this process's rows (all of them, or its shard under torchrun: an IVF or HNSW index
+        is then trained on the shard alone); positions are local to the rows, see :meth:`search`."""
         if self._index is None or self._index[0] is not corpus:
-            self._index = (corpus, VectorIndex(self.corpus_embeddings(corpus), self.index_spec, nprobe=self.nprobe,
-                                               ef_search=self.ef_search, use_gpu=self.use_gpu,
-                                               k_limit=self.k_limit))
+            rows = _joined(self.local_rows(corpus))
+            self._index = (corpus, VectorIndex(rows, self.index_spec, nprobe=self.nprobe, ef_search=self.ef_search,
+                                               use_gpu=self.use_gpu, k_limit=self.k_limit))
         return self._index[1]
 
     def query_embeddings(self, queries: Queries) -> np.ndarray:
-        """Embeddings of the query texts; the last batch is kept, because mining asks for the same queries
-        twice (search, then the positives' scores) and encoding them is a large share of the work."""
+        """Embeddings of the query texts, encoded in blocks as the corpus is (under torchrun each rank encodes
+        a contiguous run of blocks and all get all); the last batch is kept, because mining asks for the same
+        queries twice (search, then the positives' scores) and encoding them is a large share of the work."""
         texts = list(queries.values())
         key = hashlib.sha256("\x00".join(texts).encode("utf-8")).digest()
         if self._last_queries is not None and self._last_queries[0] == key:
             return self._last_queries[1]
-        embeddings = self._encode(texts, is_query=True)
+        group = process_group()
+        start, end = shard_rows(len(texts), group.rank(), group.world_size()) if group else (0, len(texts))
+        blocks = list(encode_in_blocks(lambda batch: self._encode(batch, is_query=True), texts.__getitem__,
+                                       len(texts), start, end))
+        if group:
+            blocks = [block for part in group.all_gather_objects(blocks) for block in part]
+        embeddings = np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32)
         self._last_queries = (key, embeddings)
         return embeddings
+
+    def search_embeddings(self, corpus: Corpus, vectors: np.ndarray, top_k: int, *,
+                          exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, positions)`` of the top ``top_k`` documents for each query vector, best first; ``exact``
+        searches exactly whatever the index (evaluation does).
+
+        Exact search on the CPU reads the rows a chunk at a time (:func:`~retriever.embedding_cache.exact_top_k`),
+        so a memory-mapped corpus larger than memory is searched in bounded memory. Under torchrun each rank
+        searches its shard and the per-shard lists are merged with the tie rule of one process (equal scores by
+        corpus position): with ``Flat`` the result is the one-process result."""
+        pieces = self.local_rows(corpus)
+        k = min(int(top_k), len(corpus))
+        flat = exact or self.index_spec.replace(" ", "") in ("Flat", "IDMap,Flat")
+        on_gpu = use_gpu_default() if self.use_gpu is None else self.use_gpu
+        if not pieces:  # more ranks than documents: this one holds none
+            scores = np.zeros((len(vectors), 0), dtype=np.float32)
+            positions = np.zeros((len(vectors), 0), dtype=np.int64)
+        elif flat and not on_gpu and self.k_limit is None:
+            scores, positions = exact_top_k(pieces, vectors, k)
+        else:
+            index = self.vector_index(corpus) if not exact or self.index_spec == "Flat" else VectorIndex(
+                _joined(pieces), "Flat", use_gpu=self.use_gpu, k_limit=self.k_limit)
+            scores, positions = index.search(vectors, k, show_progress=self.show_progress)
+            positions = np.where(positions >= 0, positions + pieces[0].start, -1)
+        group = process_group()
+        if group:
+            parts = group.all_gather_objects((scores, positions))
+            scores, positions = merge_top_k(np.hstack([s for s, _ in parts]), np.hstack([p for _, p in parts]), k)
+        return scores, positions
 
     def search_and_score(self, corpus: Corpus, queries: Queries, top_k: int,
                          pairs: dict[str, list[str]]) -> tuple[Run, Run]:
         """``search`` and the listed documents' ``score`` with one encoding of the queries."""
-        run = self.search(corpus, queries, top_k)
-        documents = self.corpus_embeddings(corpus)
-        vectors = self.query_embeddings(queries)
-        scored = {query_id: {doc_id: float(np.asarray(documents[corpus.position[doc_id]]) @ vector)
-                             for doc_id in pairs[query_id]}
-                  for query_id, vector in zip(queries, vectors) if query_id in pairs}
-        return run, scored
+        return self.search(corpus, queries, top_k), self.score(corpus, queries, pairs)
 
     def search(self, corpus: Corpus, queries: Queries, top_k: int) -> Run:
-        scores, positions = self.vector_index(corpus).search(self.query_embeddings(queries), top_k,
-                                                             show_progress=self.show_progress)
+        scores, positions = self.search_embeddings(corpus, self.query_embeddings(queries), top_k)
         return {query_id: {corpus.ids[p]: float(s) for s, p in zip(row_scores, row_positions) if p >= 0}
                 for query_id, row_scores, row_positions in zip(queries, scores, positions)}
 
     def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
-        documents = self.corpus_embeddings(corpus)
+        """The listed documents' scores; under torchrun each rank scores the documents of its shard."""
+        pieces = self.local_rows(corpus)
         wanted = {query_id: queries[query_id] for query_id in pairs}
-        query_vectors = self.query_embeddings(wanted)
-        return {query_id: {doc_id: float(np.asarray(documents[corpus.position[doc_id]]) @ vector)
-                           for doc_id in pairs[query_id]}
-                for query_id, vector in zip(wanted, query_vectors)}
+        vectors = dict(zip(wanted, self.query_embeddings(wanted)))
+        found: dict[str, dict[str, float]] = {}
+        for query_id, doc_ids in pairs.items():
+            for doc_id in doc_ids:
+                position = corpus.position[doc_id]
+                for piece in pieces:
+                    if piece.start <= position < piece.end:
+                        found.setdefault(query_id, {})[doc_id] = float(
+                            np.asarray(piece.array[position - piece.start]) @ vectors[query_id])
+        group = process_group()
+        if group:
+            for part in group.all_gather_objects(found):
+                for query_id, scored in part.items():
+                    found.setdefault(query_id, {}).update(scored)
+        return {query_id: {doc_id: found[query_id][doc_id] for doc_id in doc_ids}
+                for query_id, doc_ids in pairs.items()}
+
+    def shard_record(self) -> dict:
+        """How the corpus was split, for ``metrics.json`` / ``pools.meta.json``: the world size and, per rank,
+        the documents it held and how many of them it encoded (the rest came from the cache)."""
+        group = process_group()
+        mine = {"documents": self.shard_documents, "encoded": self.documents_encoded}
+        ranks = group.all_gather_objects(mine) if group else [mine]
+        return {"world_size": len(ranks), "ranks": [{"rank": r} | part for r, part in enumerate(ranks)]}
+
+
+def _joined(pieces: list[Rows]) -> np.ndarray:
+    """The rows of consecutive pieces as one matrix (the piece itself, memory-mapped, when there is one)."""
+    return pieces[0].array if len(pieces) == 1 else np.concatenate([piece.array for piece in pieces])

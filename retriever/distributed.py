@@ -33,9 +33,11 @@ once per step. Ranks must run the same number of collective calls: shard batches
 API: :func:`init_from_env` (torchrun environment -> process group: gloo on CPU, nccl on CUDA; a no-op
 for a single process), :func:`world_size`, :func:`rank`, :func:`is_main` (write files only there),
 :func:`shard`, :func:`global_columns`, :func:`all_gather_with_grad`, :func:`gather_embeddings`,
-:func:`all_reduce_mean`, :func:`barrier`, :func:`device`, :func:`cleanup`, and :func:`wrap_ddp`, which
-freezes the parameters the embedding never uses (BERT's pooler: DDP would otherwise stop, waiting for
-their gradients) and wraps the encoder in DDP without per-forward buffer syncs (identity for one process).
+:func:`all_reduce_mean`, :func:`all_gather_objects` and :func:`broadcast_object` (what sharded mining and
+evaluation exchange, :mod:`retriever.dense`), :func:`barrier`, :func:`device`, :func:`cleanup`, and
+:func:`wrap_ddp`, which freezes the parameters the embedding never uses (BERT's pooler: DDP would otherwise
+stop, waiting for their gradients) and wraps the encoder in DDP without per-forward buffer syncs (identity
+for one process).
 """
 
 from __future__ import annotations
@@ -212,3 +214,24 @@ def broadcast_int(value: int, source: int = 0) -> int:
     tensor = torch.tensor(int(value), dtype=torch.int64, device=device() if dist.get_backend() == "nccl" else "cpu")
     dist.broadcast(tensor, src=source)
     return int(tensor.item())
+
+
+def all_gather_objects(value: object) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` for one process.
+
+    What sharded encoding and search exchange: query embeddings, per-shard top-k lists, scores of the
+    documents a rank holds. These are small next to the corpus, so pickling them costs little."""
+    if not is_distributed():
+        return [value]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value: object, source: int = 0) -> object:
+    """Rank ``source``'s ``value`` on every rank (what only rank 0 can know, e.g. which shards it has written)."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=source)
+    return holder[0]

@@ -175,7 +175,7 @@ class VectorIndex:
             all_positions.append(np.where(p >= 0, p + offset, -1))
             # A shard that returned fewer rows than it holds may have more above the merged cutoff.
             saturated.append(s[:, -1] if shard_k < min(k, index.ntotal) else np.full(len(chunk), -np.inf))
-        scores, positions = _merge(np.concatenate(all_scores, axis=1), np.concatenate(all_positions, axis=1), k)
+        scores, positions = merge_top_k(np.concatenate(all_scores, axis=1), np.concatenate(all_positions, axis=1), k)
         cutoff = scores[:, -1]
         redo = np.zeros(len(chunk), dtype=bool)
         for last in saturated:
@@ -211,8 +211,9 @@ def _train(index, spec: str, sample: np.ndarray) -> None:
             from None
 
 
-def _merge(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` per row; equal scores by corpus position, the order a single flat index gives."""
+def merge_top_k(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` per row of candidate lists (from shards of the corpus, or chunks of it); equal scores by corpus
+    position, the order a single flat index gives, so a merged result does not depend on how the corpus was cut."""
     if scores.shape[1] < k:  # fewer candidates than asked (k-capped shards): pad; the caller re-searches
         pad = k - scores.shape[1]
         scores = np.hstack([scores, np.full((len(scores), pad), -np.inf, dtype=scores.dtype)])

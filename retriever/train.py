@@ -70,6 +70,7 @@ from retriever.io import (
 from retriever.losses import DistilledLoss, build_masks, make_loss
 from retriever.mixture import group_document_ids
 from retriever.model_card import write_model_card
+from retriever.ranks import alone
 from retriever.reporting import Reporter, check_report_target, open_reporter
 from retriever.train_settings import LOSSES, TrainConfig
 
@@ -583,7 +584,8 @@ class Trainer:
         """Score the model on dev (rank 0); a new best is saved to ``output_dir/model`` (what the run gives)."""
         if self.main:
             saved_rng = rng_state()  # evaluation must not shift the dropout RNG of the training
-            score = float(self.evaluator(self.model))
+            with alone():  # the other ranks wait at the barrier below, not in the dev search
+                score = float(self.evaluator(self.model))
             set_rng_state(saved_rng)
             self.model.train()
             self.log[-1]["dev"] = round(score, 6)
@@ -685,7 +687,8 @@ def _remined_pools(remine: Remine, model: DualEncoder | None, round_number: int,
                    main: bool) -> list[Pool]:
     """The pools of re-mining round ``round_number``: rank 0 mines (or reads) them, the others read them after."""
     if main:
-        fresh = remine(model, round_number)
+        with alone():
+            fresh = remine(model, round_number)
     distributed.barrier()
     if not main:
         fresh = remine(None, round_number)

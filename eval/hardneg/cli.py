@@ -8,7 +8,9 @@ written atomically and only after its inputs were read and checked.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import os
 import re
 import signal
@@ -19,7 +21,7 @@ from pathlib import Path
 from eval.settings import EvaluateSettings
 from mining.settings import MineSettings
 from retriever.encoding import EncodeSettings
-from retriever.io import HardnegError, check_output_folder, file_checksum
+from retriever.io import HardnegError, check_output_folder, file_checksum, last_line
 from retriever.settings import HelpFormatter, add_arguments, from_arguments
 from retriever.train_settings import TrainConfig
 
@@ -463,16 +465,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SHARDED_COMMANDS = ("mine", "evaluate")  # split their corpus encode and search over torchrun's processes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    ranked = _join_process_group(args)
     if args.quiet:
         _silence_progress_bars()
     previous = _stop_on_sigterm()
+    who = f"rank {ranked.rank()}: " if ranked else ""
     try:
-        code = args.func(args)
+        with contextlib.redirect_stdout(io.StringIO()) if ranked and not ranked.is_main() else \
+                contextlib.nullcontext():
+            code = args.func(args)
     except HardnegError as err:
-        print(f"hardneg: error: {err}", file=sys.stderr)
+        print(f"hardneg: {who}error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if not (ranked and _lost_rank(err)):
+            raise
+        print(f"hardneg: {who}error: another process of the job stopped ({last_line(err)}); its own message says "
+              "why. Run the same command again: the corpus rows already encoded are reused from the cache, and "
+              "finished mining shards are kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hardneg: interrupted; outputs are whole or absent, and --resume (train) or the same command "
               "(mine) continues from the last checkpoint or shard", file=sys.stderr)
@@ -485,7 +501,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if ranked:
+            ranked.cleanup()
     return code or 0
+
+
+def _join_process_group(args):
+    """Under torchrun (``WORLD_SIZE`` > 1), join the job's process group for a command that shards its corpus
+    work, and return :mod:`retriever.distributed`; otherwise None. Ranks other than 0 show no progress and print
+    nothing to stdout: rank 0 reports and writes for the job."""
+    if args.command not in SHARDED_COMMANDS or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from retriever import distributed
+
+    distributed.init_from_env()
+    if not distributed.is_main():
+        args.quiet = True
+    return distributed
+
+
+def _lost_rank(err: RuntimeError) -> bool:
+    """Whether a collective failed because another rank is gone (gloo: its connection closed; gloo or nccl: the
+    wait timed out), rather than a bug of this rank, which keeps its traceback."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out"))
 
 
 def _silence_progress_bars() -> None:

@@ -1,0 +1,174 @@
+"""``torchrun --nproc-per-node 2 -m hardneg mine|evaluate`` (gloo, CPU) gives what one process gives.
+
+Each rank encodes and searches its contiguous share of the corpus; the per-shard top-k lists are merged with the
+one-process tie rule. The data is the demo's 2,000 documents and 5 copies (two encoding blocks of unequal size)
+and, at the end of the corpus (the second rank's shard), copies of documents from the start (the first rank's):
+equal scores across shards, which must come out in corpus order as one process orders them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import small
+
+from retriever.data import POOLS_FILE, POOLS_META, load_beir
+from retriever.embedding_cache import BLOCK_MIN
+
+pytestmark = pytest.mark.slow
+
+DUPLICATES = 5  # documents of the first shard copied to the end of the corpus (2,000 + 5: an odd count)
+
+
+def _write_folder(folder: Path, train, test) -> Path:
+    corpus = train.corpus
+    ids, titles, bodies = list(corpus.ids), list(corpus.titles), list(corpus.bodies)
+    for i in range(DUPLICATES):
+        ids.append(f"copy-of-{ids[i]}")
+        titles.append(titles[i])
+        bodies.append(bodies[i])
+    folder.mkdir(parents=True)
+    with open(folder / "corpus.jsonl", "w", encoding="utf-8") as handle:
+        for doc_id, title, body in zip(ids, titles, bodies):
+            handle.write(json.dumps({"_id": doc_id, "title": title, "text": body}) + "\n")
+    queries = train.queries | test.queries
+    with open(folder / "queries.jsonl", "w", encoding="utf-8") as handle:
+        for query_id, text in queries.items():
+            handle.write(json.dumps({"_id": query_id, "text": text}) + "\n")
+    (folder / "qrels").mkdir()
+    kept = set(ids)
+    for split, data in (("train", train), ("test", test)):
+        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{g}" for q, judged in data.qrels.items()
+                                                 for d, g in judged.items() if d in kept]
+        (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, demo_train, demo_test):
+    return _write_folder(tmp_path_factory.mktemp("sharded") / "data", small(demo_train, 24), small(demo_test, 12))
+
+
+def _split(documents: int) -> list[int]:
+    """The documents each of two ranks holds: whole encoding blocks, the first rank one more."""
+    return [BLOCK_MIN, documents - BLOCK_MIN]
+
+
+def _hardneg(args: list[str], processes: int, tmp_path: Path,
+             extra_path: Path | None = None) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                "--nproc-per-node", str(processes), "-m", "hardneg"] if processes > 1 else [sys.executable, "-m",
+                                                                                          "hardneg"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "PYTHONPATH": os.pathsep.join(([str(extra_path)] if extra_path else []) + sys.path)}
+    return subprocess.run(launcher + ["--quiet", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=600)
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("index", ["Flat", "IVF4,Flat"])
+def test_two_processes_mine_the_pools_of_one(folder, tiny_model, tmp_path, index):
+    common = ["mine", "--data", str(folder), "--split", "train", "--retriever", str(tiny_model), "--depth", "30",
+              "--num-negatives", "4", "--encode-precision", "fp32", "--index", index]
+    if index != "Flat":
+        common += ["--nprobe", "4"]  # every list searched: exact, so the shards' IVF indexes agree with one
+    _ok(_hardneg([*common, "--output", "one", "--cache-dir", "cache-one"], 1, tmp_path))
+    _ok(_hardneg([*common, "--output", "two", "--cache-dir", "cache-two"], 2, tmp_path))
+    assert (tmp_path / "two" / POOLS_FILE).read_bytes() == (tmp_path / "one" / POOLS_FILE).read_bytes()
+    documents = len(load_beir(folder, "train").corpus)
+    meta = json.loads((tmp_path / "two" / POOLS_META).read_text())
+    assert meta["sharding"][0]["world_size"] == 2
+    assert [r["documents"] for r in meta["sharding"][0]["ranks"]] == _split(documents)
+    assert [r["encoded"] for r in meta["sharding"][0]["ranks"]] == _split(documents)
+    # each rank cached its own rows; one process reuses them and encodes nothing
+    assert sorted(p.name.split(".", 1)[1] for p in (tmp_path / "cache-two").glob("*.npy")) == [
+        f"rows-0-{BLOCK_MIN}.npy", f"rows-{BLOCK_MIN}-{documents}.npy"]
+    _ok(_hardneg([*common, "--output", "again", "--cache-dir", "cache-two"], 1, tmp_path))
+    again = json.loads((tmp_path / "again" / POOLS_META).read_text())
+    assert again["sharding"][0]["ranks"] == [{"rank": 0, "documents": documents, "encoded": 0}]
+    assert (tmp_path / "again" / POOLS_FILE).read_bytes() == (tmp_path / "one" / POOLS_FILE).read_bytes()
+
+
+def test_ties_across_shards_come_in_corpus_order(folder, tiny_model, tmp_path):
+    """A copy of a first-shard document sits in the second shard with the same score: one process puts the
+    original first (lower corpus position), and so must the merge of two shards."""
+    _ok(_hardneg(["mine", "--data", str(folder), "--split", "train", "--retriever", str(tiny_model), "--depth",
+                  "400", "--num-negatives", "400", "--filter", "topk", "--encode-precision", "fp32", "--output",
+                  "two", "--no-cache"], 2, tmp_path))
+    corpus = load_beir(folder, "train").corpus
+    seen_pairs = 0
+    for line in (tmp_path / "two" / POOLS_FILE).read_text().splitlines():
+        negatives = [n["doc_id"] for n in json.loads(line)["negatives"]]
+        for original in corpus.ids[:DUPLICATES]:
+            copy = f"copy-of-{original}"
+            if original in negatives and copy in negatives:
+                seen_pairs += 1
+                assert negatives.index(original) < negatives.index(copy)
+    assert seen_pairs > 0
+
+
+def test_two_processes_evaluate_as_one(folder, tiny_model, tmp_path):
+    common = ["evaluate", "--data", str(folder), "--split", "test", "--retriever", str(tiny_model),
+              "--encode-precision", "fp32", "--depth", "100", "--metrics", "nDCG@10,Recall@100,MRR@10,AUC,AUC-corpus",
+              "--no-plots"]
+    _ok(_hardneg([*common, "--output", "one"], 1, tmp_path))
+    two = _ok(_hardneg([*common, "--output", "two"], 2, tmp_path))
+    one_record = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two_record = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two_record["metrics"] == one_record["metrics"]
+    assert two_record["sharding"][0]["world_size"] == 2
+    assert (tmp_path / "two" / "run.trec").read_text() == (tmp_path / "one" / "run.trec").read_text()
+    assert two.stdout.count("wrote metrics.json") == 1  # rank 0 reports for the job
+
+
+DYING_RANK = """
+import os, time
+from pathlib import Path
+
+if os.environ.get("RANK") == "1":
+    from retriever import dense
+
+    original = dense.DenseRetriever._encode
+
+    def _encode(self, texts, *, is_query):
+        if not is_query:  # die as this rank starts its rows, once rank 0 has cached its own
+            deadline = time.time() + 120
+            while not list(Path("cache").glob("*.rows-0-*.json")) and time.time() < deadline:
+                time.sleep(0.2)
+            os._exit(17)
+        return original(self, texts, is_query=is_query)
+
+    dense.DenseRetriever._encode = _encode
+"""
+
+
+def test_a_rank_that_dies_stops_the_job_and_a_rerun_resumes_from_its_shards(folder, tiny_model, tmp_path):
+    """Rank 1 dies (exit 17, as an out-of-memory kill would) as it starts encoding its rows: the job stops with
+    a message, rank 0's rows stay cached, and one process run again encodes only the rows rank 1 never wrote."""
+    common = ["mine", "--data", str(folder), "--split", "train", "--retriever", str(tiny_model), "--depth", "30",
+              "--num-negatives", "4", "--encode-precision", "fp32", "--cache-dir", "cache", "--output", "pools"]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DYING_RANK)
+    failed = _hardneg(common, 2, tmp_path, extra_path=hook)
+    assert failed.returncode != 0
+    assert "hardneg: rank 0: " in failed.stderr, failed.stderr[-3000:]
+    assert not (tmp_path / "pools" / POOLS_FILE).exists()
+    cached = sorted((tmp_path / "cache").glob("*.npy"))
+    assert len(cached) == 1 and ".rows-0-" in cached[0].name  # rank 0 finished its rows
+    _ok(_hardneg(common, 1, tmp_path))
+    meta = json.loads((tmp_path / "pools" / POOLS_META).read_text())
+    documents = len(load_beir(folder, "train").corpus)
+    assert meta["sharding"][0]["ranks"][0]["encoded"] == _split(documents)[1]  # only rank 1's rows
+    reference = ["mine", *common[1:-4], "--no-cache", "--output", "reference"]
+    _ok(_hardneg(reference, 1, tmp_path))
+    assert (tmp_path / "pools" / POOLS_FILE).read_bytes() == (tmp_path / "reference" / POOLS_FILE).read_bytes()
