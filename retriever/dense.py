@@ -30,6 +30,7 @@ from retriever.embedding_cache import (
     EmbeddingCache,
     Rows,
     block_size,
+    collect,
     encode_in_blocks,
     exact_top_k,
     shard_rows,
@@ -172,7 +173,7 @@ class DenseRetriever:
                 if cache is not None:
                     pieces.append(cache.write(first, last, blocks))
                 else:
-                    pieces.append(Rows(first, np.concatenate(list(blocks))))
+                    pieces.append(collect(first, last, blocks))
                 self.documents_encoded += last - first
         pieces.sort(key=lambda piece: piece.start)
         self._rows = (corpus, pieces)

@@ -144,6 +144,21 @@ class EmbeddingCache:
         return Rows(start, np.load(path, mmap_mode="r"))
 
 
+def collect(start: int, end: int, chunks: Iterable[np.ndarray]) -> Rows:
+    """Rows ``[start, end)`` from ``chunks`` into one array allocated once (no list of blocks beside the result:
+    peak memory is the rows themselves, not twice them)."""
+    rows = None
+    at = 0
+    for chunk in chunks:
+        if rows is None:
+            rows = np.empty((end - start, chunk.shape[1]), dtype=np.float32)
+        rows[at:at + len(chunk)] = chunk
+        at += len(chunk)
+    if rows is None or at != end - start:
+        raise RuntimeError(f"embedding: {at} rows encoded for range {start}-{end}")
+    return Rows(start, rows)
+
+
 def block_size(total: int) -> int:
     """Rows per encoding block for a list of ``total`` texts: about 1/256 of it, within [BLOCK_MIN, CHUNK_ROWS].
 

@@ -11,6 +11,7 @@ from retriever.embedding_cache import (
     EmbeddingCache,
     Rows,
     block_size,
+    collect,
     encode_in_blocks,
     exact_top_k,
     shard_rows,
@@ -93,3 +94,12 @@ def test_blocks_must_be_whole():
     corpus = _corpus(3000)
     with pytest.raises(ValueError, match="not whole encoding blocks"):
         list(encode_in_blocks(_embed, corpus.text, len(corpus), 5, 1024))
+
+
+def test_collect_fills_one_array_in_order_and_refuses_a_short_range():
+    chunks = [np.full((n, 4), i, dtype=np.float32) for i, n in enumerate([3, 1, 2])]
+    rows = collect(10, 16, iter(chunks))
+    assert rows.start == 10
+    np.testing.assert_array_equal(rows.array, np.concatenate(chunks))
+    with pytest.raises(RuntimeError, match="5 rows encoded for range 10-16"):
+        collect(10, 16, iter(chunks[:1] + chunks[2:]))
