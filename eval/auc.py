@@ -7,7 +7,8 @@ score separate relevant from non-relevant pairs, for every query at once?
 
 * ``AUC-corpus`` (per query, then averaged): relevant documents vs *every* other document of the
   corpus, scored exactly (dense: all inner products; BM25: all BM25 scores). The score matrix is
-  produced a chunk of queries at a time (:func:`score_rows`), never as a whole Q x N array.
+  produced a chunk of queries at a time, never as a whole Q x N array; under torchrun each rank scores its
+  own shard of the corpus and only counts cross ranks.
 * ``AUC-pooled``: the Mann-Whitney statistic U / (n_pos * n_neg) over the pooled pairs of all
   queries: positives are the scores of every judged-relevant (query, document) pair, negatives the
   scores of ``negatives_per_query`` non-relevant documents drawn per query (seeded, without
@@ -60,32 +61,8 @@ def roc_curve(positives: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray,
 
 
 def can_score_corpus(source: object) -> bool:
-    """Whether :func:`score_rows` can produce whole-corpus scores for this retriever."""
+    """Whether :func:`corpus_auc` can score the whole corpus with this retriever (dense, or BM25)."""
     return isinstance(source, (EmbeddingSource, CorpusScorer))
-
-
-def score_rows(source: object, corpus: Corpus, queries: Queries, *, chunk_size: int | None = None,
-               query_vectors: np.ndarray | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(query id, the scores of every corpus document) for each query, a chunk of queries at a time.
-
-    Dense retrievers (``corpus_embeddings`` / ``query_embeddings``): inner products, ``chunk_size``
-    queries per matrix product (default: as many as keep a chunk near 64 MB). BM25 (``scores``): its
-    own per-query generator. The full Q x N matrix never exists.
-    """
-    if isinstance(source, EmbeddingSource):
-        documents = np.asarray(source.corpus_embeddings(corpus), dtype=np.float32)
-        vectors = query_vectors if query_vectors is not None else source.query_embeddings(queries)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        chunk = chunk_size or max(1, (64 << 20) // (4 * max(len(documents), 1)))
-        ids = list(queries)
-        for start in range(0, len(ids), chunk):
-            block = vectors[start:start + chunk] @ documents.T
-            for offset, row in enumerate(block):
-                yield ids[start + offset], row
-    elif isinstance(source, CorpusScorer):
-        yield from source.scores(corpus, queries)
-    else:
-        raise TypeError(f"{type(source).__name__} cannot score the whole corpus")
 
 
 # ------------------------------------------------------------------------------------------ the AUCs
@@ -107,15 +84,119 @@ class AUCResult:
         return mann_whitney_auc(self.pooled_positives, self.pooled_negatives)
 
 
-def _row_auc(row: np.ndarray, positive_positions: np.ndarray, negative_mask: np.ndarray) -> float | None:
-    """AUC of the positives of one score row against every position in ``negative_mask``."""
-    negatives = np.sort(row[negative_mask].astype(np.float64))
-    if negatives.size == 0 or positive_positions.size == 0:
-        return None
-    pos = row[positive_positions].astype(np.float64)
-    below = np.searchsorted(negatives, pos, side="left")
-    tied = np.searchsorted(negatives, pos, side="right") - below
-    return float((below.sum() + 0.5 * tied.sum()) / (pos.size * negatives.size))
+_AUC_ROWS = 16_384  # corpus rows scored at once (a float64 copy of 50 MB at 384 dimensions)
+
+
+@dataclass
+class _Judged:
+    """One evaluated query: the corpus positions of its relevant documents (qrels order), how many relevant ones
+    the corpus lacks, and its own position when it is to be left out of the negatives (-1: none)."""
+
+    positives: np.ndarray
+    missing: int
+    identical: int
+
+    def negatives(self, total: int) -> int:
+        left_out = self.identical >= 0 and self.identical not in set(self.positives.tolist())
+        return total - self.positives.size - int(left_out)
+
+    def negative_positions(self, total: int) -> np.ndarray:
+        mask = np.ones(total, dtype=bool)
+        mask[self.positives] = False
+        if self.identical >= 0:
+            mask[self.identical] = False
+        return np.flatnonzero(mask)
+
+
+def _wins(negatives: np.ndarray, positives: np.ndarray) -> tuple[int, int]:
+    """(pairs a positive wins, pairs tied) of ``positives`` against ``negatives``."""
+    negatives = np.sort(negatives.astype(np.float64))
+    positives = positives.astype(np.float64)
+    below = np.searchsorted(negatives, positives, side="left")
+    tied = np.searchsorted(negatives, positives, side="right") - below
+    return int(below.sum()), int(tied.sum())
+
+
+def _full_row_counts(rows: Iterator[tuple[str, np.ndarray]], judged: dict[str, _Judged], total: int,
+                     sample: int, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray, int, int, np.ndarray]]:
+    """Per query from whole score rows (BM25): (id, positive scores, wins, ties, sampled negative scores)."""
+    for query_id, row in rows:
+        row = np.asarray(row)
+        query = judged[query_id]
+        candidates = query.negative_positions(total)
+        wins, ties = _wins(row[candidates], row[query.positives]) if query.positives.size else (0, 0)
+        chosen = rng.choice(candidates, size=min(sample, candidates.size), replace=False)
+        yield query_id, row[query.positives].astype(np.float64), wins, ties, row[chosen].astype(np.float64)
+
+
+def _dense_counts(source: object, corpus: Corpus, vectors: np.ndarray, judged: dict[str, _Judged], sample: int,
+                  rng: np.random.Generator, chunk_size: int | None
+                  ) -> Iterator[tuple[str, np.ndarray, int, int, np.ndarray]]:
+    """The same from inner products, over the rows this process holds (hardneg's dense retriever: its shard under
+    torchrun, memory-mapped from the cache or not), a chunk of queries at a time.
+
+    Each rank scores the queries against its own rows only; what crosses ranks is small: the positives' and the
+    sampled negatives' scores (held by the rank whose rows they are) and each query's win and tie counts, which
+    add up over disjoint rows to the one-process counts. The whole embedding matrix is never gathered.
+
+    The inner products are taken in float64 and rounded to float32: a float32 matrix product rounds differently
+    with the BLAS's blocking and thread count, which differ between one process and N, and a document's score
+    would then move by an ulp, turning its ties (duplicate documents) into wins or losses from run to run. The
+    float64 products of float32 embeddings are within far less than a float32 ulp of exact, so the rounded
+    scores come out the same whatever the split."""
+    from retriever.dense import DenseRetriever
+    from retriever.embedding_cache import Rows, release
+    from retriever.ranks import process_group
+
+    if isinstance(source, DenseRetriever):
+        pieces, group = source.local_rows(corpus), process_group()
+    else:
+        pieces, group = [Rows(0, np.asarray(source.corpus_embeddings(corpus), dtype=np.float32))], None
+    first = pieces[0].start if pieces else 0
+    held = sum(len(piece.array) for piece in pieces)
+    if any(a.end != b.start for a, b in zip(pieces, pieces[1:])):
+        raise RuntimeError("AUC: the rows of this process are not contiguous")
+    total = len(corpus)
+    ids = list(judged)
+    chunk = chunk_size or max(1, (64 << 20) // (4 * max(held, 1)))
+    for begin in range(0, len(ids), chunk):
+        batch = ids[begin:begin + chunk]
+        queries = np.ascontiguousarray(vectors[begin:begin + chunk], dtype=np.float64)
+        scores = np.empty((len(batch), held), dtype=np.float32)
+        for piece in pieces:
+            for row in range(0, len(piece.array), _AUC_ROWS):
+                block = np.asarray(piece.array[row:row + _AUC_ROWS], dtype=np.float64)
+                at = piece.start - first + row
+                scores[:, at:at + len(block)] = queries @ block.T
+                release(piece.array)
+        sampled = [rng.choice(candidates, size=min(sample, candidates.size), replace=False)
+                   for candidates in (judged[q].negative_positions(total) for q in batch)]
+
+        def held_scores(positions: np.ndarray, row: np.ndarray) -> dict[int, float]:
+            local = positions[(positions >= first) & (positions < first + held)]
+            return dict(zip(local.tolist(), row[local - first].tolist()))
+
+        known = [(held_scores(judged[q].positives, row), held_scores(chosen, row))
+                 for q, row, chosen in zip(batch, scores, sampled)]
+        if group:
+            parts = group.all_gather_objects(known)
+            known = [({k: v for part in parts for k, v in part[i][0].items()},
+                      {k: v for part in parts for k, v in part[i][1].items()}) for i in range(len(batch))]
+        positive_scores = [np.array([found[p] for p in judged[q].positives.tolist()], dtype=np.float32)
+                           for q, (found, _) in zip(batch, known)]
+        counts = []
+        for q, row, positives in zip(batch, scores, positive_scores):
+            query = judged[q]
+            mask = np.ones(held, dtype=bool)
+            for position in (*query.positives.tolist(), query.identical):
+                if first <= position < first + held:
+                    mask[position - first] = False
+            counts.append(_wins(row[mask], positives) if positives.size else (0, 0))
+        if group:
+            counts = [tuple(map(sum, zip(*column))) for column in zip(*group.all_gather_objects(counts))]
+        for q, positives, (wins, ties), (_, negatives), chosen in zip(batch, positive_scores, counts, known, sampled):
+            yield (q, positives.astype(np.float64), int(wins), int(ties),
+                   np.array([negatives[p] for p in chosen.tolist()], dtype=np.float64))
 
 
 def corpus_auc(source: object, corpus: Corpus, queries: Queries, qrels: Qrels, *, relevance_level: int = 1,
@@ -128,32 +209,42 @@ def corpus_auc(source: object, corpus: Corpus, queries: Queries, qrels: Qrels, *
     corpus document (judged non-relevant or unjudged). A relevant document missing from the corpus has no
     score and loses every pair, as an unretrieved one does in ``AUC`` (BEIR/MTEB keep such judgements); the
     pooled sample holds the scored ones only. The pooled negatives are drawn per query with
-    ``numpy.random.default_rng(seed)``, in query order, so the same seed gives the same sample.
+    ``numpy.random.default_rng(seed)``, in query order, so the same seed gives the same sample, whatever
+    the number of processes. ``query_vectors``, when given, are the embeddings of ``queries`` in their order.
     """
     rng = np.random.default_rng(seed)
-    evaluated = {q: qrels[q] for q in queries if any(g >= relevance_level for g in qrels.get(q, {}).values())}
-    wanted = {q: queries[q] for q in evaluated}
+    judged: dict[str, _Judged] = {}
+    for query_id in queries:
+        relevant = [d for d, g in qrels.get(query_id, {}).items() if g >= relevance_level]
+        if relevant:
+            present = [corpus.position[d] for d in relevant if d in corpus.position]
+            identical = corpus.position.get(query_id, -1) if ignore_identical_ids else -1
+            judged[query_id] = _Judged(np.array(present, dtype=np.int64), len(relevant) - len(present), identical)
+    total = len(corpus)
+    if isinstance(source, EmbeddingSource):
+        if query_vectors is None:
+            vectors = np.asarray(source.query_embeddings({q: queries[q] for q in judged}), dtype=np.float32)
+        else:
+            order = {query_id: row for row, query_id in enumerate(queries)}
+            vectors = np.asarray(query_vectors, dtype=np.float32)[[order[q] for q in judged]]
+        rows = _dense_counts(source, corpus, vectors, judged, negatives_per_query, rng, chunk_size)
+    elif isinstance(source, CorpusScorer):
+        rows = _full_row_counts(source.scores(corpus, {q: queries[q] for q in judged}), judged, total,
+                                negatives_per_query, rng)
+    else:
+        raise TypeError(f"{type(source).__name__} cannot score the whole corpus")
     per_query: dict[str, float] = {}
     pooled_pos: list[np.ndarray] = []
     pooled_neg: list[np.ndarray] = []
-    rows = score_rows(source, corpus, wanted, chunk_size=chunk_size, query_vectors=query_vectors)
-    for query_id, row in tqdm(rows, total=len(wanted), desc="AUC (whole corpus)", unit="query",
-                              disable=not show_progress):
-        row = np.asarray(row)
-        positives = np.array([corpus.position[d] for d, g in evaluated[query_id].items()
-                              if g >= relevance_level and d in corpus.position], dtype=np.int64)
-        negative_mask = np.ones(len(row), dtype=bool)
-        negative_mask[positives] = False
-        if ignore_identical_ids and query_id in corpus.position:
-            negative_mask[corpus.position[query_id]] = False
-        missing = sum(1 for d, g in evaluated[query_id].items() if g >= relevance_level and d not in corpus.position)
-        value = _row_auc(row, positives, negative_mask) if positives.size else 0.0
-        if value is not None and negative_mask.any():
-            per_query[query_id] = value * positives.size / (positives.size + missing)
-        pooled_pos.append(row[positives].astype(np.float64))
-        candidates = np.flatnonzero(negative_mask)
-        take = min(negatives_per_query, candidates.size)
-        pooled_neg.append(row[rng.choice(candidates, size=take, replace=False)].astype(np.float64))
+    for query_id, positives, wins, ties, sampled in tqdm(rows, total=len(judged), desc="AUC (whole corpus)",
+                                                         unit="query", disable=not show_progress):
+        query = judged[query_id]
+        negatives = query.negatives(total)
+        if negatives > 0:
+            value = (wins + 0.5 * ties) / (positives.size * negatives) if positives.size else 0.0
+            per_query[query_id] = value * positives.size / (positives.size + query.missing)
+        pooled_pos.append(positives)
+        pooled_neg.append(sampled)
     return AUCResult(per_query, _concat(pooled_pos), _concat(pooled_neg), "corpus")
 
 

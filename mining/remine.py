@@ -33,7 +33,7 @@ from mining.mine import mine
 from mining.settings import MineSettings
 from mining.sources import build_rescorer, build_source
 from retriever.data import POOLS_FILE, POOLS_META, Corpus, Dataset, Pool, pools_dataset, pools_file, read_pools
-from retriever.dense import DEFAULT_CACHE_DIR, DenseRetriever
+from retriever.dense import DenseRetriever
 from retriever.encoder import DualEncoder
 from retriever.io import DataError, HardnegError
 from retriever.protocol import describe
@@ -90,7 +90,7 @@ class Remining:
         if self._rescorer is None and (settings.teacher or settings.cross_encoder):
             self._rescorer = build_rescorer(cross_encoder=settings.cross_encoder, teacher=settings.teacher,
                                             cross_encoder_batch_size=settings.cross_encoder_batch_size,
-                                            cache_dir=settings.cache_dir or DEFAULT_CACHE_DIR, **self.encode)
+                                            **self.encode)
         self.echo(f"re-mining round {round_number}: {len(self.dataset.queries)} queries with {describe(source)}"
                   + (f", rescored by {describe(self._rescorer)}" if self._rescorer is not None else ""))
         result = mine(self.dataset, source, depth=settings.depth, num_negatives=settings.num_negatives,

@@ -32,8 +32,6 @@ class MineSettings:
                                  "HNSW32, IVF1024,PQ32 ...")
     nprobe: int | None = setting(None, "IVF: inverted lists visited per query", ge=1)
     ef_search: int | None = setting(None, "HNSW: search breadth (efSearch)", ge=1)
-    cache_dir: str | None = setting(None, "corpus embeddings cache, keyed by model and corpus checksum "
-                                          "(default: $HARDNEG_CACHE_DIR or ~/.cache/hardneg/embeddings)")
     cross_encoder: str | None = setting(None, "sentence-transformers CrossEncoder (path or name) that rescores "
                                               "candidates and positives; the filters and distillation then use "
                                               "its scores")

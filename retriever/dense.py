@@ -40,7 +40,6 @@ from retriever.io import file_checksum
 from retriever.protocol import Encoder, PrecisionAware, components
 from retriever.ranks import process_group
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("HARDNEG_CACHE_DIR", "~/.cache/hardneg/embeddings")).expanduser()
 _MODEL_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
 
 

@@ -20,9 +20,11 @@ section of the configs and the Python defaults come from that declaration (:mod:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +36,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so the CLI parser start
     import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_CACHE_DIR = Path(os.environ.get("HARDNEG_CACHE_DIR", "~/.cache/hardneg/embeddings")).expanduser()
 
 
 
@@ -48,6 +51,13 @@ class EncodeSettings:
     precision: str = setting("auto", "precision of every encode: auto (bf16 where the CPU or GPU runs it natively, "
                                      "else fp32), fp32, bf16, fp16 (CUDA only); embeddings are float32 either way",
                              choices=PRECISIONS)
+    cache_dir: str | None = setting(None, "where corpus embeddings are cached, keyed by the model's files, the "
+                                          "corpus checksum and the encoding options: a later mine or evaluate with "
+                                          "the same key reads them back, whatever its number of processes "
+                                          "(default: $HARDNEG_CACHE_DIR or ~/.cache/hardneg/embeddings)",
+                                    aliases=("--cache-dir",))
+    cache: bool = setting(True, "read and write that cache (--no-cache: encode afresh and keep nothing)",
+                          aliases=("--cache",))
 
 
 ENCODE_DEFAULTS: dict = asdict(EncodeSettings())
@@ -57,7 +67,8 @@ ENCODE_DEFAULTS: dict = asdict(EncodeSettings())
 def encode_options(settings: dict, *, show_progress: bool = True) -> dict:
     """The keyword options a model loader and a dense retriever take, from ``encode:`` settings (or CLI flags).
 
-    ``max_length`` unset means the model's own limit, so it is passed only when given.
+    ``max_length`` unset means the model's own limit, so it is passed only when given; ``cache_dir`` is the
+    embeddings cache folder, or None with ``cache: false``.
     """
     unknown = sorted(set(settings) - set(ENCODE_DEFAULTS))
     if unknown:
@@ -67,9 +78,12 @@ def encode_options(settings: dict, *, show_progress: bool = True) -> dict:
         value = merged[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise HardnegError(f"encode {key} must be a whole number >= 1, got {value!r}")
+    if not isinstance(merged["cache"], bool):
+        raise HardnegError(f"encode cache must be true or false, got {merged['cache']!r}")
     if merged["precision"] not in PRECISIONS:
         raise HardnegError(f"unknown encoding precision {merged['precision']!r}; choose one of {', '.join(PRECISIONS)}")
-    options = {"batch_size": merged["batch_size"], "precision": merged["precision"], "show_progress": show_progress}
+    options = {"batch_size": merged["batch_size"], "precision": merged["precision"], "show_progress": show_progress,
+               "cache_dir": Path(merged["cache_dir"] or DEFAULT_CACHE_DIR).expanduser() if merged["cache"] else None}
     if merged["max_length"]:
         options["max_length"] = merged["max_length"]
     return options

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu
 
-from eval.auc import corpus_auc, mann_whitney_auc, roc_curve, run_pooled_sample, score_rows
+from eval.auc import corpus_auc, mann_whitney_auc, roc_curve, run_pooled_sample
 from retriever.bm25 import BM25Retriever
 from retriever.data import Corpus
 from retriever.dense import DenseRetriever
@@ -83,7 +83,9 @@ def test_dense_corpus_auc_equals_pairwise_count(ignore):
     documents = RandomEncoder().encode_documents(corpus.texts())
     assert set(result.per_query) == {"q0", "q1", "q3", "q4", "d12"}  # q2 has nothing relevant
     for query_id, value in result.per_query.items():
-        row = documents @ RandomEncoder().encode_queries([queries[query_id]])[0]
+        query = RandomEncoder().encode_queries([queries[query_id]])[0]
+        # scores are float64 products rounded to float32: the same whatever the BLAS's blocking or threads
+        row = (documents.astype(np.float64) @ query.astype(np.float64)).astype(np.float32)
         positives = [corpus.position[d] for d, g in qrels[query_id].items() if g >= 1]
         negatives = [i for i in range(len(corpus)) if i not in positives
                      and not (ignore and corpus.ids[i] == query_id)]
@@ -92,9 +94,33 @@ def test_dense_corpus_auc_equals_pairwise_count(ignore):
     chunked = corpus_auc(retriever, corpus, queries, qrels, ignore_identical_ids=ignore, chunk_size=2,
                          negatives_per_query=15)
     assert chunked.per_query == pytest.approx(result.per_query, abs=1e-12)
-    assert np.allclose(chunked.pooled_negatives, result.pooled_negatives, atol=1e-5)  # same sample, float32 sums
+    assert np.array_equal(chunked.pooled_negatives, result.pooled_negatives)  # the same sample and scores
     graded = corpus_auc(retriever, corpus, queries, qrels, relevance_level=2, negatives_per_query=15)
     assert set(graded.per_query) == {"q0", "q3"}
+    # the query vectors evaluate passes are those of every query, q2 (nothing relevant) included, in their order
+    given = corpus_auc(retriever, corpus, queries, qrels, ignore_identical_ids=ignore, negatives_per_query=15,
+                       query_vectors=retriever.query_embeddings(queries))
+    assert given.per_query == result.per_query
+    assert np.array_equal(given.pooled_negatives, result.pooled_negatives)
+
+
+class MatrixSource:
+    """A custom retriever that only exposes its embeddings (the EmbeddingSource protocol)."""
+
+    def corpus_embeddings(self, corpus):
+        return RandomEncoder().encode_documents(corpus.texts())
+
+    def query_embeddings(self, queries):
+        return RandomEncoder().encode_queries(list(queries.values()))
+
+
+def test_a_custom_embedding_source_gets_the_same_auc_as_hardnegs_retriever():
+    corpus, queries, qrels = case()
+    ours = corpus_auc(DenseRetriever(RandomEncoder(), show_progress=False), corpus, queries, qrels, seed=5)
+    theirs = corpus_auc(MatrixSource(), corpus, queries, qrels, seed=5)
+    assert ours.per_query == theirs.per_query
+    assert np.array_equal(ours.pooled_positives, theirs.pooled_positives)
+    assert np.array_equal(ours.pooled_negatives, theirs.pooled_negatives)
 
 
 def test_pooled_sample_is_seeded_and_never_relevant():
@@ -125,7 +151,7 @@ def test_bm25_corpus_auc_equals_pairwise_count():
     corpus, queries, qrels = case()
     bm25 = BM25Retriever(show_progress=False)
     result = corpus_auc(bm25, corpus, queries, qrels, negatives_per_query=5)
-    rows = dict(score_rows(bm25, corpus, queries))
+    rows = dict(bm25.scores(corpus, queries))
     for query_id, value in result.per_query.items():
         positives = [corpus.position[d] for d, g in qrels[query_id].items() if g >= 1]
         negatives = [i for i in range(len(corpus)) if i not in positives]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from mining.mine import mine
 from retriever.dense import DenseRetriever
 from retriever.encoder import DualEncoder
 from retriever.encoding import (
+    DEFAULT_CACHE_DIR,
     cpu_has_native_bf16,
     describe_precision,
     encode_options,
@@ -89,7 +91,12 @@ def test_precision_is_resolved_and_refused_before_work():
     with pytest.raises(HardnegError, match="encode max_length must be a whole number >= 1"):
         encode_options({"max_length": -5})
     assert encode_options({"batch_size": 8}, show_progress=False) == {"batch_size": 8, "precision": "auto",
-                                                                       "show_progress": False}
+                                                                       "show_progress": False,
+                                                                       "cache_dir": DEFAULT_CACHE_DIR}
+    assert encode_options({"cache_dir": "~/embeddings"})["cache_dir"] == Path("~/embeddings").expanduser()
+    assert encode_options({"cache_dir": "~/embeddings", "cache": False})["cache_dir"] is None
+    with pytest.raises(HardnegError, match="encode cache must be true or false"):
+        encode_options({"cache": "no"})
 
 
 def test_load_refuses_a_precision_the_device_cannot_run(tiny_model):

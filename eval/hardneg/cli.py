@@ -102,20 +102,17 @@ def _recorded(args) -> dict:
 def cmd_mine(args) -> None:
     from mining.mine import mine
     from mining.sources import build_rescorer, build_source
-    from retriever.dense import DEFAULT_CACHE_DIR
     from retriever.encoding import check_precision
 
     check_precision(args.encode_precision)
     settings = from_arguments(MineSettings, args)
     settings.check()
     check_output_folder(args.output, "--output")
-    cache_dir = None if args.no_cache else (settings.cache_dir or DEFAULT_CACHE_DIR)
     encode = _encode_options(args)
-    rescorer = build_rescorer(cross_encoder=settings.cross_encoder, teacher=settings.teacher, cache_dir=cache_dir,
+    rescorer = build_rescorer(cross_encoder=settings.cross_encoder, teacher=settings.teacher,
                               cross_encoder_batch_size=settings.cross_encoder_batch_size, **encode)
     source = build_source(settings.retriever, bm25_backend=settings.bm25_backend, index=settings.index,
-                          nprobe=settings.nprobe, ef_search=settings.ef_search, rrf_k=settings.rrf_k,
-                          cache_dir=cache_dir, **encode)
+                          nprobe=settings.nprobe, ef_search=settings.ef_search, rrf_k=settings.rrf_k, **encode)
     dataset = _dataset(args)
     result = mine(dataset, source, depth=settings.depth, num_negatives=settings.num_negatives,
                   filter=settings.build_filter(), anchor=settings.anchor, anchor_fallback=settings.anchor_fallback,
@@ -376,7 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(p, "train")
     _encoder_arguments(p)
     add_arguments(p.add_argument_group("mining (the mine: section of a config)"), MineSettings)
-    p.add_argument("--no-cache", action="store_true", help="do not read or write cached embeddings")
     p.add_argument("--output", required=True, help="folder for pools.jsonl and pools.meta.json")
     p.set_defaults(func=cmd_mine)
 

@@ -26,7 +26,6 @@ from mining.remine import remining_for_pools
 from mining.settings import MineSettings
 from mining.sources import build_rescorer, build_source
 from retriever.data import POOLS_FILE, Dataset, hold_out, load_dataset, pools_dataset, read_pools
-from retriever.dense import DEFAULT_CACHE_DIR
 from retriever.encoding import EncodeSettings, default_device, describe_precision, encode_options
 from retriever.factory import as_retriever
 from retriever.index import check_index_fits
@@ -208,10 +207,9 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
         results["before"] = _evaluate_all(eval_splits, base, config, output / "eval-before", echo, "before")
     # The same embeddings cache as `hardneg mine` (a teacher's corpus is encoded once for every run on it); the
     # model being trained never goes through it, its weights change.
-    cache = {"cache_dir": mining.cache_dir or DEFAULT_CACHE_DIR}
-    source = build_source(mining.retriever, models={"model": base}, **source_options, **cache, **encode)
+    source = build_source(mining.retriever, models={"model": base}, **source_options, **encode)
     rescorer = build_rescorer(cross_encoder=mining.cross_encoder, teacher=mining.teacher,
-                              cross_encoder_batch_size=mining.cross_encoder_batch_size, **cache, **encode)
+                              cross_encoder_batch_size=mining.cross_encoder_batch_size, **encode)
     echo(f"[2/4] mining {mine_split.name}/{mine_split.split} with {describe(source)}, filter {flt.name}"
          + (f", rescored by {describe(rescorer)}" if rescorer is not None else ""))
     mined = mine(mine_split, source, depth=mining.depth, num_negatives=mining.num_negatives, filter=flt,
