@@ -30,10 +30,10 @@ from eval.metrics import (
 from eval.report import markdown_report
 from eval.runs import write_run
 from retriever.data import Dataset, Run
-from retriever.dense import encoding_record, sharding_record
+from retriever.dense import encoding_record
 from retriever.factory import as_retriever
 from retriever.io import HardnegError, atomic_write, check_output_folder, library_versions, write_json
-from retriever.protocol import EmbeddingSource, describe
+from retriever.protocol import EmbeddingSource, describe, sharding_record
 from retriever.ranks import is_main
 
 METRICS_FILE = "metrics.json"

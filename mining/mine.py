@@ -33,7 +33,7 @@ from mining.report import HISTOGRAM_FILE, MiningReport
 from mining.settings import DEFAULT_SHARD_SIZE, SAMPLINGS
 from mining.sources import Rescored, ranked
 from retriever.data import POOLS_FILE, POOLS_META, Candidate, Dataset, Pool, corpus_fingerprint, read_pools
-from retriever.dense import DenseRetriever, encoder_identity, encoding_record, sharding_record
+from retriever.dense import DenseRetriever, encoder_identity, encoding_record
 from retriever.factory import as_retriever
 from retriever.index import check_index_fits
 from retriever.io import (
@@ -44,7 +44,7 @@ from retriever.io import (
     remove_stale_staging,
     write_json,
 )
-from retriever.protocol import EncoderBacked, Scorer, components, describe
+from retriever.protocol import EncoderBacked, Scorer, components, describe, sharding_record
 from retriever.ranks import broadcast_object, is_main
 
 META_FILE = POOLS_META  # the names live with the pools format (retriever.data)

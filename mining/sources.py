@@ -26,6 +26,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mining.settings import RRF_K
 from retriever.bm25 import BM25Retriever
@@ -34,6 +35,7 @@ from retriever.encoding import autocast, resolve_precision
 from retriever.factory import as_retriever
 from retriever.io import HardnegError, last_line
 from retriever.protocol import Retriever, Scorer, describe
+from retriever.ranks import process_group
 
 
 def bm25(backend: str = "bm25s", *, k1: float = 0.9, b: float = 0.4, show_progress: bool = True) -> BM25Retriever:
@@ -120,6 +122,7 @@ class CrossEncoderScorer:
             raise HardnegError("cross-encoder: the model has no predict(pairs) method")
         self.model, self.batch_size, self.show_progress = model, batch_size, show_progress
         self.precision, self.device = precision, getattr(model, "device", "cpu")
+        self.shard_pairs = 0  # pairs this process has scored (its shares under torchrun)
         resolve_precision(precision, self.device)  # refused now if the device cannot run it
         self.description = f"cross-encoder:{self.name}"
 
@@ -129,24 +132,54 @@ class CrossEncoderScorer:
         return resolve_precision(self.precision, self.device)
 
     def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
+        """Under torchrun each rank scores a contiguous run of whole batches of the one-process order, so every
+        batch (and with it every score) is the one a single process computes."""
         keys = [(query_id, doc_id) for query_id, doc_ids in pairs.items() for doc_id in doc_ids]
-        if not keys:
-            return {query_id: {} for query_id in pairs}
-        texts = [(queries[query_id], corpus.text_of(doc_id)) for query_id, doc_id in keys]
-        order = np.argsort([-(len(q) + len(d)) for q, d in texts], kind="stable")
-        with autocast(self.precision, self.device):
-            predicted = self.model.predict([texts[i] for i in order], batch_size=self.batch_size,
-                                           show_progress_bar=self.show_progress, convert_to_numpy=True)
-        predicted = np.asarray(predicted, dtype=np.float32)
-        if predicted.ndim != 1:
-            raise HardnegError(f"cross-encoder {self.name}: expected one score per pair, got shape "
-                               f"{predicted.shape} (a model with num_labels=1 is needed)")
+        order = np.argsort([-(len(queries[q]) + len(corpus.text_of(d))) for q, d in keys], kind="stable")
+        group = process_group()
+        first, last = 0, len(keys)
+        if group is not None:
+            batches = group.shard(-(-len(keys) // self.batch_size))
+            first, last = min(batches.start * self.batch_size, last), min(batches.stop * self.batch_size, last)
+        self.shard_pairs += last - first
+        predicted = self._predict([(queries[keys[i][0]], corpus.text_of(keys[i][1])) for i in order[first:last]])
+        if group is not None:
+            predicted = np.concatenate(group.all_gather_objects(predicted))
         scores = np.empty(len(keys), dtype=np.float32)
         scores[order] = predicted
         run: Run = {query_id: {} for query_id in pairs}
         for (query_id, doc_id), value in zip(keys, scores):
             run[query_id][doc_id] = float(value)
         return run
+
+    def _predict(self, texts: list[tuple[str, str]]) -> np.ndarray:
+        """One float32 score per (query, document) text pair, in the order given, one ``predict`` call per
+        batch: the model sorts what it is given by length, so handing it one batch at a time keeps every batch
+        the one a single process forms, whichever rank scores it."""
+        if not texts:
+            return np.zeros(0, dtype=np.float32)
+        parts = []
+        with autocast(self.precision, self.device):
+            for start in tqdm(range(0, len(texts), self.batch_size), desc="cross-encoder", unit="batch",
+                              disable=not self.show_progress):
+                batch = texts[start:start + self.batch_size]
+                parts.append(np.asarray(self.model.predict(batch, batch_size=len(batch), show_progress_bar=False,
+                                                           convert_to_numpy=True), dtype=np.float32))
+        predicted = np.concatenate(parts)
+        if predicted.ndim != 1:
+            raise HardnegError(f"cross-encoder {self.name}: expected one score per pair, got shape "
+                               f"{predicted.shape} (a model with num_labels=1 is needed)")
+        return predicted
+
+    def shard_record(self) -> dict | None:
+        """Under torchrun, how the pairs were split: per rank the pairs it scored in this run; None for one
+        process. A collective under torchrun."""
+        group = process_group()
+        if group is None:
+            return None
+        counts = group.all_gather_objects(self.shard_pairs)
+        return {"model": self.description, "world_size": len(counts),
+                "ranks": [{"rank": r, "pairs": n} for r, n in enumerate(counts)]}
 
 
 class Rescored:

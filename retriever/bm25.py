@@ -9,6 +9,11 @@ rankings should agree closely.
 
 Scores are computed for the whole corpus per query, which gives both the top-k list and the exact
 scores of labelled positives that positive-aware mining needs.
+
+Under torchrun (``mine``/``evaluate`` with several processes) every rank builds the index over the whole corpus
+(tokenising is a small share of the work) and scores a contiguous share of the queries; the per-query results are
+exchanged in query order, so every rank holds what one process computes, and a query's scores never depend on
+which rank computed them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 
 from retriever.data import Corpus, Queries, Run  # noqa: E402
 from retriever.io import HardnegError  # noqa: E402
+from retriever.ranks import process_group  # noqa: E402
 
 BACKENDS = ("bm25s", "rank-bm25")
 
@@ -43,6 +49,7 @@ class BM25Retriever:
         self.description = f"bm25:{backend}(k1={k1},b={b})"
         self._stemmer = Stemmer.Stemmer("english")
         self._indexed: tuple[Corpus, object] | None = None
+        self.shard_queries = 0  # queries this process has scored (its shares under torchrun)
 
     def tokenize(self, texts: list[str]) -> list[list[str]]:
         return bm25s.tokenize(texts, stopwords="en", stemmer=self._stemmer, return_ids=False,
@@ -84,16 +91,47 @@ class BM25Retriever:
         document of the corpus anyway, so the positives' scores come for free)."""
         run: Run = {}
         scored: Run = {}
-        for query_id, scores in self.scores(corpus, queries):
+        local = self._local(queries)
+        for query_id, scores in self.scores(corpus, local):
             k = min(top_k, len(scores))
             top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
             top = top[np.lexsort((top, -scores[top]))]
             run[query_id] = {corpus.ids[i]: float(scores[i]) for i in top if scores[i] > 0}
             if query_id in pairs:
                 scored[query_id] = {doc_id: float(scores[corpus.position[doc_id]]) for doc_id in pairs[query_id]}
-        return run, scored
+        return _gathered(run), _gathered(scored)
 
     def score(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
-        wanted = {query_id: queries[query_id] for query_id in pairs}
-        return {query_id: {doc_id: float(scores[corpus.position[doc_id]]) for doc_id in pairs[query_id]}
-                for query_id, scores in self.scores(corpus, wanted)}
+        wanted = self._local({query_id: queries[query_id] for query_id in pairs})
+        return _gathered({query_id: {doc_id: float(scores[corpus.position[doc_id]]) for doc_id in pairs[query_id]}
+                          for query_id, scores in self.scores(corpus, wanted)})
+
+    def _local(self, queries: Queries) -> Queries:
+        """The queries this process scores: all of them, or under torchrun its contiguous share."""
+        group = process_group()
+        if group is not None:
+            queries = dict(list(queries.items())[group.shard(len(queries))])
+        self.shard_queries += len(queries)
+        return queries
+
+    def shard_record(self) -> dict | None:
+        """Under torchrun, how the queries were split: the world size and, per rank, the queries it scored in
+        this run (a resumed run counts only what it did); None for one process, where nothing was split. A
+        collective under torchrun: every rank calls it."""
+        group = process_group()
+        if group is None:
+            return None
+        counts = group.all_gather_objects(self.shard_queries)
+        return {"model": self.description, "world_size": len(counts),
+                "ranks": [{"rank": r, "queries": n} for r, n in enumerate(counts)]}
+
+
+def _gathered(part: Run) -> Run:
+    """Every rank's share of a run, joined in rank order (= query order, the shares being contiguous)."""
+    group = process_group()
+    if group is None:
+        return part
+    joined: Run = {}
+    for piece in group.all_gather_objects(part):
+        joined.update(piece)
+    return joined

@@ -70,13 +70,6 @@ def encoder_identity(encoder: object) -> dict | None:
     return identity
 
 
-def sharding_record(retriever: object) -> list[dict]:
-    """How each dense part of ``retriever`` split the corpus (world size; per rank the documents it held and
-    encoded), for ``metrics.json`` / ``pools.meta.json``. A collective under torchrun: every rank calls it."""
-    return [{"model": getattr(part.encoder, "name", "") or type(part.encoder).__name__} | part.shard_record()
-            for part in components(retriever) if isinstance(part, DenseRetriever)]
-
-
 def encoding_record(retriever: object) -> list[dict]:
     """The precision each model behind ``retriever`` encodes in, for ``metrics.json`` / ``pools.meta.json``.
 
@@ -288,7 +281,8 @@ class DenseRetriever:
         group = process_group()
         mine = {"documents": self.shard_documents, "encoded": self.documents_encoded}
         ranks = group.all_gather_objects(mine) if group else [mine]
-        return {"world_size": len(ranks), "ranks": [{"rank": r} | part for r, part in enumerate(ranks)]}
+        return {"model": getattr(self.encoder, "name", "") or type(self.encoder).__name__, "world_size": len(ranks),
+                "ranks": [{"rank": r} | part for r, part in enumerate(ranks)]}
 
 
 def _joined(pieces: list[Rows]) -> np.ndarray:

@@ -8,7 +8,8 @@ dense search. Positive-aware mining also needs the scores of the labelled positi
 The other protocols name optional capabilities that a stage uses when an object has them, each checked with
 ``isinstance`` where it is used: :class:`EmbeddingSource` and :class:`CorpusScorer` (whole-corpus scores, for
 AUC against every document), :class:`PrecisionAware` (the precision recorded beside outputs and cache shards),
-:class:`EncoderBacked` (a retriever whose model files identify its embeddings) and :class:`Composite` (a
+:class:`EncoderBacked` (a retriever whose model files identify its embeddings), :class:`Sharded` (a part that
+splits its work over the ranks of a torchrun job, recorded by :func:`sharding_record`) and :class:`Composite` (a
 retriever made of others, walked by :func:`components`).
 """
 
@@ -86,6 +87,16 @@ class Composite(Protocol):
     def parts(self) -> list[object]: ...
 
 
+@runtime_checkable
+class Sharded(Protocol):
+    """A source or scorer that splits its work over the ranks of a torchrun job (dense search: the corpus rows;
+    BM25: the queries; a cross-encoder: the pairs) and says how, as ``{"model", "world_size", "ranks": [...]}``,
+    or None when it has nothing to say (BM25 in one process). ``shard_record`` is a collective: every rank calls
+    it."""
+
+    def shard_record(self) -> dict | None: ...
+
+
 def components(retriever: object) -> list[object]:
     """Every source and scorer composed inside ``retriever`` (hybrid, rescored), inner ones first, then itself.
 
@@ -97,6 +108,13 @@ def components(retriever: object) -> list[object]:
             found.extend(components(part))
     found.append(retriever)
     return found
+
+
+def sharding_record(retriever: object) -> list[dict]:
+    """How each sharded part of ``retriever`` split its work, for ``metrics.json`` / ``pools.meta.json``. A
+    collective under torchrun: every rank calls it."""
+    records = [part.shard_record() for part in components(retriever) if isinstance(part, Sharded)]
+    return [record for record in records if record is not None]
 
 
 def describe(retriever: object) -> str:

@@ -101,6 +101,23 @@ def tiny_model(tmp_path_factory, demo_train) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory, demo_train) -> Path:
+    """A random-weight BERT with a one-logit classification head, in the sentence-transformers CrossEncoder
+    folder layout (a HF sequence-classification model). Its scores vary little (random pooler), so tests filter
+    with the scale-free TopK-MarginPos at margin 0."""
+    from transformers import BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-cross-encoder")
+    build_tiny_bert(folder, demo_train.corpus.texts()[:500] + list(demo_train.queries.values()))
+    torch.manual_seed(1)
+    model = BertForSequenceClassification.from_pretrained(folder, num_labels=1)
+    with torch.no_grad():  # a wide head, so that random scores spread instead of all sitting near sigmoid(0)
+        model.classifier.weight.normal_(0.0, 3.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def nfcorpus_folder() -> Path:
     folder = SHARED_DATA / "beir" / "nfcorpus"
     if not folder.is_dir():

@@ -98,6 +98,35 @@ def test_two_processes_mine_the_pools_of_one(folder, tiny_model, tmp_path, index
     assert (tmp_path / "again" / POOLS_FILE).read_bytes() == (tmp_path / "one" / POOLS_FILE).read_bytes()
 
 
+def test_bm25_and_a_cross_encoder_split_their_work_and_give_the_pools_of_one(demo_train, demo_test,
+                                                                            tiny_cross_encoder, tmp_path):
+    """BM25 scores a contiguous share of the queries on each rank (13 and 12 of 25: uneven), the cross-encoder a
+    run of whole batches of the one-process order (batches of 7, so the pairs split unevenly too); the pools are
+    byte-identical to one process's, and pools.meta.json says what each rank did."""
+    folder = _write_folder(tmp_path / "data", small(demo_train, 25), small(demo_test, 5))
+    common = ["mine", "--data", str(folder), "--split", "train", "--retriever", "bm25", "--cross-encoder",
+              str(tiny_cross_encoder), "--cross-encoder-batch-size", "7", "--encode-max-length", "64",
+              "--encode-precision", "fp32", "--depth", "20", "--num-negatives", "4", "--filter", "topk-marginpos",
+              "--margin", "0", "--anchor", "max", "--no-cache"]
+    _ok(_hardneg([*common, "--output", "one"], 1, tmp_path))
+    _ok(_hardneg([*common, "--output", "two"], 2, tmp_path))
+    assert (tmp_path / "two" / POOLS_FILE).read_bytes() == (tmp_path / "one" / POOLS_FILE).read_bytes()
+    assert json.loads((tmp_path / "one" / POOLS_META).read_text())["sharding"] == []  # one process splits nothing
+    two = {r["model"].split(":")[0]: r for r in json.loads((tmp_path / "two" / POOLS_META).read_text())["sharding"]}
+    assert [r["queries"] for r in two["bm25"]["ranks"]] == [13, 12]
+    pairs = [r["pairs"] for r in two["cross-encoder"]["ranks"]]
+    assert 0 < pairs[1] <= pairs[0] and pairs[0] % 7 == 0  # the first rank's shares are whole batches
+    evaluate = ["evaluate", "--data", str(folder), "--split", "test", "--retriever", "bm25", "--no-plots",
+                "--metrics", "nDCG@10,Recall@100,AUC,AUC-corpus,AUC-pooled"]
+    _ok(_hardneg([*evaluate, "--output", "eval-one"], 1, tmp_path))
+    _ok(_hardneg([*evaluate, "--output", "eval-two"], 2, tmp_path))
+    records = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("eval-one", "eval-two")]
+    assert records[0]["metrics"] == records[1]["metrics"]
+    assert (tmp_path / "eval-one" / "run.trec").read_text() == (tmp_path / "eval-two" / "run.trec").read_text()
+    assert [r["queries"] for r in records[1]["sharding"][0]["ranks"]] == [3, 2]
+    assert two["bm25"]["world_size"] == two["cross-encoder"]["world_size"] == 2
+
+
 def test_ties_across_shards_come_in_corpus_order(folder, tiny_model, tmp_path):
     """A copy of a first-shard document sits in the second shard with the same score: one process puts the
     original first (lower corpus position), and so must the merge of two shards."""

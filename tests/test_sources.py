@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import build_tiny_bert, small
+from conftest import small
 
 from mining.filters import TopK, TopKMarginPos, TopKPercPos
 from mining.mine import META_FILE, mine
@@ -70,24 +69,6 @@ def test_bm25_backends_agree_on_top_results(demo_train):
     top1 = np.mean([next(iter(fast[q]), None) == next(iter(reference[q]), None) for q in data.queries])
     assert np.mean(overlaps) >= 0.8
     assert top1 >= 0.8
-
-
-@pytest.fixture(scope="module")
-def tiny_cross_encoder(tmp_path_factory, demo_train):
-    """A random-weight BERT with a one-logit classification head, in the sentence-transformers CrossEncoder
-    folder layout (a HF sequence-classification model). Its scores vary little (random pooler), so the test
-    filter is the scale-free TopK-MarginPos with margin 0."""
-    from transformers import BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("tiny-cross-encoder")
-    texts = demo_train.corpus.texts()[:500] + list(demo_train.queries.values())
-    build_tiny_bert(folder, texts)
-    torch.manual_seed(1)
-    model = BertForSequenceClassification.from_pretrained(folder, num_labels=1)
-    with torch.no_grad():  # a wide head, so that random scores spread instead of all sitting near sigmoid(0)
-        model.classifier.weight.normal_(0.0, 3.0)
-    model.save_pretrained(folder)
-    return folder
 
 
 def test_cross_encoder_scores_drive_the_filter(demo_train, tiny_cross_encoder, tmp_path):
