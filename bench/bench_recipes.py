@@ -18,7 +18,9 @@ mean dev nDCG@10 over the seeds. Test is evaluated for every run, and read only 
 Every finished run leaves ``<output>/<method>/seed-<s>/result.json`` with the settings it ran with, and is
 skipped when the script runs again with the same settings (a recipe edited since is run again),
 so a sweep can be split over sessions (or machines, when the folders are copied together); ``--work`` keeps the
-models and run outputs elsewhere. ``--table`` only prints the table of what is there. Examples::
+models and run outputs elsewhere, ``--only`` runs some of the methods (several processes can share one output:
+``bench/gpu_recipes.sh`` fans a sweep out on one GPU). ``--table`` only prints the table of what is there. The peer
+needs the ``bench`` extra (``pip install -e '.[bench]'``: accelerate for its trainer). Examples::
 
     # the demo subset, ~2.5 h on 2 CPU cores for 3 seeds with the peer at 1 epoch
     OMP_NUM_THREADS=2 flock /tmp/hardneg-heavy.lock python bench/bench_recipes.py --data nfcorpus-demo \\
@@ -44,7 +46,7 @@ from eval.evaluate import evaluate  # noqa: E402
 from hardneg.pipeline import load_config, run_pipeline  # noqa: E402
 from retriever.data import Dataset, held_out_ids, load_dataset  # noqa: E402
 from retriever.encoder import resolve_model  # noqa: E402
-from retriever.encoding import cpu_has_native_bf16  # noqa: E402
+from retriever.encoding import default_device, resolve_training_precision  # noqa: E402
 from retriever.factory import as_retriever  # noqa: E402
 from retriever.io import write_json  # noqa: E402
 
@@ -75,7 +77,7 @@ def scores(model: str, splits: dict[str, Dataset], output: Path, precision: str)
 
 # --------------------------------------------------------------------------------------------- the peer
 
-def run_peer(train: Dataset, model: str, epochs: int, seed: int, output: Path, bf16: bool) -> Path:
+def run_peer(train: Dataset, model: str, epochs: int, seed: int, output: Path, device: str, bf16: bool) -> Path:
     """``mine_hard_negatives`` (relative_margin 0.05) + ``MultipleNegativesRankingLoss``: the ST pipeline."""
     from datasets import Dataset as HFDataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -93,14 +95,14 @@ def run_peer(train: Dataset, model: str, epochs: int, seed: int, output: Path, b
         for doc_id in sorted(train.relevant(query_id)):
             anchors.append(text)
             positives.append(train.corpus.text_of(doc_id))
-    st_model = SentenceTransformer(resolve_model(model), device="cpu")
+    st_model = SentenceTransformer(resolve_model(model), device=device)
     mined = mine_hard_negatives(HFDataset.from_dict({"query": anchors, "positive": positives}), st_model,
                                 corpus=train.corpus.texts(), **PEER["mine_hard_negatives"], use_faiss=True,
                                 batch_size=32, verbose=False)
     arguments = Arguments(output_dir=str(output / "trainer"), num_train_epochs=epochs,
                           per_device_train_batch_size=PEER["batch_size"],
                           batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, save_strategy="no", report_to=[],
-                          bf16=bf16, use_cpu=True, logging_steps=10, disable_tqdm=True)
+                          bf16=bf16, use_cpu=device == "cpu", logging_steps=10, disable_tqdm=True)
     trainer = SentenceTransformerTrainer(model=st_model, args=arguments, train_dataset=mined,
                                          loss=MultipleNegativesRankingLoss(st_model))
     trainer.train()
@@ -111,10 +113,12 @@ def run_peer(train: Dataset, model: str, epochs: int, seed: int, output: Path, b
 
 # --------------------------------------------------------------------------------------------- hardneg
 
-def recipe_config(recipe: Path, data: str, seed: int, output: Path, fraction: float, overrides: list[str]) -> dict:
-    """The resolved ``hardneg run`` config of one recipe run."""
-    return load_config(recipe, [f"data.path={data}", f"seed={seed}", f"output_dir={output / 'run'}",
-                                f"train.dev_fraction={fraction}", "evaluate.before=false", *overrides])
+def recipe_config(recipe: Path, args: argparse.Namespace, seed: int, output: Path, overrides: list[str]) -> dict:
+    """The resolved ``hardneg run`` config of one recipe run: the bench's data, model (the one the peer trains)
+    and held-out fraction, this seed and output folder."""
+    return load_config(recipe, [f"data.path={args.data}", f"model={args.model}", f"seed={seed}",
+                                f"output_dir={output / 'run'}", f"train.dev_fraction={args.dev_fraction}",
+                                "evaluate.before=false", *overrides])
 
 
 def method_settings(what: object, args: argparse.Namespace, seed: int) -> dict:
@@ -125,7 +129,7 @@ def method_settings(what: object, args: argparse.Namespace, seed: int) -> dict:
     if isinstance(what, int):
         return {"model": args.model, "epochs": what, "peer": PEER}
     recipe, overrides = what
-    config = recipe_config(recipe, args.data, seed, Path("."), args.dev_fraction, overrides)
+    config = recipe_config(recipe, args, seed, Path("."), overrides)
     return {key: value for key, value in config.items() if key != "output_dir"}
 
 
@@ -181,6 +185,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="evaluation encoding precision (both sides)")
     parser.add_argument("--output", required=True, help="folder of the result.json files (small; commit them)")
     parser.add_argument("--work", help="folder for the models and run outputs (default: --output)")
+    parser.add_argument("--only", help="comma-separated method names to run (e.g. peer-3ep,recipe-minilm): "
+                        "several processes can share one --output, each running its own methods")
     parser.add_argument("--table", action="store_true", help="only print the table of the finished runs")
     args = parser.parse_args()
     output = Path(args.output)
@@ -192,13 +198,20 @@ def main() -> None:
     train = load_dataset(args.data, "train")
     test = load_dataset(args.data, "test")
     test.corpus = train.corpus
-    bf16 = cpu_has_native_bf16()  # the peer trains in the precision hardneg's `auto` picks on this CPU
+    device = str(default_device())
+    bf16 = resolve_training_precision("auto", device) == "bf16"  # the peer trains as hardneg's `auto` picks
     methods: list[tuple[str, object]] = [("untrained", None)]
     methods += [(f"peer-{e}ep", int(e)) for e in args.peer_epochs.split(",") if e]
     methods += [(recipe.stem, (recipe, [])) for recipe in recipes]
     for spec in args.ablation if recipes else ():
         name, _, changes = spec.partition(":")
         methods.append((f"{recipes[0].stem}-{name}", (recipes[0], [c for c in changes.split(",") if c])))
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {method for method, _ in methods}
+        if unknown:
+            parser.error(f"--only: no method {', '.join(sorted(unknown))} among {', '.join(m for m, _ in methods)}")
+        methods = [(method, what) for method, what in methods if method in wanted]
     for seed in (int(s) for s in args.seeds.split(",")):
         kept, dev = split_train(train, args.dev_fraction, seed)
         for method, what in methods:
@@ -211,11 +224,10 @@ def main() -> None:
             if what is None:
                 model = args.model
             elif isinstance(what, int):
-                model = run_peer(kept, args.model, what, seed, folder, bf16)
+                model = run_peer(kept, args.model, what, seed, folder, device, bf16)
             else:
                 recipe, overrides = what
-                model = run_recipe(recipe_config(recipe, args.data, seed, folder, args.dev_fraction, overrides),
-                                   folder)
+                model = run_recipe(recipe_config(recipe, args, seed, folder, overrides), folder)
             metrics = scores(str(model), {"dev": dev, "test": test}, folder / "eval", args.precision)
             write_json(result, {"method": method, "seed": seed, "settings": settings, "metrics": metrics,
                                                 "seconds": round(time.time() - started, 1), "model": str(model)})
