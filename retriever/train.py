@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from retriever import distributed
+from retriever import distributed, soup
 from retriever.checkpoint import (
     check_compatible,
     checkpoint_dirs,
@@ -330,11 +330,9 @@ class Trainer:
             raise HardnegError(f"{len(missing)} document ids of the pools are not in the corpus, e.g. {missing[:3]}")
         if not pools:
             raise HardnegError("train: no pools to train on")
-        if config.eval_steps and self.evaluator is None:
-            raise HardnegError("train: eval_steps needs a dev set to evaluate on (--dev-data/--dev-split)")
-        if (config.patience or config.dev_fraction) and self.evaluator is None:
-            raise HardnegError("train: patience and dev_fraction need a dev evaluator (the CLI and `run` build it "
-                               "from --dev-fraction, --dev-split or --dev-data)")
+        if config.scores_on_dev and self.evaluator is None:
+            raise HardnegError("train: eval_steps, patience, dev_fraction and soup need a dev evaluator (the CLI "
+                               "and `run` build it from --dev-fraction, --dev-split or --dev-data)")
         if self.groups is not None and len(self.groups) != len(pools):
             raise HardnegError(f"train: groups names {len(self.groups)} pools' datasets, there are {len(pools)} pools")
         if config.remine_every and self.mixed:
@@ -398,6 +396,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         if self.state is not None:
             self._load_state(self.state)
+        if self.main and config.soup:
+            soup.drop_after(self.output_dir, self.step)  # a resumed run writes those again
         self.trained = distributed.wrap_ddp(self.model)  # the model itself for one process
         self.autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.meta = {"identity": self.identity, "model_identity": _model_identity(self.model),
@@ -595,8 +595,34 @@ class Trainer:
                 self.model.save(self.output_dir / MODEL_DIR)
             else:
                 self.best["stale"] = self.best.get("stale", 0) + 1
+            if self.config.soup:
+                soup.save_ingredient(self.output_dir, self.step, self.model.model)
+                soup.prune(self.output_dir, self._dev_scores(), self.config.soup)
         distributed.barrier()
         self.best["stale"] = distributed.broadcast_int(self.best.get("stale", 0))
+
+    def _dev_scores(self) -> dict[int, float]:
+        """Step -> dev score of every evaluation so far (the log holds them, across a resume too)."""
+        return {record["step"]: record["dev"] for record in self.log if "dev" in record}
+
+    def _make_soup(self) -> dict:
+        """The greedy soup of the best dev-evaluated models (rank 0); saved as the model when it beats the best."""
+        saved_rng = rng_state()
+
+        def score(state: dict) -> float:
+            self.model.model.load_state_dict(state)
+            with alone():
+                return float(self.evaluator(self.model))
+
+        made = soup.greedy_soup(self.output_dir, self._dev_scores(), score)
+        set_rng_state(saved_rng)
+        kept = made.pop("state")
+        if kept is not None:
+            self.model.model.load_state_dict(kept)
+            self.model.save(self.output_dir / MODEL_DIR)
+        made["kept"] = kept is not None
+        soup.remove(self.output_dir)
+        return made
 
     def checkpoint(self) -> None:
         """Everything an exact resume needs, written by rank 0 (every rank's RNG state gathered first)."""
@@ -638,6 +664,10 @@ class Trainer:
         if any("temperature" in r for r in log):
             summary["final_temperature"] = log[-1].get("temperature")
         model_dir = self.output_dir / MODEL_DIR
+        if self.main and config.soup and self.best["step"] is not None:
+            summary["soup"] = self._make_soup()
+            if summary["soup"]["kept"]:
+                summary["best_dev"] = summary["soup"]["dev"]
         if self.main:
             if self.best["step"] is None:
                 self.model.save(model_dir)

@@ -72,6 +72,9 @@ class TrainConfig:
                                                "as the dev set for keep-best and early stopping, for data with "
                                                "no dev split", gt=0, le=0.5)
     patience: int | None = setting(None, "stop after this many dev evaluations without a new best", gt=0)
+    soup: int | None = setting(None, "greedy model soup (Wortsman et al.) over the N best dev-evaluated models: "
+                                     "each averaged in only if dev rises; kept only if it beats the best one",
+                               ge=2)
     report_to: str = setting("none", "where step metrics go besides OUTPUT/logs/train_log.jsonl: none, or "
                                      "tensorboard (OUTPUT/logs/tensorboard; the `tensorboard` extra)",
                              choices=REPORT_TARGETS)
@@ -97,6 +100,11 @@ class TrainConfig:
         if self.loss == "kd" and self.distill_weight:
             raise HardnegError("train: loss 'kd' is the distillation alone; distill_weight adds it to a "
                                "contrastive loss (infonce, mw, decoupled): give one or the other")
+
+    @property
+    def scores_on_dev(self) -> bool:
+        """Whether training evaluates on dev queries (which ``dev_fraction`` holds out, or a dev split provides)."""
+        return bool(self.eval_steps or self.patience or self.soup or self.dev_fraction)
 
     @property
     def distills(self) -> bool:

@@ -18,6 +18,7 @@ from mining.mine import mine
 from retriever.checkpoint import STATE_FILE, checkpoint_dirs
 from retriever.data import Corpus
 from retriever.dense import DenseRetriever
+from retriever.encoder import DualEncoder
 from retriever.io import HardnegError
 from retriever.train import MODEL_DIR, TRAIN_LOG, TrainConfig, train
 
@@ -125,8 +126,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small, tiny
     assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
 
 
-def test_keep_best_keeps_the_model_of_the_best_dev_score(small, tiny_model, demo_test, tmp_path):
-    data, pools = small
+@pytest.fixture(scope="module")
+def ndcg(demo_test):
+    """nDCG@10 of a model on 20 demo test queries over 300 documents plus their judged ones: a real dev score."""
     queries = sorted(demo_test.qrels)[:20]
     judged = {d for q in queries for d in demo_test.qrels[q]}
     keep = [i for i, d in enumerate(demo_test.corpus.ids) if i < 300 or d in judged]
@@ -135,10 +137,14 @@ def test_keep_best_keeps_the_model_of_the_best_dev_score(small, tiny_model, demo
     dev = replace(demo_test, corpus=corpus, qrels={q: demo_test.qrels[q] for q in queries},
                   queries={q: demo_test.queries[q] for q in queries})
 
-    def ndcg(model) -> float:
+    def score(model) -> float:
         return evaluate(dev, DenseRetriever(model, show_progress=False), metrics=("nDCG@10",), depth=100
                         )["metrics"]["nDCG@10"]
+    return score
 
+
+def test_keep_best_keeps_the_model_of_the_best_dev_score(small, tiny_model, ndcg, tmp_path):
+    data, pools = small
     config = _config(tiny_model, eval_steps=2, save_steps=2, save_total_limit=None, learning_rate=5e-3, epochs=2)
     summary = train(pools, data.corpus, config, tmp_path / "run", show_progress=False, evaluator=ndcg).summary
     scored = [(r["step"], r["dev"]) for r in _log(tmp_path / "run") if "dev" in r]
@@ -148,6 +154,93 @@ def test_keep_best_keeps_the_model_of_the_best_dev_score(small, tiny_model, demo
     best = _weights(tmp_path / "run" / MODEL_DIR)
     at_step = _weights(tmp_path / "run" / "checkpoints" / f"step-{best_step:07d}" / "model")
     assert all(torch.equal(best[name], at_step[name]) for name in best)
-    from retriever.encoder import DualEncoder
-
     assert ndcg(DualEncoder.load(tmp_path / "run" / MODEL_DIR)) == pytest.approx(best_score, abs=1e-6)
+
+
+def _brute_force_soup(checkpoints: dict[int, dict[str, torch.Tensor]], scores: dict[int, float], score_weights):
+    """Greedy soup written out independently: ingredients by dev score (ties: earlier step), each added only if
+    the plain mean of the chosen weights then scores strictly higher."""
+    order = sorted(scores, key=lambda step: (-scores[step], step))
+    chosen, best = [order[0]], scores[order[0]]
+    for step in order[1:]:
+        trial = [*chosen, step]
+        mean = {name: torch.stack([checkpoints[s][name].double() for s in trial]).mean(0).float()
+                for name in checkpoints[step] if checkpoints[step][name].is_floating_point()}
+        value = score_weights(mean)
+        if value > best:
+            chosen, best = trial, value
+    return chosen, best
+
+
+def test_a_greedy_soup_beats_or_keeps_the_best_model_and_survives_a_resume(small, tiny_model, ndcg, tmp_path):
+    """soup=3: the 3 best of 4 dev evaluations are the ingredients; the model saved is their greedy soup when it
+    beats the best single model on dev (else that model), as an independent re-implementation over the
+    checkpoints' weights finds; a run killed and resumed makes the same soup; the ingredients are removed."""
+    data, pools = small
+    config = _config(tiny_model, eval_steps=2, save_steps=2, save_total_limit=None, learning_rate=5e-3, epochs=3,
+                     soup=3, max_steps=8)
+    summary = train(pools, data.corpus, config, tmp_path / "run", show_progress=False, evaluator=ndcg).summary
+    scored = {r["step"]: r["dev"] for r in _log(tmp_path / "run") if "dev" in r}
+    assert sorted(scored) == [2, 4, 6, 8]
+    ingredients = sorted(scored, key=lambda step: (-scored[step], step))[:3]
+    checkpoints = {step: _weights(tmp_path / "run" / "checkpoints" / f"step-{step:07d}" / "model")
+                   for step in ingredients}
+    probe = DualEncoder.load(tmp_path / "run" / MODEL_DIR)
+
+    def score_weights(weights):
+        probe.model.load_state_dict({key.removeprefix("bert."): value for key, value in weights.items()},
+                                    strict=False)
+        return ndcg(probe)
+
+    chosen, best = _brute_force_soup(checkpoints, {s: scored[s] for s in ingredients}, score_weights)
+    made = summary["soup"]
+    assert made["steps"] == chosen and len(made["tried"]) == 2
+    assert made["kept"] == (len(chosen) > 1) and made["dev"] == pytest.approx(best, abs=1e-6)
+    saved = _weights(tmp_path / "run" / MODEL_DIR)
+    expected = {name: torch.stack([checkpoints[s][name].double() for s in chosen]).mean(0).float()
+                for name in saved if saved[name].is_floating_point()}
+    assert all(torch.allclose(saved[name], expected[name], atol=1e-6) for name in expected)
+    assert ndcg(DualEncoder.load(tmp_path / "run" / MODEL_DIR)) == pytest.approx(best, abs=1e-6)
+    assert not (tmp_path / "run" / "soup").exists()
+    # killed after step 5: the ingredients of steps 2 and 4 are on disk; the resumed run adds 6 and 8
+    with pytest.raises(Crash):
+        train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, evaluator=ndcg,
+              on_step=crash_after(5))
+    assert sorted(p.name for p in (tmp_path / "cut" / "soup").glob("*.pt")) == ["step-0000002.pt", "step-0000004.pt"]
+    resumed = train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, evaluator=ndcg,
+                    resume="latest").summary
+    assert resumed["soup"] == made
+    again = _weights(tmp_path / "cut" / MODEL_DIR)
+    assert all(torch.allclose(again[name], saved[name], atol=1e-6) for name in saved)
+
+
+def test_greedy_soup_averages_in_only_what_raises_dev(tmp_path):
+    """Four saved ingredients around a target, one far off: the soup takes the close ones (their mean is nearer
+    the target than any one of them) and refuses the far one; the brute-force greedy agrees."""
+    from retriever import soup
+
+    target = torch.zeros(6)
+    offsets = {2: torch.tensor([1.0, 0, 0, 0, 0, 0]), 4: torch.tensor([0, 1.1, 0, 0, 0, 0]),
+               6: torch.tensor([0, 0, 1.2, 0, 0, 0]), 8: torch.full((6,), 5.0)}
+    checkpoints = {}
+    for step, offset in offsets.items():
+        layer = torch.nn.Linear(6, 1, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_((target + offset).unsqueeze(0))
+        soup.save_ingredient(tmp_path, step, layer)
+        checkpoints[step] = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+
+    def score_weights(weights):
+        return -float(torch.linalg.norm(weights["weight"] - target))
+
+    scores = {step: score_weights(weights) for step, weights in checkpoints.items()}
+    soup.prune(tmp_path, scores, 4)
+    made = soup.greedy_soup(tmp_path, scores, score_weights)
+    chosen, best = _brute_force_soup(checkpoints, scores, score_weights)
+    assert made["steps"] == chosen == [2, 4, 6]
+    assert made["dev"] == pytest.approx(best) and best > scores[2]
+    assert torch.allclose(made["state"]["weight"], torch.stack([checkpoints[s]["weight"] for s in chosen]).mean(0))
+    soup.prune(tmp_path, scores, 2)  # only the two best ingredients stay on disk
+    assert sorted(p.name for p in (tmp_path / soup.SOUP_DIR).glob("*.pt")) == ["step-0000002.pt", "step-0000004.pt"]
+    soup.drop_after(tmp_path, 2)
+    assert [p.name for p in (tmp_path / soup.SOUP_DIR).glob("*.pt")] == ["step-0000002.pt"]

@@ -209,7 +209,7 @@ def test_mixed_precision_trains_on_cuda_with_the_gradient_cache(precision, small
     ({"save_steps": 0}, "save_steps"),
     ({"batch_size": 0}, "batch_size"), ({"learning_rate": -1.0}, "learning_rate"),
     ({"warmup_ratio": 1.5}, "warmup_ratio"), ({"negatives_per_query": -1}, "negatives_per_query"),
-    ({"temperature": 0.0}, "temperature"),
+    ({"temperature": 0.0}, "temperature"), ({"soup": 1}, "soup"),
 ])
 def test_invalid_settings_are_refused(changes, message):
     with pytest.raises(HardnegError, match=message.replace("(", r"\(")):
@@ -221,7 +221,7 @@ def test_fp16_needs_cuda_and_keep_best_needs_a_dev_set(small, tiny_model, tmp_pa
     if not torch.cuda.is_available():
         with pytest.raises(HardnegError, match="fp16 needs a CUDA GPU"):
             train(pools, data.corpus, _config(tiny_model, precision="fp16"), tmp_path / "m", show_progress=False)
-    with pytest.raises(HardnegError, match="eval_steps needs a dev set"):
+    with pytest.raises(HardnegError, match="eval_steps, patience, dev_fraction and soup need a dev evaluator"):
         train(pools, data.corpus, _config(tiny_model, eval_steps=2), tmp_path / "m", show_progress=False)
     assert not (tmp_path / "m").exists()
 

@@ -139,7 +139,7 @@ def cmd_train(args) -> None:
                                f"(got {len(args.pools)} --pools and {len(args.data or [])} --data; no --corpus)")
         if config.remine_every:
             raise HardnegError("--remine-every re-mines one dataset; train on several without it")
-        if (config.eval_steps or config.patience) and not config.dev_fraction:
+        if config.scores_on_dev and not config.dev_fraction:
             raise HardnegError("on several datasets, select with --dev-fraction (held-out training queries of "
                                "each dataset); --dev-split/--dev-data name one dataset")
     elif args.data is not None and len(args.data) > 1:
@@ -172,7 +172,7 @@ def cmd_train(args) -> None:
         provenance |= {str(f): file_checksum(f) for f in ([path] if path.is_file() else sorted(path.glob("*.arrow")))}
     pools, corpus, groups = mix(parts)
     evaluator = _mean_evaluator(evaluators, args.dev_metric) if evaluators else None
-    if evaluator is None and (config.eval_steps or config.patience):
+    if evaluator is None and config.scores_on_dev:
         evaluator = _dev_evaluator(args)
     remine = None
     if mine_settings is not None:

@@ -179,11 +179,11 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                       "ef_search": mining.ef_search, "rrf_k": mining.rrf_k}
     train_config = section_settings(TrainConfig, config, "train")
     train_config.check()
-    selects = bool(train_config.eval_steps or train_config.patience or train_config.dev_fraction)
+    selects = train_config.scores_on_dev
     if selects:
         check_metrics((training["dev_metric"],), depth=config["evaluate"]["depth"])
     if selects and not train_config.dev_fraction and len(_splits(config)) < 2:
-        raise HardnegError("config: train.eval_steps / train.patience select on the first evaluate.split; list a "
+        raise HardnegError("config: train.eval_steps / patience / soup select on the first evaluate.split; list a "
                            "dev split before the reported one, e.g. evaluate.split: [dev, test], or set "
                            "train.dev_fraction to hold out training queries")
     if train_config.distills and not (mining.teacher or mining.cross_encoder):
