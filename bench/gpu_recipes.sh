@@ -18,9 +18,10 @@ mkdir -p "$OUT/logs"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 
 ABLATIONS=(--ablation no-random:train.random_negatives=0 --ablation lr5:train.learning_rate=5e-5
-           --ablation epochs5:train.epochs=5 --ablation no-fallback:mine.anchor_fallback=null)
+           --ablation epochs5:train.epochs=5 --ablation no-fallback:mine.anchor_fallback=null
+           --ablation soup3:train.soup=3)
 METHODS="untrained peer-1ep peer-3ep peer-5ep recipe-minilm recipe-minilm-no-random recipe-minilm-lr5
-         recipe-minilm-epochs5 recipe-minilm-no-fallback"
+         recipe-minilm-epochs5 recipe-minilm-no-fallback recipe-minilm-soup3"
 for seed in 42 43 44; do
   for method in $METHODS; do
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done

@@ -35,7 +35,7 @@ from retriever.encoding import autocast, resolve_precision
 from retriever.factory import as_retriever
 from retriever.io import HardnegError, last_line
 from retriever.protocol import Retriever, Scorer, describe
-from retriever.ranks import process_group
+from retriever.ranks import process_group, work_record
 
 
 def bm25(backend: str = "bm25s", *, k1: float = 0.9, b: float = 0.4, show_progress: bool = True) -> BM25Retriever:
@@ -172,14 +172,8 @@ class CrossEncoderScorer:
         return predicted
 
     def shard_record(self) -> dict | None:
-        """Under torchrun, how the pairs were split: per rank the pairs it scored in this run; None for one
-        process. A collective under torchrun."""
-        group = process_group()
-        if group is None:
-            return None
-        counts = group.all_gather_objects(self.shard_pairs)
-        return {"model": self.description, "world_size": len(counts),
-                "ranks": [{"rank": r, "pairs": n} for r, n in enumerate(counts)]}
+        """Under torchrun, per rank the pairs it scored in this run."""
+        return work_record(self.description, "pairs", self.shard_pairs)
 
 
 class Rescored:

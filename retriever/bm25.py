@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from retriever.data import Corpus, Queries, Run  # noqa: E402
 from retriever.io import HardnegError  # noqa: E402
-from retriever.ranks import process_group  # noqa: E402
+from retriever.ranks import process_group, work_record  # noqa: E402
 
 BACKENDS = ("bm25s", "rank-bm25")
 
@@ -115,15 +115,8 @@ class BM25Retriever:
         return queries
 
     def shard_record(self) -> dict | None:
-        """Under torchrun, how the queries were split: the world size and, per rank, the queries it scored in
-        this run (a resumed run counts only what it did); None for one process, where nothing was split. A
-        collective under torchrun: every rank calls it."""
-        group = process_group()
-        if group is None:
-            return None
-        counts = group.all_gather_objects(self.shard_queries)
-        return {"model": self.description, "world_size": len(counts),
-                "ranks": [{"rank": r, "queries": n} for r, n in enumerate(counts)]}
+        """Under torchrun, per rank the queries it scored in this run (a resumed run counts only what it did)."""
+        return work_record(self.description, "queries", self.shard_queries)
 
 
 def _gathered(part: Run) -> Run:

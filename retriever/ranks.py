@@ -37,6 +37,16 @@ def broadcast_object(value: object) -> object:
     return value if group is None else group.broadcast_object(value)
 
 
+def work_record(model: str, unit: str, count: int) -> dict | None:
+    """Under torchrun, how a part split its work: ``{"model", "world_size", "ranks": [{"rank", unit: count}]}``
+    from every rank's ``count`` (a collective: every rank calls it); None for one process, where nothing was split."""
+    group = process_group()
+    if group is None:
+        return None
+    counts = group.all_gather_objects(count)
+    return {"model": model, "world_size": len(counts), "ranks": [{"rank": r, unit: n} for r, n in enumerate(counts)]}
+
+
 @contextlib.contextmanager
 def alone() -> Iterator[None]:
     """Run a block as if this were the only process: what rank 0 alone does in a torchrun training job (the dev
