@@ -177,6 +177,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the folder gets what mkdir() would give
     try:
         yield staging
+        _give_umask(staging)
         if path.exists():
             aside = Path(tempfile.mkdtemp(prefix=staging_prefix(f"{path.name}.old"), dir=path.parent))
             os.replace(path, aside / "previous")
@@ -192,6 +193,19 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _give_umask(folder: Path) -> None:
+    """Give everything under ``folder`` the mode ``open()``/``mkdir()`` would give under the user's umask: writers
+    such as transformers' ``save_pretrained`` (through safetensors) create their files 0600 in a temporary place."""
+    umask = current_umask()
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            file = os.path.join(root, name)
+            executable = os.stat(file).st_mode & 0o111
+            os.chmod(file, (0o777 if executable else 0o666) & ~umask)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -441,7 +441,13 @@ def test_atomic_outputs_get_the_users_umask(tmp_path):
             handle.write("x")
         with atomic_directory(tmp_path / "folder") as staging:
             (staging / "inside.txt").write_text("y")
+            (staging / "sub").mkdir(mode=0o700)
+            os.close(os.open(staging / "sub" / "weights.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))
     finally:
         os.umask(old)
     assert (tmp_path / "file.txt").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o750    # not mkdtemp's 0700
+    # files a library wrote 0600 (transformers' save_pretrained writes model.safetensors so) get the umask too
+    assert (tmp_path / "folder" / "sub").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "folder" / "sub" / "weights.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "folder" / "inside.txt").stat().st_mode & 0o777 == 0o640

@@ -161,6 +161,10 @@ def test_training_saves_a_loadable_model_and_is_reproducible(small, tiny_model, 
     saved = json.loads((tmp_path / "a" / TRAIN_CONFIG).read_text())
     assert saved["config"]["loss"] == "infonce" and saved["library_versions"]["torch"]
     SentenceTransformer(str(tmp_path / "a" / MODEL_DIR), device="cpu")  # loads
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in (tmp_path / "a" / MODEL_DIR).rglob("*"):  # the user's umask, also for model.safetensors
+        assert file.stat().st_mode & 0o777 == (0o777 if file.is_dir() else 0o666) & ~umask, file
 
     train(pools, data.corpus, config, tmp_path / "b", show_progress=False)
     texts = [data.corpus.text(i) for i in range(20)]
