@@ -8,7 +8,7 @@ score separate relevant from non-relevant pairs, for every query at once?
 * ``AUC-corpus`` (per query, then averaged): relevant documents vs *every* other document of the
   corpus, scored exactly (dense: all inner products; BM25: all BM25 scores). The score matrix is
   produced a chunk of queries at a time, never as a whole Q x N array; under torchrun each rank scores its
-  own shard of the corpus and only counts cross ranks.
+  own shard of the corpus (dense) or of the queries (BM25), and only counts and sampled scores cross ranks.
 * ``AUC-pooled``: the Mann-Whitney statistic U / (n_pos * n_neg) over the pooled pairs of all
   queries: positives are the scores of every judged-relevant (query, document) pair, negatives the
   scores of ``negatives_per_query`` non-relevant documents drawn per query (seeded, without
@@ -117,16 +117,38 @@ def _wins(negatives: np.ndarray, positives: np.ndarray) -> tuple[int, int]:
     return int(below.sum()), int(tied.sum())
 
 
-def _full_row_counts(rows: Iterator[tuple[str, np.ndarray]], judged: dict[str, _Judged], total: int,
-                     sample: int, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray, int, int, np.ndarray]]:
-    """Per query from whole score rows (BM25): (id, positive scores, wins, ties, sampled negative scores)."""
-    for query_id, row in rows:
+def _full_row_counts(source: CorpusScorer, corpus: Corpus, queries: Queries, judged: dict[str, _Judged],
+                     sample: int, rng: np.random.Generator
+                     ) -> Iterator[tuple[str, np.ndarray, int, int, np.ndarray]]:
+    """Per query from whole score rows (BM25): (id, positive scores, wins, ties, sampled negative scores).
+
+    Under torchrun each rank scores a contiguous share of the queries (a query's row depends on that query alone)
+    and the small per-query results are exchanged in query order. Every rank draws the sampled negatives of every
+    query, in query order, so the sample is the one one process draws, whatever the number of ranks."""
+    from retriever.ranks import process_group
+
+    total = len(corpus)
+    ids = list(queries)
+    chosen = [rng.choice(candidates, size=min(sample, candidates.size), replace=False)
+              for candidates in (judged[q].negative_positions(total) for q in ids)]
+    group = process_group()
+    share = group.shard(len(ids)) if group else slice(0, len(ids))
+    drawn = dict(zip(ids[share], chosen[share]))
+
+    def counted(query_id: str, row: np.ndarray) -> tuple[str, np.ndarray, int, int, np.ndarray]:
         row = np.asarray(row)
         query = judged[query_id]
         candidates = query.negative_positions(total)
         wins, ties = _wins(row[candidates], row[query.positives]) if query.positives.size else (0, 0)
-        chosen = rng.choice(candidates, size=min(sample, candidates.size), replace=False)
-        yield query_id, row[query.positives].astype(np.float64), wins, ties, row[chosen].astype(np.float64)
+        return (query_id, row[query.positives].astype(np.float64), wins, ties,
+                row[drawn[query_id]].astype(np.float64))
+
+    rows = (counted(query_id, row) for query_id, row in source.scores(corpus, {q: queries[q] for q in ids[share]}))
+    if group is None:
+        yield from rows  # one process: streamed, a query at a time
+        return
+    for part in group.all_gather_objects(list(rows)):
+        yield from part
 
 
 def _dense_counts(source: object, corpus: Corpus, vectors: np.ndarray, judged: dict[str, _Judged], sample: int,
@@ -229,8 +251,7 @@ def corpus_auc(source: object, corpus: Corpus, queries: Queries, qrels: Qrels, *
             vectors = np.asarray(query_vectors, dtype=np.float32)[[order[q] for q in judged]]
         rows = _dense_counts(source, corpus, vectors, judged, negatives_per_query, rng, chunk_size)
     elif isinstance(source, CorpusScorer):
-        rows = _full_row_counts(source.scores(corpus, {q: queries[q] for q in judged}), judged, total,
-                                negatives_per_query, rng)
+        rows = _full_row_counts(source, corpus, {q: queries[q] for q in judged}, judged, negatives_per_query, rng)
     else:
         raise TypeError(f"{type(source).__name__} cannot score the whole corpus")
     per_query: dict[str, float] = {}
