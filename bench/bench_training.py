@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from retriever.bm25 import BM25Retriever  # noqa: E402
 from retriever.data import load_beir  # noqa: E402
 from retriever.encoder import DualEncoder, resolve_model  # noqa: E402
+from retriever.encoding import resolve_training_precision  # noqa: E402
 from retriever.gradcache import encode_and_backward  # noqa: E402
 from retriever.io import write_json  # noqa: E402
 from retriever.losses import make_loss  # noqa: E402
@@ -163,6 +164,45 @@ def time_precisions(args, triples) -> dict:
                        for kind in ("plain", "cached")}}
 
 
+def time_dropout(args, triples) -> dict:
+    """``--dropout``: hardneg's InfoNCE step with the model's own dropout (0.1) and with ``train.dropout: 0``,
+    against sentence-transformers' ``MultipleNegativesRankingLoss`` step (its dropout, as its trainer runs it),
+    all under the autocast ``train --precision auto`` picks, rotated step by step on the same batches."""
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:   # sentence-transformers before the 6.x package layout
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    path = str(resolve_model(args.model))
+    dtype = torch.bfloat16 if resolve_training_precision("auto", args.device) == "bf16" else None
+    own, undropped = (DualEncoder.load(path, device=args.device, max_length=args.max_length) for _ in range(2))
+    undropped.set_dropout(0.0)
+    st_model = SentenceTransformer(path, device=args.device)
+    st_model.max_seq_length = args.max_length
+    for model in (own, undropped, st_model):
+        model.train()
+    infonce = make_loss("infonce", temperature=0.05)
+    mnrl = MultipleNegativesRankingLoss(st_model)
+
+    def st_autocast(batch):
+        with torch.autocast(args.device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
+            return st_step(st_model, mnrl, batch)
+
+    methods = {"hardneg_dropout_0.1": (own, lambda b: hardneg_step(own, infonce, b, None, autocast=dtype)),
+               "hardneg_dropout_0": (undropped, lambda b: hardneg_step(undropped, infonce, b, None, autocast=dtype)),
+               "st_mnrl": (st_model, st_autocast)}
+    times, losses = rotated_steps(methods, triples, args)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"precision": "bf16" if dtype else "fp32",
+            "seconds_per_step": {k: round(v, 3) for k, v in medians.items()},
+            "all_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "losses": {k: [round(x, 4) for x in v] for k, v in losses.items()},
+            "ratios": {"st_mnrl / hardneg_dropout_0": round(medians["st_mnrl"] / medians["hardneg_dropout_0"], 3),
+                       "hardneg_dropout_0.1 / hardneg_dropout_0": round(
+                           medians["hardneg_dropout_0.1"] / medians["hardneg_dropout_0"], 3)}}
+
+
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -251,6 +291,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the steps on a GPU")
     parser.add_argument("--output", default="bench/results/training.json")
     parser.add_argument("--precisions", action="store_true", help="only time fp32 against bf16 autocast steps")
+    parser.add_argument("--dropout", action="store_true",
+                        help="only time steps with the model's dropout, with train.dropout 0, and ST's MNRL")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--triples", help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", type=int, help=argparse.SUPPRESS)
@@ -272,12 +314,13 @@ def main() -> None:
               "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()
-    if args.precisions:
-        report["precisions"] = time_precisions(args, triples)
-        triples_file.unlink()
-        write_json(output, report)
-        print(json.dumps({k: report["precisions"][k] for k in ("seconds_per_step", "ratios")}, indent=1))
-        return
+    for flag, measure in (("precisions", time_precisions), ("dropout", time_dropout)):
+        if getattr(args, flag):
+            report[flag] = measure(args, triples)
+            triples_file.unlink()
+            write_json(output, report)
+            print(json.dumps({k: report[flag][k] for k in ("seconds_per_step", "ratios")}, indent=1))
+            return
     report["timing"] = time_steps(args, triples)
     report["memory"] = (cuda_memory(args, triples) if args.device.startswith("cuda")
                         else measure_memory(args, triples_file))

@@ -205,6 +205,23 @@ class DualEncoder(torch.nn.Module):
     def embed(self, texts: list[str], *, is_query: bool) -> torch.Tensor:
         return self(self.tokenize(texts, is_query=is_query))
 
+    def set_dropout(self, probability: float) -> None:
+        """Give every dropout of the transformer (hidden, attention, classifier) ``probability`` for training.
+
+        Why a knob: on a CPU, attention dropout takes PyTorch off its fused attention kernel, so a step without
+        dropout is faster (BENCHMARKS.md "Training step time, dropout"). The model files keep
+        their own configuration; this changes the loaded modules only, as ``train.dropout`` asks. Attention
+        implementations that read a float attribute instead of a ``Dropout`` module (``attention_dropout``,
+        ``dropout_prob``) get it too."""
+        if not 0 <= probability < 1:
+            raise HardnegError(f"dropout must be in [0, 1), got {probability}")
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = probability
+            for name in ("attention_dropout", "dropout_prob"):
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, probability)
+
     # -------------------------------------------------------------------------------------- encode
 
     @property

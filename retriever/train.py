@@ -379,6 +379,8 @@ class Trainer:
         torch.manual_seed(config.seed + self.rank)
         self.model = self._load_model()
         self.model.trained_in_memory = True  # its weights leave the files it was loaded from: no cached embeddings
+        if config.dropout is not None:
+            self.model.set_dropout(config.dropout)
         self.model.train()
         if self.loss_module is None:
             self.loss_module = _loss_module(config)

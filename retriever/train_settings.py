@@ -58,6 +58,9 @@ class TrainConfig:
     query_prefix: str | None = setting(None, "text put before every query, e.g. 'query: '")
     document_prefix: str | None = setting(None, "text put before every document, e.g. 'passage: '")
     max_grad_norm: float = setting(1.0, "gradient clipping norm", gt=0)
+    dropout: float | None = setting(None, "dropout probability of every dropout layer of the encoder while "
+                                          "training (default: the model's own, 0.1 for BERT models); 0 lets a CPU "
+                                          "use its fused attention kernel (faster steps, BENCHMARKS.md)", ge=0, lt=1)
     cache_chunk: int | None = setting(None, "gradient cache: encode this many texts per pass (same gradients, "
                                             "memory of one chunk)", gt=0)
     precision: str = setting("auto", "training autocast: auto (bf16 where the hardware runs it natively, else "

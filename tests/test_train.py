@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -173,6 +174,31 @@ def test_training_saves_a_loadable_model_and_is_reproducible(small, tiny_model, 
     assert not np.allclose(a, DualEncoder.load(tiny_model, max_length=48).encode(texts), atol=1e-3)
 
 
+def test_dropout_setting_trains_as_a_model_configured_without_dropout(small, tiny_model, tmp_path):
+    """``train.dropout=0`` on a model whose config says 0.1 trains the same weights as the same model saved with
+    dropout 0 in its config (the independent reference); without the setting the model's own dropout applies."""
+    from transformers import AutoConfig, AutoModel
+
+    data, pools = small
+    undropped = tmp_path / "undropped"
+    shutil.copytree(tiny_model, undropped)
+    config = AutoConfig.from_pretrained(tiny_model)
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.1
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    AutoModel.from_pretrained(tiny_model, config=config).save_pretrained(undropped)
+    runs = {"setting": (tiny_model, 0.0), "config": (undropped, None), "default": (tiny_model, None)}
+    texts = [data.corpus.text(i) for i in range(20)]
+    encoded = {}
+    for name, (model, dropout) in runs.items():
+        train(pools, data.corpus, _config(model, epochs=1, dropout=dropout),
+              tmp_path / name, show_progress=False)
+        encoded[name] = DualEncoder.load(tmp_path / name / MODEL_DIR).encode(texts)
+    assert np.allclose(encoded["setting"], encoded["config"], atol=1e-6)
+    assert not np.allclose(encoded["setting"], encoded["default"], atol=1e-4)
+    saved = json.loads((tmp_path / "setting" / MODEL_DIR / "config.json").read_text())
+    assert saved["hidden_dropout_prob"] == 0.1  # the model files keep their own configuration
+
+
 def test_bf16_autocast_trains_on_cpu(small, tiny_model, tmp_path):
     data, pools = small
     summary = train(pools, data.corpus, _config(tiny_model, epochs=1, precision="bf16"), tmp_path / "m",
@@ -213,7 +239,7 @@ def test_mixed_precision_trains_on_cuda_with_the_gradient_cache(precision, small
     ({"save_steps": 0}, "save_steps"),
     ({"batch_size": 0}, "batch_size"), ({"learning_rate": -1.0}, "learning_rate"),
     ({"warmup_ratio": 1.5}, "warmup_ratio"), ({"negatives_per_query": -1}, "negatives_per_query"),
-    ({"temperature": 0.0}, "temperature"), ({"soup": 1}, "soup"),
+    ({"temperature": 0.0}, "temperature"), ({"soup": 1}, "soup"), ({"dropout": 1.0}, "dropout"),
 ])
 def test_invalid_settings_are_refused(changes, message):
     with pytest.raises(HardnegError, match=message.replace("(", r"\(")):
