@@ -9,7 +9,8 @@ corpus with that model and mines the same queries again with the same settings:
   it was fused with a dense source, and BM25 alone is replaced by the model (BM25 again would give the same
   pools);
 * the rescorer (teacher or cross-encoder), depth, filter, anchor and fallback, sampling and seed stay, so a
-  teacher still gives the scores the filter and the distillation read;
+  teacher still gives the scores the filter and the distillation read; with ``fuse_bm25`` and no teacher the
+  fused scorer is the model being trained plus BM25, as it was for the first mining;
 * the student's embeddings are never cached on disk (its weights change every round); the teacher's are, in the
   same cache as ``hardneg mine``, so its corpus is encoded once for the first mining and every round.
 
@@ -87,10 +88,13 @@ class Remining:
         specs = [*bm25, student] if len(bm25) < len(settings.retriever) else [student]
         source = build_source(specs, bm25_backend=settings.bm25_backend, rrf_k=settings.rrf_k,
                               show_progress=self.encode.get("show_progress", True))
-        if self._rescorer is None and (settings.teacher or settings.cross_encoder):
+        rescores_with_student = settings.fuse_bm25 is not None and not settings.teacher
+        if rescores_with_student or (self._rescorer is None and (settings.teacher or settings.cross_encoder)):
+            # a teacher is built once for every round; a fusion with the student itself is built anew around it
             self._rescorer = build_rescorer(cross_encoder=settings.cross_encoder, teacher=settings.teacher,
                                             cross_encoder_batch_size=settings.cross_encoder_batch_size,
-                                            **self.encode)
+                                            fuse_bm25=settings.fuse_bm25, source=source,
+                                            bm25_backend=settings.bm25_backend, **self.encode)
         self.echo(f"re-mining round {round_number}: {len(self.dataset.queries)} queries with {describe(source)}"
                   + (f", rescored by {describe(self._rescorer)}" if self._rescorer is not None else ""))
         result = mine(self.dataset, source, depth=settings.depth, num_negatives=settings.num_negatives,

@@ -17,6 +17,8 @@ FILTER_PARAMETERS = {"topk": (), "topk-percpos": ("perc",), "topk-marginpos": ("
                      "topk-abs": ("max_score", "min_score"), "topk-shifted": ("shift",),
                      "rank-window": ("min_rank", "max_rank")}
 OPTIONAL_PARAMETERS = ("min_score", "max_rank", "min_rank")
+FUSE_NEEDS_DENSE = ("--fuse-bm25 needs one dense model to fuse BM25 with: a --teacher, or exactly one model among the "
+                    "--retriever sources")
 
 
 @dataclass
@@ -39,6 +41,10 @@ class MineSettings:
     teacher: str | None = setting(None, "a bi-encoder (path or name) that scores candidates and positives instead "
                                         "of the retriever, e.g. a larger model than the one you will train; its "
                                         "scores are the soft labels of distillation")
+    fuse_bm25: float | None = setting(None, "a hybrid teacher: the scores the filters and distillation use become "
+                                            "z(teacher, else the dense retriever) + this weight x z(BM25), each "
+                                            "standardised per query over the whole corpus (0.3 is a good start)",
+                                      gt=0)
     depth: int = setting(100, "candidates retrieved per query", ge=1)
     shard_size: int = setting(DEFAULT_SHARD_SIZE, "queries per pools shard; an interrupted run resumes after the "
                                                   "last finished shard", ge=1)
@@ -73,7 +79,7 @@ class MineSettings:
                                "looser one (mean or max)")
         check_source_settings(self.retriever, bm25_backend=self.bm25_backend, index=self.index, nprobe=self.nprobe,
                               ef_search=self.ef_search, rrf_k=self.rrf_k, cross_encoder=self.cross_encoder,
-                              teacher=self.teacher)
+                              teacher=self.teacher, fuse_bm25=self.fuse_bm25)
         self.build_filter()
 
     def build_filter(self):
@@ -96,7 +102,8 @@ class MineSettings:
 
 def check_source_settings(specs: Sequence[str], *, bm25_backend: str = "bm25s", index: str = "Flat",
                           nprobe: int | None = None, ef_search: int | None = None, rrf_k: float = RRF_K,
-                          cross_encoder: str | None = None, teacher: str | None = None) -> None:
+                          cross_encoder: str | None = None, teacher: str | None = None,
+                          fuse_bm25: float | None = None) -> None:
     """Refuse bad source settings in a second, before a model is loaded or a document is read.
 
     Options that would be silently ignored are refused too (an index string with BM25 only, a cross-encoder
@@ -122,6 +129,11 @@ def check_source_settings(specs: Sequence[str], *, bm25_backend: str = "bm25s", 
         raise HardnegError(f"--rrf-k must be positive, got {rrf_k}")
     if cross_encoder and teacher:
         raise HardnegError("give either a cross-encoder or a teacher to rescore with, not both")
+    if fuse_bm25 is not None and cross_encoder:
+        raise HardnegError("--fuse-bm25 fuses a bi-encoder's scores with BM25's over the whole corpus; a "
+                           "cross-encoder cannot score every document: use a --teacher bi-encoder instead")
+    if fuse_bm25 is not None and not teacher and len(dense_specs) != 1:
+        raise HardnegError(f"{FUSE_NEEDS_DENSE} (got {len(dense_specs)})")
     roles = [("retriever", spec) for spec in dense_specs if spec != "model"]
     roles += [(role, spec) for role, spec in (("cross-encoder", cross_encoder), ("teacher", teacher)) if spec]
     for role, spec in roles:

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import Stemmer  # noqa: E402
 from tqdm.auto import tqdm
 
-from retriever.data import Corpus, Queries, Run  # noqa: E402
+from retriever.data import Corpus, Queries, Run, standardized  # noqa: E402
 from retriever.io import HardnegError  # noqa: E402
 from retriever.ranks import process_group, work_record  # noqa: E402
 
@@ -105,6 +105,17 @@ class BM25Retriever:
         wanted = self._local({query_id: queries[query_id] for query_id in pairs})
         return _gathered({query_id: {doc_id: float(scores[corpus.position[doc_id]]) for doc_id in pairs[query_id]}
                           for query_id, scores in self.scores(corpus, wanted)})
+
+    def standardized_scores(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
+        """The listed documents' scores as z-scores over the whole corpus (``StandardizedScorer``): BM25 scores
+        every document of the corpus anyway, so each query's mean and deviation come from its full row."""
+        wanted = self._local({query_id: queries[query_id] for query_id in pairs})
+        found: Run = {}
+        for query_id, scores in self.scores(corpus, wanted):
+            row = scores.astype(np.float64)
+            found[query_id] = standardized({doc_id: row[corpus.position[doc_id]] for doc_id in pairs[query_id]},
+                                           float(row.mean()), float(row.std()))
+        return _gathered(found)
 
     def _local(self, queries: Queries) -> Queries:
         """The queries this process scores: all of them, or under torchrun its contiguous share."""

@@ -39,6 +39,15 @@ Run = dict[str, dict[str, float]]
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
 
+def standardized(row: dict[str, float], mean: float, deviation: float) -> dict[str, float]:
+    """One query's scores as z-scores, ``(score - mean) / deviation``, with the mean and deviation of its scores
+    over the whole corpus (``retriever.protocol.StandardizedScorer``); all 0 when the query scores every document
+    alike (nothing to tell the documents apart by)."""
+    if not deviation > 1e-12:
+        return dict.fromkeys(row, 0.0)
+    return {doc_id: float((score - mean) / deviation) for doc_id, score in row.items()}
+
+
 @dataclass
 class Corpus:
     """Documents in file order. ``text(i)`` is what encoders and BM25 see: title and body joined."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from retriever.data import Corpus, Queries, Run, corpus_fingerprint
+from retriever.data import Corpus, Queries, Run, corpus_fingerprint, standardized
 from retriever.embedding_cache import (
     EmbeddingCache,
     Rows,
@@ -33,6 +33,7 @@ from retriever.embedding_cache import (
     collect,
     encode_in_blocks,
     exact_top_k,
+    release,
     shard_rows,
 )
 from retriever.index import VectorIndex, check_index_spec, merge_top_k, use_gpu_default
@@ -111,6 +112,7 @@ class DenseRetriever:
         self.documents_encoded = 0  # by this process (the rest of its rows came from the cache)
         self.shard_documents = 0
         self._index: tuple[Corpus, VectorIndex] | None = None
+        self._moments: tuple[Corpus, np.ndarray, np.ndarray] | None = None
         self._last_queries: tuple[bytes, np.ndarray] | None = None
         name = getattr(encoder, "name", "") or type(encoder).__name__
         self.description = f"dense:{name}" + ("" if index == "Flat" else f"[{index}]")
@@ -274,6 +276,49 @@ class DenseRetriever:
                     found.setdefault(query_id, {}).update(scored)
         return {query_id: {doc_id: found[query_id][doc_id] for doc_id in doc_ids}
                 for query_id, doc_ids in pairs.items()}
+
+    def corpus_moments(self, corpus: Corpus) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, covariance)`` of the corpus embeddings (float64), from one pass over the rows.
+
+        The sums are taken per encoding block (boundaries from the corpus alone, as the ranks' shards are) and
+        added in block order, so under torchrun, where each rank sums its own blocks and the block sums are
+        exchanged, every rank gets the bits one process gets; memory-mapped rows are released as they go."""
+        if self._moments is not None and self._moments[0] is corpus:
+            return self._moments[1], self._moments[2]
+        size = block_size(len(corpus))
+        sums = []
+        for piece in self.local_rows(corpus):
+            for first in range(piece.start, piece.end, size):
+                last = min(piece.end, (first // size + 1) * size)
+                block = np.asarray(piece.array[first - piece.start:last - piece.start], dtype=np.float64)
+                release(piece.array)
+                sums.append((first, block.sum(axis=0), block.T @ block))
+        group = process_group()
+        if group:
+            sums = [item for part in group.all_gather_objects(sums) for item in part]
+        sums.sort(key=lambda item: item[0])
+        total, outer = sums[0][1], sums[0][2]
+        for _, block_total, block_outer in sums[1:]:
+            total, outer = total + block_total, outer + block_outer
+        mean = total / len(corpus)
+        covariance = outer / len(corpus) - np.outer(mean, mean)
+        self._moments = (corpus, mean, covariance)
+        return mean, covariance
+
+    def standardized_scores(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run:
+        """The listed documents' scores as z-scores over the whole corpus (``StandardizedScorer``).
+
+        A query's mean and variance over every document are exact without scoring every document: for query
+        vector ``q`` they are ``q . mu`` and ``q^T Sigma q`` with the corpus embeddings' mean ``mu`` and covariance
+        ``Sigma`` (:meth:`corpus_moments`), so standardising costs one pass over the corpus, not a search."""
+        raw = self.score(corpus, queries, pairs)
+        mean, covariance = self.corpus_moments(corpus)
+        wanted = {query_id: queries[query_id] for query_id in pairs}
+        vectors = self.query_embeddings(wanted).astype(np.float64)
+        means = vectors @ mean
+        deviations = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", vectors, covariance, vectors), 0.0))
+        return {query_id: standardized(raw[query_id], means[i], deviations[i])
+                for i, query_id in enumerate(wanted)}
 
     def shard_record(self) -> dict:
         """How the corpus was split, for ``metrics.json`` / ``pools.meta.json``: the world size and, per rank,

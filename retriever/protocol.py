@@ -8,7 +8,8 @@ dense search. Positive-aware mining also needs the scores of the labelled positi
 The other protocols name optional capabilities that a stage uses when an object has them, each checked with
 ``isinstance`` where it is used: :class:`EmbeddingSource` and :class:`CorpusScorer` (whole-corpus scores, for
 AUC against every document), :class:`PrecisionAware` (the precision recorded beside outputs and cache shards),
-:class:`EncoderBacked` (a retriever whose model files identify its embeddings), :class:`Sharded` (a part that
+:class:`EncoderBacked` (a retriever whose model files identify its embeddings), :class:`StandardizedScorer` (scores
+as z-scores over the corpus, which score fusion adds), :class:`Sharded` (a part that
 splits its work over the ranks of a torchrun job, recorded by :func:`sharding_record`) and :class:`Composite` (a
 retriever made of others, walked by :func:`components`).
 """
@@ -58,6 +59,16 @@ class CorpusScorer(Protocol):
     """A retriever that scores every corpus document for each query (BM25), one query at a time."""
 
     def scores(self, corpus: Corpus, queries: Queries) -> Iterator[tuple[str, np.ndarray]]: ...
+
+
+@runtime_checkable
+class StandardizedScorer(Protocol):
+    """A scorer that can put its scores on a query-independent scale: each listed document's score as a z-score
+    over *every* document of the corpus for that query, so scores of different models can be added
+    (:class:`mining.sources.ScoreFusion`). BM25 and dense retrieval are; a cross-encoder is not (it cannot score
+    the whole corpus)."""
+
+    def standardized_scores(self, corpus: Corpus, queries: Queries, pairs: dict[str, list[str]]) -> Run: ...
 
 
 @runtime_checkable

@@ -122,6 +122,30 @@ def test_the_teacher_still_scores_the_remined_pools(small, tiny_model, tmp_path,
         assert all(c.score is not None for c in pool.negatives)
 
 
+@pytest.mark.slow
+def test_a_fused_student_teacher_is_rebuilt_around_the_student_each_round(small, tiny_model, tmp_path):
+    """``fuse_bm25`` without a teacher: each round's scores are the student-as-it-is-then fused with BM25, so they
+    move between rounds (a teacher's would not), and distillation can read them in every round."""
+    from mining.sources import build_rescorer, dense
+
+    data, _ = small
+    source = dense(str(tiny_model), show_progress=False)
+    pools = mine(data, source, depth=20, num_negatives=4, filter=make_filter("topk"),
+                 rescorer=build_rescorer(fuse_bm25=0.3, source=source, show_progress=False)).pools
+    remining = _remining(data, pools, tmp_path, retriever=[str(tiny_model)], fuse_bm25=0.3)
+    train(pools, data.corpus, _config(tiny_model, save_steps=None, distill_weight=0.5), tmp_path / "m",
+          show_progress=False, remine=remining)
+    scores = []
+    for number in (1, 2):
+        folder = Path(remining.rounds[number - 1]["folder"])
+        rescorer = json.loads((folder / POOLS_META).read_text())["settings"]["rescorer"]
+        assert rescorer.startswith(f"fused-z(1*dense:{tiny_model}+0.3*bm25")
+        round_pools = read_pools(folder / POOLS_FILE)
+        assert all(c.score is not None for pool in round_pools for c in pool.positives + pool.negatives)
+        scores.append({p.query_id: [c.score for c in p.positives] for p in round_pools})
+    assert scores[0] != scores[1]
+
+
 def test_remining_needs_its_hook_and_a_round_to_come(small, tiny_model, tmp_path):
     data, pools = small
     with pytest.raises(HardnegError, match="remine_every needs the mining settings"):

@@ -98,6 +98,20 @@ def test_two_processes_mine_the_pools_of_one(folder, tiny_model, tmp_path, index
     assert (tmp_path / "again" / POOLS_FILE).read_bytes() == (tmp_path / "one" / POOLS_FILE).read_bytes()
 
 
+def test_a_fused_teacher_gives_the_pools_of_one_process(folder, tiny_model, tmp_path):
+    """``--fuse-bm25``: the dense z-scores come from corpus moments summed per encoding block across the ranks, BM25's
+    from each rank's share of the queries; the fused pools are byte-identical to one process's."""
+    common = ["mine", "--data", str(folder), "--split", "train", "--retriever", str(tiny_model), "--depth", "30",
+              "--num-negatives", "4", "--encode-precision", "fp32", "--fuse-bm25", "0.3", "--filter",
+              "topk-marginpos", "--margin", "0", "--anchor", "mean", "--no-cache"]
+    _ok(_hardneg([*common, "--output", "one"], 1, tmp_path))
+    _ok(_hardneg([*common, "--output", "two"], 2, tmp_path))
+    assert (tmp_path / "two" / POOLS_FILE).read_bytes() == (tmp_path / "one" / POOLS_FILE).read_bytes()
+    meta = json.loads((tmp_path / "two" / POOLS_META).read_text())
+    assert meta["settings"]["rescorer"].startswith("fused-z(")
+    assert {r["model"].split(":")[0] for r in meta["sharding"]} >= {"bm25"}
+
+
 def test_bm25_and_a_cross_encoder_split_their_work_and_give_the_pools_of_one(demo_train, demo_test,
                                                                             tiny_cross_encoder, tmp_path):
     """BM25 scores a contiguous share of the queries on each rank (13 and 12 of 25: uneven), the cross-encoder a

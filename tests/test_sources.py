@@ -16,7 +16,7 @@ from conftest import small
 from mining.filters import TopK, TopKMarginPos, TopKPercPos
 from mining.mine import META_FILE, mine
 from mining.settings import check_source_settings
-from mining.sources import CrossEncoderScorer, Hybrid, Rescored, bm25, build_source, dense
+from mining.sources import CrossEncoderScorer, Hybrid, Rescored, ScoreFusion, bm25, build_rescorer, build_source, dense
 from retriever.bm25 import BM25Retriever
 from retriever.data import Corpus
 from retriever.encoder import DualEncoder
@@ -157,10 +157,93 @@ def test_hybrid_with_a_positive_aware_filter_needs_a_rescorer(demo_train, tiny_m
     ({"index": "HNSW32"}, "only source is BM25"),
     ({"bm25_backend": "lucene"}, "BM25 backend"),
     ({"rrf_k": 0}, "rrf-k"),
+    ({"fuse_bm25": 0.3}, "one dense model to fuse BM25 with"),
+    ({"fuse_bm25": 0.3, "cross_encoder": "."}, "cross-encoder cannot score every document"),
 ])
 def test_bad_source_settings_are_refused(kwargs, message):
     with pytest.raises(HardnegError, match=message):
         check_source_settings(["bm25"], **kwargs)
+
+
+def _brute_force_z(rows: np.ndarray) -> np.ndarray:
+    """Each query's scores of every document as z-scores, from the full score matrix (the independent reference);
+    a query that scores every document alike (BM25 with no known word) gets 0 for all."""
+    rows = rows.astype(np.float64)
+    deviations = rows.std(axis=1, keepdims=True)
+    return (rows - rows.mean(axis=1, keepdims=True)) / np.where(deviations > 0, deviations, np.inf)
+
+
+def test_standardized_scores_match_z_scores_of_every_document(demo_train, tiny_model):
+    """Dense: the z-scores from the corpus moments (q.mu, q^T Sigma q) equal those of the whole score row; BM25: of
+    its whole score row."""
+    data = small(demo_train, 8, 300)
+    pairs = {q: sorted(data.relevant(q))[:3] + data.corpus.ids[:2] for q in data.queries}
+    semantic, lexical = dense(str(tiny_model), show_progress=False), bm25(show_progress=False)
+    encoder = DualEncoder.load(str(tiny_model))
+    full_dense = _brute_force_z(encoder.encode_queries(list(data.queries.values()))
+                                @ encoder.encode_documents(data.corpus.texts()).T)
+    full_bm25 = _brute_force_z(np.stack([row for _, row in lexical.scores(data.corpus, data.queries)]))
+    for scorer, full in ((semantic, full_dense), (lexical, full_bm25)):
+        standardized = scorer.standardized_scores(data.corpus, data.queries, pairs)
+        for i, query_id in enumerate(data.queries):
+            for doc_id in pairs[query_id]:
+                assert standardized[query_id][doc_id] == pytest.approx(full[i, data.corpus.position[doc_id]],
+                                                                       abs=1e-4)
+
+
+def test_score_fusion_drives_the_filter_and_is_recorded(demo_train, tiny_model, tmp_path):
+    """Pools mined with ``fuse_bm25``: every score is z(dense) + W z(BM25) of the whole rows, the filter compares
+    those, and the pools name the fused scorer (so distillation may read them)."""
+    data = small(demo_train, 6, 300)
+    source = dense(str(tiny_model), show_progress=False)
+    fusion = build_rescorer(fuse_bm25=0.5, source=source, show_progress=False)
+    assert isinstance(fusion, ScoreFusion) and fusion.parts()[0] is source
+    result = mine(data, source, depth=30, num_negatives=4, filter=TopKMarginPos(0.0), anchor="mean",
+                  rescorer=fusion, output_dir=tmp_path)
+    encoder = DualEncoder.load(str(tiny_model))
+    fused = (_brute_force_z(encoder.encode_queries(list(data.queries.values()))
+                            @ encoder.encode_documents(data.corpus.texts()).T)
+             + 0.5 * _brute_force_z(np.stack([row for _, row in bm25().scores(data.corpus, data.queries)])))
+    rows = {query_id: fused[i] for i, query_id in enumerate(data.queries)}
+    for pool in result.pools:
+        row = rows[pool.query_id]
+        for item in pool.positives + pool.negatives:
+            assert item.score == pytest.approx(row[data.corpus.position[item.doc_id]], abs=1e-4)
+        anchor = np.mean([p.score for p in pool.positives])
+        assert all(n.score <= anchor + 1e-6 for n in pool.negatives)
+    assert any(pool.negatives for pool in result.pools)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["settings"]["rescorer"].startswith("fused-z(1*dense:")
+
+
+def test_rescored_scores_candidates_and_positives_in_one_call(demo_train, tiny_model):
+    data = small(demo_train, 4, 300)
+
+    class Counting:
+        calls = 0
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def score(self, corpus, queries, pairs):
+            Counting.calls += 1
+            return self.inner.score(corpus, queries, pairs)
+
+    teacher = dense(str(tiny_model), show_progress=False)
+    rescored = Rescored(bm25(show_progress=False), Counting(teacher))
+    wanted = {q: sorted(data.relevant(q)) for q in data.queries}
+    run, positives = rescored.search_and_score(data.corpus, data.queries, 10, wanted)
+    assert Counting.calls == 1
+    assert positives == teacher.score(data.corpus, data.queries, wanted)
+    searched = bm25(show_progress=False).search(data.corpus, data.queries, 10)
+    assert run == teacher.score(data.corpus, data.queries, {q: list(searched[q]) for q in data.queries})
+
+
+def test_score_fusion_refuses_what_cannot_be_standardized(tiny_cross_encoder):
+    with pytest.raises(HardnegError, match="cannot standardise"):
+        ScoreFusion([(CrossEncoderScorer(str(tiny_cross_encoder), show_progress=False), 1.0), (bm25(), 0.3)])
+    with pytest.raises(HardnegError, match="one dense model"):
+        build_rescorer(fuse_bm25=0.3, source=bm25())
 
 
 def test_nprobe_needs_an_ivf_index():

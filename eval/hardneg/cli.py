@@ -109,10 +109,12 @@ def cmd_mine(args) -> None:
     settings.check()
     check_output_folder(args.output, "--output")
     encode = _encode_options(args)
-    rescorer = build_rescorer(cross_encoder=settings.cross_encoder, teacher=settings.teacher,
-                              cross_encoder_batch_size=settings.cross_encoder_batch_size, **encode)
     source = build_source(settings.retriever, bm25_backend=settings.bm25_backend, index=settings.index,
                           nprobe=settings.nprobe, ef_search=settings.ef_search, rrf_k=settings.rrf_k, **encode)
+    rescorer = build_rescorer(cross_encoder=settings.cross_encoder, teacher=settings.teacher,
+                              cross_encoder_batch_size=settings.cross_encoder_batch_size,
+                              fuse_bm25=settings.fuse_bm25, source=source, bm25_backend=settings.bm25_backend,
+                              **encode)
     dataset = _dataset(args)
     result = mine(dataset, source, depth=settings.depth, num_negatives=settings.num_negatives,
                   filter=settings.build_filter(), anchor=settings.anchor, anchor_fallback=settings.anchor_fallback,

@@ -209,7 +209,8 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     # model being trained never goes through it, its weights change.
     source = build_source(mining.retriever, models={"model": base}, **source_options, **encode)
     rescorer = build_rescorer(cross_encoder=mining.cross_encoder, teacher=mining.teacher,
-                              cross_encoder_batch_size=mining.cross_encoder_batch_size, **encode)
+                              cross_encoder_batch_size=mining.cross_encoder_batch_size, fuse_bm25=mining.fuse_bm25,
+                              source=source, bm25_backend=mining.bm25_backend, **encode)
     echo(f"[2/4] mining {mine_split.name}/{mine_split.split} with {describe(source)}, filter {flt.name}"
          + (f", rescored by {describe(rescorer)}" if rescorer is not None else ""))
     mined = mine(mine_split, source, depth=mining.depth, num_negatives=mining.num_negatives, filter=flt,
