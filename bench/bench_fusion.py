@@ -24,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from eval.metrics import mean_metrics  # noqa: E402
 from mining.sources import ScoreFusion, bm25, dense  # noqa: E402
 from retriever.data import Dataset, Run, load_beir  # noqa: E402
+from retriever.encoding import DEFAULT_CACHE_DIR  # noqa: E402
 from retriever.io import write_json  # noqa: E402
 
 METRICS = ("nDCG@10", "Recall@100")
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--weights", default="0.1,0.2,0.3,0.5", help="BM25 weights W to fuse with")
     parser.add_argument("--splits", default="dev,test")
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
+                        help="embeddings cache (hardneg's own): a model encodes the corpus once across runs")
     parser.add_argument("--output", default="bench/results/fusion.json")
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
@@ -64,7 +67,7 @@ def main() -> None:
     for split, data in splits.items():
         record("bm25", split, lexical.score(corpus, data.queries, every_pair(data)))
     for model in args.model or ["all-MiniLM-L6-v2"]:
-        semantic = dense(model, show_progress=False, max_length=args.max_length)
+        semantic = dense(model, show_progress=False, max_length=args.max_length, cache_dir=args.cache_dir)
         name = Path(model).name or model
         for split, data in splits.items():
             record(name, split, semantic.score(corpus, data.queries, every_pair(data)))

@@ -37,7 +37,7 @@ from retriever.data import POOLS_FILE, POOLS_META, Corpus, Dataset, Pool, pools_
 from retriever.dense import DenseRetriever
 from retriever.encoder import DualEncoder
 from retriever.io import DataError, HardnegError
-from retriever.protocol import describe
+from retriever.protocol import Scorer, describe
 from retriever.settings import from_arguments
 
 REMINED_DIR = "remined"
@@ -151,6 +151,24 @@ def recorded_mine_settings(pools_path: str | Path, model: str) -> MineSettings:
         raise DataError(meta_path, f"the recorded mining settings are not usable ({err})",
                         field="config") from None
     return settings
+
+
+def recorded_teacher(settings: MineSettings, model: str, **encode_options) -> Scorer:
+    """The scorer the pools' scores came from, built again from their mining ``settings``
+    (:func:`recorded_mine_settings`), to score every (query, document) cell of a training batch
+    (``train.distill_scope: batch``). A fusion without a teacher model (``fuse_bm25`` alone) fuses BM25 with
+    ``model`` as it was when the pools were mined (loaded from its files, not the copy being trained)."""
+    source = None
+    if settings.fuse_bm25 is not None and not settings.teacher:
+        specs = [model if spec == "model" else spec for spec in settings.retriever]
+        source = build_source(specs, bm25_backend=settings.bm25_backend, rrf_k=settings.rrf_k, **encode_options)
+    scorer = build_rescorer(cross_encoder=settings.cross_encoder, teacher=settings.teacher,
+                            cross_encoder_batch_size=settings.cross_encoder_batch_size, fuse_bm25=settings.fuse_bm25,
+                            source=source, bm25_backend=settings.bm25_backend, **encode_options)
+    if scorer is None:
+        raise HardnegError("distill_scope 'batch' needs the teacher the pools were scored with, but they were mined "
+                           "without one (mine with --teacher, --cross-encoder or --fuse-bm25)")
+    return scorer
 
 
 def remining_for_pools(pools: list[Pool], corpus: Corpus, settings: MineSettings, output_dir: str | Path, *,

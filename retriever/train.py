@@ -70,6 +70,7 @@ from retriever.io import (
 from retriever.losses import DistilledLoss, build_masks, make_loss
 from retriever.mixture import group_document_ids
 from retriever.model_card import write_model_card
+from retriever.protocol import Scorer, describe
 from retriever.ranks import alone
 from retriever.reporting import Reporter, check_report_target, open_reporter
 from retriever.train_settings import LOSSES, TrainConfig
@@ -219,6 +220,19 @@ def teacher_cells(slices: list[list[QueryExample]]) -> tuple[list[int], list[int
     return rows, columns, scores
 
 
+def batch_teacher_scores(teacher: Scorer, corpus: Corpus, slices: list[list[QueryExample]]) -> torch.Tensor:
+    """The teacher's score of every cell of the global batch, each query against every column, in the layout of
+    :func:`global_layout` (``distill_scope="batch"``). Every process asks for the same scores, so a teacher that
+    splits its work over the ranks (dense search, BM25) takes part as one collective."""
+    _, column_ids, _ = global_layout(slices)
+    examples = [example for part in slices for example in part]
+    queries = {example.query_id: example.query for example in examples}
+    documents = list(dict.fromkeys(column_ids))
+    run = teacher.score(corpus, queries, {query_id: documents for query_id in queries})
+    return torch.tensor([[run[example.query_id][doc_id] for doc_id in column_ids] for example in examples],
+                        dtype=torch.float32)
+
+
 def pools_fingerprint(pools: list[Pool]) -> str:
     """A digest of what the data order depends on, so a resume on other pools is refused."""
     digest = hashlib.sha256()
@@ -248,7 +262,7 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
           evaluator: Callable[[DualEncoder], float] | None = None,
           on_step: Callable[[int, DualEncoder], None] | None = None,
           remine: Remine | None = None, pools_meta: dict | list | None = None,
-          groups: list[str] | None = None) -> TrainResult:
+          groups: list[str] | None = None, teacher: Scorer | None = None) -> TrainResult:
     """Train on ``pools`` into the run folder ``output_dir``; returns the model and its summary.
 
     ``output_dir/model/`` is the trained model with its model card (``README.md``) and nothing else, so it can be
@@ -273,14 +287,16 @@ def train(pools: list[Pool], corpus: Corpus, config: TrainConfig, output_dir: st
     a distributed run, after rank 0 mined). ``pools_meta``: how the pools were mined
     (:func:`retriever.data.read_pools_meta`; a list of them for several datasets), for the model card. ``groups``:
     each pool's dataset when training on several (:func:`retriever.mixture.mix` gives pools, corpus and groups);
-    every batch is then drawn from one dataset.
+    every batch is then drawn from one dataset. ``teacher`` (needed by ``config.distill_scope == "batch"``): the
+    scorer the pools were mined with (:func:`mining.remine.recorded_teacher` rebuilds it), which scores every
+    (query, document) cell of each step for the distillation term.
     """
     if isinstance(loss, str):
         config = replace(config, loss=loss)
         loss = None
     trainer = Trainer(pools, corpus, config, Path(output_dir), model=model, loss=loss, show_progress=show_progress,
                       provenance=provenance, evaluator=evaluator, on_step=on_step, remine=remine,
-                      pools_meta=pools_meta, groups=groups)
+                      pools_meta=pools_meta, groups=groups, teacher=teacher)
     trainer.restore(resume)
     return trainer.run()
 
@@ -296,7 +312,8 @@ class Trainer:
                  model: DualEncoder | object | None, loss: torch.nn.Module | None, show_progress: bool,
                  provenance: dict | None, evaluator: Callable[[DualEncoder], float] | None,
                  on_step: Callable[[int, DualEncoder], None] | None, remine: Remine | None,
-                 pools_meta: dict | list | None = None, groups: list[str] | None = None) -> None:
+                 pools_meta: dict | list | None = None, groups: list[str] | None = None,
+                 teacher: Scorer | None = None) -> None:
         config.check()
         check_report_target(config.report_to)  # a missing extra fails before the model loads
         self.pools, self.corpus, self.config, self.output_dir = pools, corpus, config, output_dir
@@ -309,6 +326,7 @@ class Trainer:
         self.dev_metric = getattr(evaluator, "metric", "score")  # eval.evaluate.dev_evaluator names its metric
         self.reporter: Reporter = Reporter()
         self.distills = isinstance(loss, DistilledLoss) if loss is not None else config.distills
+        self.teacher = teacher if self.distills and config.distill_scope == "batch" else None
         self._check_inputs()
         check_output_folder(output_dir, "output_dir")
         self.identity = {f"config.{key}": value for key, value in asdict(config).items()}
@@ -317,6 +335,8 @@ class Trainer:
             self.identity["groups"] = hashlib.sha256("\n".join(groups).encode()).hexdigest()
         if loss is not None:
             self.identity["loss"] = repr(loss)
+        if self.teacher is not None:
+            self.identity["teacher"] = describe(self.teacher)
         self.checkpoint_dir: Path | None = None
         self.state: dict | None = None
         self.step, self.log, self.best = 0, [], {"step": None, "score": None, "stale": 0}
@@ -340,7 +360,14 @@ class Trainer:
         if config.remine_every and self.remine is None:
             raise HardnegError("train: remine_every needs the mining settings to re-mine with (the CLI and `run` "
                                "pass them; in Python give remine=mining.remine.Remining(...))")
-        if self.distills:
+        if self.distills and config.distill_scope == "batch" and self.teacher is None:
+            raise HardnegError("train: distill_scope 'batch' needs the teacher to score each batch with (the CLI and "
+                               "`run` rebuild it from the pools' pools.meta.json; in Python pass teacher=, e.g. "
+                               "mining.remine.recorded_teacher(...))")
+        if self.teacher is not None and self.mixed:
+            raise HardnegError("train: distill_scope 'batch' scores one dataset's batches; train on several datasets "
+                               "with distill_scope 'pools'")
+        if self.distills and self.teacher is None:
             unscored = sum(1 for pool in pools for c in [*pool.positives, *pool.negatives] if c.score is None)
             if unscored:
                 raise HardnegError(f"train: distillation needs a teacher score for every positive and negative; "
@@ -528,7 +555,7 @@ class Trainer:
             self.scheduler.step()
             return None
         loss = _train_step(self.trained, self.loss_module, slices, self.rank, self.corpus, self.config,
-                           self.autocast, self.scaler, self.device, self.distills)
+                           self.autocast, self.scaler, self.device, self.distills, self.teacher)
         if not math.isfinite(loss):
             self._refuse_non_finite(loss, epoch, index, batch)
         if self.scaler is not None:
@@ -690,13 +717,16 @@ class Trainer:
 
 
 def _train_step(trained, loss_module, slices, rank, corpus, config, autocast, scaler, device,
-                distills: bool) -> float:
+                distills: bool, teacher: Scorer | None = None) -> float:
     """Encode this process's slice, score it against the gathered global batch, back-propagate."""
     positive_ids, column_ids, target_columns = global_layout(slices)
     targets, negatives = build_masks(positive_ids, column_ids, target_columns)
     targets, negatives = targets.to(device), negatives.to(device)
     extra = ()
-    if distills:
+    if teacher is not None:  # every cell of the batch, scored by the teacher now
+        scores = batch_teacher_scores(teacher, corpus, slices)
+        extra = (scores.to(device), torch.ones(targets.shape, dtype=torch.bool, device=device))
+    elif distills:
         rows, columns, values = teacher_cells(slices)
         teacher = torch.zeros(targets.shape, dtype=torch.float32)
         scored = torch.zeros(targets.shape, dtype=torch.bool)

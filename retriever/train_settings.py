@@ -12,6 +12,7 @@ from retriever.settings import MAX_SEED, check_fields, setting
 
 LOSSES = ("infonce", "mw", "decoupled", "kd")
 DISTILL_FORMS = ("kl", "margin-mse")
+DISTILL_SCOPES = ("pools", "batch")
 
 
 @dataclass
@@ -44,6 +45,12 @@ class TrainConfig:
                                 argparse_choices=False)
     teacher_temperature: float | None = setting(None, "temperature of the teacher's scores in the distillation "
                                                       "(default: the student's temperature)", gt=0)
+    distill_scope: str = setting("pools", "distillation over each query's sampled positives and mined negatives, "
+                                          "as the pools score them (pools), or over every document of the step, "
+                                          "which the teacher scores while training (batch: TAS-B's in-batch "
+                                          "distillation, many more soft labels for no extra encoding; the teacher "
+                                          "is rebuilt from the pools' pools.meta.json)",
+                                 choices=DISTILL_SCOPES, argparse_choices=False)
     positives_per_query: int = setting(1, "positives of each query in each step, sampled per epoch", gt=0,
                                        aliases=("--positives-per-step",))
     negatives_per_query: int = setting(1, "mined hard negatives per query per step", ge=0)
@@ -100,6 +107,9 @@ class TrainConfig:
             raise HardnegError(f"train: remine_every {self.remine_every} re-mines after every {self.remine_every} "
                                f"epoch(s), but training runs {self.epochs}: it would never re-mine; raise epochs "
                                "or drop remine_every")
+        if self.distill_scope == "batch" and not self.distills:
+            raise HardnegError("train: distill_scope 'batch' scores the batch with the teacher for a distillation "
+                               "term, but nothing distils: set distill_weight > 0 or loss 'kd'")
         if self.loss == "kd" and self.distill_weight:
             raise HardnegError("train: loss 'kd' is the distillation alone; distill_weight adds it to a "
                                "contrastive loss (infonce, mw, decoupled): give one or the other")

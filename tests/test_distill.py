@@ -217,3 +217,97 @@ def test_cli_selects_on_held_out_training_queries(small, tiny_model, tmp_path, c
     kept = len(pools) - round(0.2 * len(pools))
     assert [r["step"] for r in log if "dev" in r] == [math.ceil(kept / 8), 2 * math.ceil(kept / 8)]
     assert "on held-out training queries" in out and (tmp_path / "out" / MODEL_DIR / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------- in-batch distillation (distill_scope)
+
+def test_batch_teacher_scores_every_cell_of_the_global_batch(small, tiny_model):
+    """Each query of the global batch (two processes' slices) against every column, as the teacher scores the pair:
+    checked against the teacher's own embeddings."""
+    from mining.sources import dense
+    from retriever.encoder import DualEncoder
+    from retriever.train import batch_teacher_scores, global_layout, rank_slices
+
+    data, pools = small
+    batch = epoch_batches(pools, TrainConfig(batch_size=8, negatives_per_query=2, random_negatives=1, seed=3), 0,
+                          list(data.corpus.ids))[0]
+    slices = rank_slices(batch, 2)
+    matrix = batch_teacher_scores(dense(str(tiny_model), show_progress=False), data.corpus, slices)
+    _, column_ids, _ = global_layout(slices)
+    encoder = DualEncoder.load(str(tiny_model))
+    queries = encoder.encode_queries([example.query for part in slices for example in part])
+    documents = encoder.encode_documents([data.corpus.text_of(doc_id) for doc_id in column_ids])
+    assert matrix.shape == (len(batch), len(column_ids))
+    assert torch.allclose(matrix, torch.from_numpy(queries @ documents.T), atol=1e-5)
+
+
+def test_a_batch_step_distils_over_every_cell(small, tiny_model):
+    """The loss of a batch-scope step is InfoNCE + w x KL over the whole (query x column) matrix with the teacher's
+    scores of every cell, recomputed here from the embeddings."""
+    from mining.sources import dense
+    from retriever.encoder import DualEncoder
+    from retriever.losses import build_masks
+    from retriever.train import _loss_module, _train_step, global_layout
+
+    data, pools = small
+    config = _config(tiny_model, distill_weight=0.5, distill_scope="batch", teacher_temperature=0.1)
+    slices = [epoch_batches(pools, config, 0)[0]]
+    teacher = dense(str(tiny_model), show_progress=False)
+    model = DualEncoder.load(str(tiny_model), max_length=32)
+    model.set_dropout(0.0)
+    model.train()
+    loss = _train_step(model, _loss_module(config), slices, 0, data.corpus, config, None, None, torch.device("cpu"),
+                       True, teacher)
+    positive_ids, column_ids, target_columns = global_layout(slices)
+    targets, negatives = build_masks(positive_ids, column_ids, target_columns)
+    with torch.no_grad():
+        scores = (model.embed([e.query for e in slices[0]], is_query=True)
+                  @ model.embed([data.corpus.text_of(d) for d in column_ids], is_query=False).T)
+    reference = teacher.score(data.corpus, {e.query_id: e.query for e in slices[0]},
+                              {e.query_id: column_ids for e in slices[0]})
+    teacher_matrix = torch.tensor([[reference[e.query_id][d] for d in column_ids] for e in slices[0]])
+    expected = info_nce(scores, targets, negatives, 0.05) + 0.5 * distillation(
+        scores, teacher_matrix, torch.ones_like(targets), targets, 0.05, 0.1)
+    assert loss == pytest.approx(float(expected), rel=1e-4)
+    pools_loss = _train_step(model, _loss_module(replace(config, distill_scope="pools")), slices, 0, data.corpus,
+                             config, None, None, torch.device("cpu"), True)
+    assert pools_loss != pytest.approx(loss, rel=1e-3)  # the pools' few scored cells are another term
+
+
+def test_batch_scope_needs_a_teacher_and_a_distillation(small, tiny_model, tmp_path, capsys):
+    from hardneg.cli import main
+
+    data, pools = small
+    with pytest.raises(HardnegError, match="nothing distils"):
+        _config(tiny_model, distill_scope="batch").check()
+    with pytest.raises(HardnegError, match="needs the teacher to score each batch with"):
+        train(_scored_pools(pools), data.corpus, _config(tiny_model, distill_weight=0.5, distill_scope="batch"),
+              tmp_path / "m", show_progress=False)
+    # pools that `hardneg mine` scored with the student alone have no teacher to rebuild
+    assert main(["--quiet", "mine", "--data", "nfcorpus-demo", "--retriever", str(tiny_model), "--depth", "10",
+                 "--num-negatives", "2", "--filter", "topk", "--output", str(tmp_path / "pools"), "--no-cache"]) == 0
+    base = ["--quiet", "train", "--pools", str(tmp_path / "pools"), "--data", "nfcorpus-demo", "--model",
+            str(tiny_model), "--output", str(tmp_path / "out"), "--distill-weight", "0.5", "--distill-scope", "batch"]
+    assert main(base) == 2
+    assert "distillation needs pools mined with a teacher" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_distils_over_the_batch_with_the_recorded_fused_teacher(tiny_model, tmp_path, capsys):
+    """Pools mined with ``--fuse-bm25`` (the student fused with BM25): ``train --distill-scope batch`` rebuilds that
+    teacher from pools.meta.json and trains."""
+    from hardneg.cli import main
+
+    pools = tmp_path / "pools"
+    assert main(["--quiet", "mine", "--data", "nfcorpus-demo", "--retriever", str(tiny_model), "--fuse-bm25", "0.3",
+                 "--depth", "10", "--num-negatives", "2", "--filter", "topk", "--output", str(pools),
+                 "--no-cache"]) == 0
+    meta = json.loads((pools / "pools.meta.json").read_text())
+    assert meta["settings"]["rescorer"].startswith("fused-z(")
+    code = main(["--quiet", "train", "--pools", str(pools), "--data", "nfcorpus-demo", "--model", str(tiny_model),
+                 "--output", str(tmp_path / "out"), "--distill-weight", "0.5", "--distill-scope", "batch",
+                 "--batch-size", "32", "--max-steps", "3", "--max-length", "24", "--no-cache"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "training_config.json").read_text())
+    assert record["config"]["distill_scope"] == "batch" and record["summary"]["steps"] == 3

@@ -228,14 +228,18 @@ class _WithTeacher(torch.nn.Module):
         return self.loss(scores, targets, negatives, self.teacher, self.scored)
 
 
-@pytest.mark.parametrize("contrastive, form", [("infonce", "kl"), ("decoupled", "margin-mse"), (None, "kl")])
-def test_cached_gradients_equal_the_full_graph_with_distillation(model, batch, contrastive, form):
+@pytest.mark.parametrize("contrastive, form, every_cell", [("infonce", "kl", False), ("decoupled", "margin-mse", False),
+                                                           (None, "kl", False), ("infonce", "kl", True)])
+def test_cached_gradients_equal_the_full_graph_with_distillation(model, batch, contrastive, form, every_cell):
+    """``every_cell``: the teacher scores the whole batch (``distill_scope="batch"``), not the pools' cells."""
     from retriever.losses import DistilledLoss
 
     _, _, targets, negatives = batch
     generator = torch.Generator().manual_seed(7)
     teacher = (torch.rand(targets.shape, generator=generator) * 0.6).to(targets.device)
     scored = targets | (negatives & (torch.rand(targets.shape, generator=generator) < 0.5).to(targets.device))
+    if every_cell:
+        scored = torch.ones_like(targets)
     inner = make_loss(contrastive, temperature=0.05, learn_temperature=True) if contrastive else None
     loss = DistilledLoss(inner, weight=0.5, form=form, temperature=0.05, learn_temperature=True,
                          teacher_temperature=0.1)

@@ -156,9 +156,12 @@ def cmd_train(args) -> None:
                                "--teacher MODEL or --cross-encoder MODEL")
         paths.append((path, exported))
     mine_settings = None
-    if config.remine_every:
+    if config.remine_every or (config.distills and config.distill_scope == "batch"):
         from mining.remine import recorded_mine_settings
 
+        if several:
+            raise HardnegError("--distill-scope batch rebuilds one dataset's teacher; on several datasets use the "
+                               "pools' scores (--distill-scope pools)")
         mine_settings = recorded_mine_settings(paths[0][0], config.model)  # refused here, before the corpus is read
     parts, metas, evaluators, provenance = {}, [], [], {}
     for (path, exported), data in zip(paths, args.data or [None]):
@@ -176,18 +179,22 @@ def cmd_train(args) -> None:
     evaluator = _mean_evaluator(evaluators, args.dev_metric) if evaluators else None
     if evaluator is None and config.scores_on_dev:
         evaluator = _dev_evaluator(args)
-    remine = None
-    if mine_settings is not None:
+    remine = teacher = None
+    if config.remine_every:
         from mining.remine import remining_for_pools
 
         remine = remining_for_pools(pools, corpus, mine_settings, args.output, encode=_encode_options(args),
                                     echo=lambda line: print(f"hardneg: {line}", file=sys.stderr),
                                     config=_recorded(args))
+    if config.distills and config.distill_scope == "batch":
+        from mining.remine import recorded_teacher
+
+        teacher = recorded_teacher(mine_settings, config.model, **_encode_options(args))
     if several and not args.quiet:
         print("hardneg: training on " + ", ".join(f"{n} ({len(p)} queries)" for n, (p, _) in parts.items())
               + "; each batch from one dataset", file=sys.stderr)
     summary = train(pools, corpus, config, args.output, show_progress=not args.quiet, provenance=provenance,
-                    resume=args.resume, evaluator=evaluator, remine=remine,
+                    resume=args.resume, evaluator=evaluator, remine=remine, teacher=teacher,
                     pools_meta=metas if several else metas[0], groups=groups if several else None).summary
     from retriever import distributed
 

@@ -186,9 +186,9 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
         raise HardnegError("config: train.eval_steps / patience / soup select on the first evaluate.split; list a "
                            "dev split before the reported one, e.g. evaluate.split: [dev, test], or set "
                            "train.dev_fraction to hold out training queries")
-    if train_config.distills and not (mining.teacher or mining.cross_encoder):
+    if train_config.distills and not (mining.teacher or mining.cross_encoder or mining.fuse_bm25):
         raise HardnegError("config: distillation (train.loss kd or train.distill_weight) needs teacher scores in "
-                           "the pools: set mine.teacher (a bi-encoder) or mine.cross_encoder")
+                           "the pools: set mine.teacher (a bi-encoder), mine.cross_encoder or mine.fuse_bm25")
     check_output_folder(config["output_dir"], "output_dir")
     encode = encode_options(config["encode"], show_progress=show_progress)
     precision_note = describe_precision(encode["precision"], default_device())  # fp16 on a CPU fails here
@@ -218,7 +218,10 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                  output_dir=output / "pools", config=config, rescorer=rescorer, shard_size=mining.shard_size,
                  show_progress=show_progress)
     echo("      " + mined.summary().replace("\n", "\n      "))
-    del base, source, rescorer  # free the base model before training loads its own copy
+    # The mining scorer is the teacher of in-batch distillation; otherwise free it (and the base model) before
+    # training loads its own copy.
+    teacher = rescorer if train_config.distills and train_config.distill_scope == "batch" else None
+    del base, source, rescorer
     echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)"
          + (f", re-mining with it every {train_config.remine_every}" if train_config.remine_every else ""))
     pools_file = output / "pools" / POOLS_FILE
@@ -239,7 +242,8 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                                     encode=encode, echo=lambda line: echo(f"      {line}"), config=config)
     summary = train(pools, mine_split.corpus, train_config, output,
                     show_progress=show_progress, provenance={str(pools_file): file_checksum(pools_file)},
-                    resume=training["resume"], evaluator=evaluator, remine=remine, pools_meta=mined.meta).summary
+                    resume=training["resume"], evaluator=evaluator, remine=remine, pools_meta=mined.meta,
+                    teacher=teacher).summary
     echo(f"      {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
     trained = output / MODEL_DIR
     if summary["best_step"] is not None:
