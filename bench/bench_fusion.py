@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", help="dense model (repeatable)")
     parser.add_argument("--weights", default="0.1,0.2,0.3,0.5", help="BM25 weights W to fuse with")
     parser.add_argument("--splits", default="dev,test")
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-length", type=int, help="token limit (default: each model's own, as mining uses it)")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
                         help="embeddings cache (hardneg's own): a model encodes the corpus once across runs")
     parser.add_argument("--output", default="bench/results/fusion.json")
