@@ -116,16 +116,19 @@ class Remining:
                             "negatives_written": counts.get("negatives_written")})
 
 
-def recorded_mine_settings(pools_path: str | Path, model: str) -> MineSettings:
+def recorded_mine_settings(pools_path: str | Path, model: str, *, as_mined: bool = False) -> MineSettings:
     """The settings the pools at ``pools_path`` were mined with, from their ``pools.meta.json``.
 
-    ``hardneg mine`` records its arguments, ``hardneg run`` its whole config; a dense source that is the model
-    being trained (``model``) is written ``"model"``. Pools without such a record are refused.
+    ``hardneg mine`` records its arguments, ``hardneg run`` its whole config. For re-mining, a dense source that
+    is the model being trained (``model``, or the run's own model) is written ``"model"`` (the student takes its
+    place); ``as_mined`` keeps the model that actually mined instead, to rebuild the pools' teacher
+    (:func:`recorded_teacher`). Pools without such a record are refused.
     """
     path = pools_file(pools_path)
     meta_path = path.parent / POOLS_META
-    hint = ("--remine-every re-mines with the settings the pools were mined with, so it needs pools written by "
-            "`hardneg mine` or `hardneg run`")
+    needs = "--distill-scope batch rebuilds the teacher the pools were scored with" if as_mined else \
+        "--remine-every re-mines with the settings the pools were mined with"
+    hint = f"{needs}, so it needs pools written by `hardneg mine` or `hardneg run`"
     if not meta_path.is_file():
         raise DataError(meta_path, f"not found: these pools carry no record of how they were mined; {hint}")
     try:
@@ -143,8 +146,11 @@ def recorded_mine_settings(pools_path: str | Path, model: str) -> MineSettings:
         mined_with = None
     else:
         raise DataError(meta_path, f"field 'config': no mining settings recorded; {hint}")
-    settings.retriever = ["model" if spec in (model, mined_with) and not is_bm25(spec) else spec
-                          for spec in settings.retriever]
+    if as_mined:
+        settings.retriever = [mined_with if spec == "model" and mined_with else spec for spec in settings.retriever]
+    else:
+        settings.retriever = ["model" if spec in (model, mined_with) and not is_bm25(spec) else spec
+                              for spec in settings.retriever]
     try:
         settings.check()
     except HardnegError as err:
@@ -153,15 +159,25 @@ def recorded_mine_settings(pools_path: str | Path, model: str) -> MineSettings:
     return settings
 
 
-def recorded_teacher(settings: MineSettings, model: str, **encode_options) -> Scorer:
+def check_batch_teacher(settings: MineSettings, *, remine_every: int) -> None:
+    """Refuse in-batch distillation whose teacher would not be the pools' own: a BM25 fusion without a teacher
+    model fuses the student as it mined, and re-mining rebuilds that fusion around the student each round,
+    while the batch teacher stays the first round's."""
+    if remine_every and settings.fuse_bm25 is not None and not settings.teacher:
+        raise HardnegError("distill_scope 'batch' with re-mining: the pools' teacher fuses BM25 with the student "
+                           "itself (fuse_bm25 without a teacher model), which changes every round; distill over "
+                           "the pools' scores (distill_scope pools) or mine with a teacher model")
+
+
+def recorded_teacher(settings: MineSettings, **encode_options) -> Scorer:
     """The scorer the pools' scores came from, built again from their mining ``settings``
-    (:func:`recorded_mine_settings`), to score every (query, document) cell of a training batch
-    (``train.distill_scope: batch``). A fusion without a teacher model (``fuse_bm25`` alone) fuses BM25 with
-    ``model`` as it was when the pools were mined (loaded from its files, not the copy being trained)."""
+    (:func:`recorded_mine_settings` with ``as_mined``), to score every (query, document) cell of a training batch
+    (``train.distill_scope: batch``). A fusion without a teacher model (``fuse_bm25`` alone) fuses BM25 with the
+    model that mined, loaded from its files (not the copy being trained)."""
     source = None
     if settings.fuse_bm25 is not None and not settings.teacher:
-        specs = [model if spec == "model" else spec for spec in settings.retriever]
-        source = build_source(specs, bm25_backend=settings.bm25_backend, rrf_k=settings.rrf_k, **encode_options)
+        source = build_source(settings.retriever, bm25_backend=settings.bm25_backend, rrf_k=settings.rrf_k,
+                              **encode_options)
     scorer = build_rescorer(cross_encoder=settings.cross_encoder, teacher=settings.teacher,
                             cross_encoder_batch_size=settings.cross_encoder_batch_size, fuse_bm25=settings.fuse_bm25,
                             source=source, bm25_backend=settings.bm25_backend, **encode_options)

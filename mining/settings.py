@@ -43,7 +43,8 @@ class MineSettings:
                                         "scores are the soft labels of distillation")
     fuse_bm25: float | None = setting(None, "a hybrid teacher: the scores the filters and distillation use become "
                                             "z(teacher, else the dense retriever) + this weight x z(BM25), each "
-                                            "standardised per query over the whole corpus (0.3 is a good start)",
+                                            "standardised per query over the whole corpus (0.3 is a good start; distil "
+                                            "its z-scores with a teacher temperature of about 1)",
                                       gt=0)
     depth: int = setting(100, "candidates retrieved per query", ge=1)
     shard_size: int = setting(DEFAULT_SHARD_SIZE, "queries per pools shard; an interrupted run resumes after the "

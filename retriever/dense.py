@@ -281,25 +281,23 @@ class DenseRetriever:
         """``(mean, covariance)`` of the corpus embeddings (float64), from one pass over the rows.
 
         The sums are taken per encoding block (boundaries from the corpus alone, as the ranks' shards are) and
-        added in block order, so under torchrun, where each rank sums its own blocks and the block sums are
-        exchanged, every rank gets the bits one process gets; memory-mapped rows are released as they go."""
+        combined on a fixed binary tree over the block numbers (:class:`_BlockTree`), so under torchrun, where
+        each rank sums its own run of blocks and the partial sums are exchanged, every rank gets the bits one
+        process gets, while a rank holds O(log blocks) d x d sums rather than one per block; memory-mapped rows
+        are released as they go."""
         if self._moments is not None and self._moments[0] is corpus:
             return self._moments[1], self._moments[2]
         size = block_size(len(corpus))
-        sums = []
+        tree = _BlockTree()
         for piece in self.local_rows(corpus):
             for first in range(piece.start, piece.end, size):
-                last = min(piece.end, (first // size + 1) * size)
+                last = min(piece.end, first + size)
                 block = np.asarray(piece.array[first - piece.start:last - piece.start], dtype=np.float64)
                 release(piece.array)
-                sums.append((first, block.sum(axis=0), block.T @ block))
+                tree.add(first // size, (block.sum(axis=0), block.T @ block))
         group = process_group()
-        if group:
-            sums = [item for part in group.all_gather_objects(sums) for item in part]
-        sums.sort(key=lambda item: item[0])
-        total, outer = sums[0][1], sums[0][2]
-        for _, block_total, block_outer in sums[1:]:
-            total, outer = total + block_total, outer + block_outer
+        parts = group.all_gather_objects(tree.nodes()) if group else [tree.nodes()]
+        total, outer = _BlockTree.combine(parts, blocks=-(-len(corpus) // size))
         mean = total / len(corpus)
         covariance = outer / len(corpus) - np.outer(mean, mean)
         self._moments = (corpus, mean, covariance)
@@ -333,3 +331,41 @@ class DenseRetriever:
 def _joined(pieces: list[Rows]) -> np.ndarray:
     """The rows of consecutive pieces as one matrix (the piece itself, memory-mapped, when there is one)."""
     return pieces[0].array if len(pieces) == 1 else np.concatenate([piece.array for piece in pieces])
+
+
+class _BlockTree:
+    """A running sum of per-block values (tuples of arrays) over consecutive block numbers, added on a fixed
+    binary tree: node (level, k) is the sum of blocks ``[k * 2**level, (k + 1) * 2**level)``, left child plus
+    right. Whichever contiguous runs of blocks the ranks hold, :meth:`combine` adds the same operands in the same
+    order, so the floating-point result does not depend on the number of processes; and a run of blocks keeps
+    only its O(log blocks) complete nodes (a sequential sum would too, but its bits would change with the
+    shard boundaries)."""
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, int, tuple]] = []
+
+    def add(self, block: int, value: tuple) -> None:
+        level, index = 0, block
+        while index % 2 and self._stack and self._stack[-1][:2] == (level, index - 1):
+            left = self._stack.pop()[2]
+            value = tuple(a + b for a, b in zip(left, value))
+            level, index = level + 1, index // 2
+        self._stack.append((level, index, value))
+
+    def nodes(self) -> dict[tuple[int, int], tuple]:
+        return {(level, index): value for level, index, value in self._stack}
+
+    @staticmethod
+    def combine(parts: list[dict[tuple[int, int], tuple]], *, blocks: int) -> tuple:
+        """The sum over blocks ``[0, blocks)`` from the nodes every rank kept (together they cover each block)."""
+        nodes = {key: value for part in parts for key, value in part.items()}
+
+        def node(level: int, index: int) -> tuple:
+            if (level, index) in nodes:
+                return nodes[(level, index)]
+            left = node(level - 1, 2 * index)
+            if (2 * index + 1) << (level - 1) >= blocks:  # the right child lies past the last block
+                return left
+            return tuple(a + b for a, b in zip(left, node(level - 1, 2 * index + 1)))
+
+        return node(max(0, (blocks - 1).bit_length()), 0)

@@ -109,14 +109,15 @@ class Sharded(Protocol):
 
 
 def components(retriever: object) -> list[object]:
-    """Every source and scorer composed inside ``retriever`` (hybrid, rescored), inner ones first, then itself.
+    """Every source and scorer composed inside ``retriever`` (hybrid, rescored), inner ones first, then itself;
+    each once, although a part may be shared (a BM25 fusion scores with the very retriever that searched).
 
     Provenance (the model files behind a run, the precision each model encodes in) walks this one list.
     """
     found: list[object] = []
     if isinstance(retriever, Composite):
         for part in retriever.parts():
-            found.extend(components(part))
+            found.extend(inner for inner in components(part) if not any(inner is seen for seen in found))
     found.append(retriever)
     return found
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -153,6 +154,8 @@ def check_value(item: Setting, value: Any) -> Any:
     value = coerce(item, value)
     if value is None:
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # inf/nan pass every bound check below
+        raise HardnegError(f"must be a finite number, got {value!r}")
     meta = item.meta
     if meta.choices is not None:
         values = value if isinstance(value, list) else [value]

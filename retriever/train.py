@@ -70,7 +70,7 @@ from retriever.io import (
 from retriever.losses import DistilledLoss, build_masks, make_loss
 from retriever.mixture import group_document_ids
 from retriever.model_card import write_model_card
-from retriever.protocol import Scorer, describe
+from retriever.protocol import Scorer, components, describe
 from retriever.ranks import alone
 from retriever.reporting import Reporter, check_report_target, open_reporter
 from retriever.train_settings import LOSSES, TrainConfig
@@ -337,6 +337,9 @@ class Trainer:
             self.identity["loss"] = repr(loss)
         if self.teacher is not None:
             self.identity["teacher"] = describe(self.teacher)
+            for part in components(self.teacher):  # its bars would redraw over the training bar every step
+                if hasattr(part, "show_progress"):
+                    part.show_progress = False
         self.checkpoint_dir: Path | None = None
         self.state: dict | None = None
         self.step, self.log, self.best = 0, [], {"step": None, "score": None, "stale": 0}

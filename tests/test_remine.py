@@ -177,6 +177,24 @@ def test_cli_remines_with_the_recorded_mining_settings(small, tiny_model, tmp_pa
     assert meta["settings"]["retriever"] == f"dense:{tiny_model}"
 
 
+def test_recorded_settings_name_the_student_for_remining_and_the_mining_model_for_the_teacher(tmp_path):
+    """Pools a `hardneg run` mined with its model Y and fused with BM25: re-mining puts the student in Y's place,
+    the in-batch teacher is Y itself (whatever model trains on them); with re-mining that teacher would go stale,
+    so the pair is refused."""
+    from mining.remine import check_batch_teacher
+
+    (tmp_path / "pools").mkdir()
+    (tmp_path / "pools" / "pools.jsonl").write_text("")
+    (tmp_path / "pools" / POOLS_META).write_text(json.dumps({"config": {
+        "model": "mined/with-y", "seed": 7, "mine": {"retriever": ["model", "bm25"], "fuse_bm25": 0.3}}}))
+    assert recorded_mine_settings(tmp_path / "pools", "trains/x").retriever == ["model", "bm25"]
+    as_mined = recorded_mine_settings(tmp_path / "pools", "trains/x", as_mined=True)
+    assert as_mined.retriever == ["mined/with-y", "bm25"] and as_mined.seed == 7
+    check_batch_teacher(as_mined, remine_every=0)
+    with pytest.raises(HardnegError, match="changes every round"):
+        check_batch_teacher(as_mined, remine_every=1)
+
+
 def test_cli_refuses_remining_pools_it_cannot_remine(small, tiny_model, tmp_path, capsys):
     from hardneg.cli import main
 

@@ -72,7 +72,9 @@ def test_a_bad_run_config_is_one_line_and_writes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, field", [("train.epochs=two", "train.epochs"), ("seed=-1", "seed"),
-                                             ("evaluate.depth=0", "evaluate.depth")])
+                                             ("evaluate.depth=0", "evaluate.depth"),
+                                             ("train.learning_rate=nan", "train.learning_rate"),
+                                             ("mine.fuse_bm25=inf", "mine.fuse_bm25")])
 def test_a_bad_value_given_with_set_names_the_override_not_a_line(tmp_path, override, field):
     path = _config(tmp_path, "train:\n  epochs: 2\n  loss: nosuch\n")
     with pytest.raises(DataError) as error:

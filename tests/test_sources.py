@@ -125,6 +125,9 @@ def test_provenance_names_every_model_inside_composed_sources(tiny_model):
     composed = Rescored(Hybrid([lexical, semantic]), teacher)
     assert components(composed)[:3] == [lexical, semantic, composed.source]
     assert components(composed)[3:] == [teacher, composed]
+    # a BM25 fusion scores with the very retriever that searched: each model is named once
+    fused = Rescored(Hybrid([lexical, semantic]), ScoreFusion([(semantic, 1.0), (lexical, 0.3)]))
+    assert components(fused) == [lexical, semantic, fused.source, fused.scorer, fused]
 
     class Ensemble:  # a user's own composite: it says what it is made of, and its models are recorded
         def __init__(self, members):
@@ -189,6 +192,31 @@ def test_standardized_scores_match_z_scores_of_every_document(demo_train, tiny_m
             for doc_id in pairs[query_id]:
                 assert standardized[query_id][doc_id] == pytest.approx(full[i, data.corpus.position[doc_id]],
                                                                        abs=1e-4)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 5, 8, 13])
+def test_block_sums_have_the_same_bits_however_the_ranks_split_the_blocks(blocks):
+    """Corpus moments add per-block sums on a fixed tree: any split of the blocks into contiguous runs (the ranks'
+    shards) gives exactly one process's result, which is the plain sum to rounding."""
+    from retriever.dense import _BlockTree
+
+    rng = np.random.default_rng(blocks)
+    values = [(rng.normal(size=3) * 10.0 ** rng.integers(-6, 6),) for _ in range(blocks)]
+
+    def summed(bounds):
+        parts = []
+        for start, end in zip(bounds, bounds[1:]):
+            tree = _BlockTree()
+            for block in range(start, end):
+                tree.add(block, values[block])
+            parts.append(tree.nodes())
+        return _BlockTree.combine(parts, blocks=blocks)[0]
+
+    one = summed([0, blocks])
+    assert one == pytest.approx(np.sum([v[0] for v in values], axis=0), rel=1e-9, abs=1e-12)
+    for first in range(blocks + 1):
+        for second in range(first, blocks + 1):
+            assert summed([0, first, second, blocks]).tobytes() == one.tobytes()
 
 
 def test_score_fusion_drives_the_filter_and_is_recorded(demo_train, tiny_model, tmp_path):

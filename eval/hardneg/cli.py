@@ -153,16 +153,22 @@ def cmd_train(args) -> None:
         if config.distills and not exported and pools_scorer(path) is None:
             raise HardnegError(f"{path}: distillation needs pools mined with a teacher or cross-encoder (their "
                                "scores are the soft labels); these carry the retriever's own scores. Mine with "
-                               "--teacher MODEL or --cross-encoder MODEL")
+                               "--teacher MODEL, --cross-encoder MODEL or --fuse-bm25 W")
         paths.append((path, exported))
-    mine_settings = None
-    if config.remine_every or (config.distills and config.distill_scope == "batch"):
-        from mining.remine import recorded_mine_settings
+    mine_settings = teacher_settings = None
+    batch_teacher = config.distills and config.distill_scope == "batch"
+    if config.remine_every or batch_teacher:
+        from mining.remine import check_batch_teacher, recorded_mine_settings
 
-        if several:
+        if several and batch_teacher:
             raise HardnegError("--distill-scope batch rebuilds one dataset's teacher; on several datasets use the "
                                "pools' scores (--distill-scope pools)")
-        mine_settings = recorded_mine_settings(paths[0][0], config.model)  # refused here, before the corpus is read
+        # refused here, before the corpus is read
+        if config.remine_every:
+            mine_settings = recorded_mine_settings(paths[0][0], config.model)
+        if batch_teacher:
+            teacher_settings = recorded_mine_settings(paths[0][0], config.model, as_mined=True)
+            check_batch_teacher(teacher_settings, remine_every=config.remine_every)
     parts, metas, evaluators, provenance = {}, [], [], {}
     for (path, exported), data in zip(paths, args.data or [None]):
         corpus = load_corpus_of(data, args.corpus)
@@ -186,10 +192,10 @@ def cmd_train(args) -> None:
         remine = remining_for_pools(pools, corpus, mine_settings, args.output, encode=_encode_options(args),
                                     echo=lambda line: print(f"hardneg: {line}", file=sys.stderr),
                                     config=_recorded(args))
-    if config.distills and config.distill_scope == "batch":
+    if batch_teacher:
         from mining.remine import recorded_teacher
 
-        teacher = recorded_teacher(mine_settings, config.model, **_encode_options(args))
+        teacher = recorded_teacher(teacher_settings, **_encode_options(args))
     if several and not args.quiet:
         print("hardneg: training on " + ", ".join(f"{n} ({len(p)} queries)" for n, (p, _) in parts.items())
               + "; each batch from one dataset", file=sys.stderr)

@@ -22,7 +22,7 @@ from eval.evaluate import dev_evaluator, evaluate
 from eval.metrics import check_metrics
 from eval.settings import EvaluateSettings
 from mining.mine import mine
-from mining.remine import remining_for_pools
+from mining.remine import check_batch_teacher, remining_for_pools
 from mining.settings import MineSettings
 from mining.sources import build_rescorer, build_source
 from retriever.data import POOLS_FILE, Dataset, hold_out, load_dataset, pools_dataset, read_pools
@@ -189,6 +189,8 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     if train_config.distills and not (mining.teacher or mining.cross_encoder or mining.fuse_bm25):
         raise HardnegError("config: distillation (train.loss kd or train.distill_weight) needs teacher scores in "
                            "the pools: set mine.teacher (a bi-encoder), mine.cross_encoder or mine.fuse_bm25")
+    if train_config.distills and train_config.distill_scope == "batch":
+        check_batch_teacher(mining, remine_every=train_config.remine_every)
     check_output_folder(config["output_dir"], "output_dir")
     encode = encode_options(config["encode"], show_progress=show_progress)
     precision_note = describe_precision(encode["precision"], default_device())  # fp16 on a CPU fails here
