@@ -97,9 +97,10 @@ class ScoreFusion:
     per query over the whole corpus (:class:`~retriever.protocol.StandardizedScorer`: BM25 and dense retrieval).
 
     Why: BM25 and a bi-encoder miss different relevant documents, and their fused scores rank better than either
-    (NFCorpus dev nDCG@10: all-MiniLM-L6-v2 0.302, BM25 0.284, MiniLM + 0.3 x BM25 0.336; all-mpnet-base-v2 0.323,
-    fused 0.356; BENCHMARKS.md). Behind the filters and as the soft labels of distillation (``--fuse-bm25``) it is a
-    stronger teacher than its dense part, and the student learns some of what lexical matching finds.
+    (NFCorpus dev nDCG@10: all-MiniLM-L6-v2 0.302, BM25 0.284, MiniLM + 0.3 x BM25 0.336; all-mpnet-base-v2 0.320,
+    fused 0.351; BENCHMARKS.md "A hybrid teacher"). Behind the filters and as the soft labels of distillation
+    (``--fuse-bm25``) it is a stronger teacher than its dense part, and the student learns some of what lexical
+    matching finds.
 
     Why standardise over the whole corpus rather than over the scored candidates: a document's score then depends
     on the query alone, so positives and candidates scored in separate calls share one scale, and the weights mean
