@@ -290,6 +290,8 @@ class DenseRetriever:
         size = block_size(len(corpus))
         tree = _BlockTree()
         for piece in self.local_rows(corpus):
+            if piece.start % size:  # the cache and the shards hand out runs of whole blocks (shard_rows)
+                raise RuntimeError(f"corpus rows from {piece.start} do not start an encoding block of {size}")
             for first in range(piece.start, piece.end, size):
                 last = min(piece.end, first + size)
                 block = np.asarray(piece.array[first - piece.start:last - piece.start], dtype=np.float64)
