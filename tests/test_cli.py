@@ -82,6 +82,24 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
     assert "## Evaluation" in card and f"{record['metrics']['after']['test']['nDCG@10']:.4f}" in card
 
 
+@pytest.mark.slow
+def test_the_teacher_recipe_runs_whole(tiny_model, tmp_path, capsys):
+    """configs/recipe-distill.yaml as shipped (a BM25-fused teacher scores the pools, then every cell of each step)
+    through `hardneg run`, the tiny model standing in for both all-MiniLM-L6-v2 and all-mpnet-base-v2."""
+    code = main(["--quiet", "run", str(REPO / "configs" / "recipe-distill.yaml"), "--model", str(tiny_model),
+                 "--output-dir", str(tmp_path / "out"), "--set", f"mine.teacher={tiny_model}",
+                 "--set", "encode.max_length=32", "--set", "train.max_length=32", "--set", "train.max_steps=2",
+                 "--set", "train.epochs=1", "--set", "evaluate.depth=100", "--set", "evaluate.before=false",
+                 "--set", "encode.cache=false"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    meta = json.loads((tmp_path / "out" / "pools" / "pools.meta.json").read_text())
+    assert meta["settings"]["rescorer"].startswith("fused-z(")
+    trained = json.loads((tmp_path / "out" / "training_config.json").read_text())
+    assert trained["config"]["distill_scope"] == "batch" and trained["summary"]["steps"] == 2
+    assert set(record["metrics"]["after"]["test"]) == {"nDCG@10", "Recall@100", "MRR@10", "AUC"}
+
+
 def _copy_demo(tmp_path: Path) -> Path:
     folder = tmp_path / "data"
     shutil.copytree(DEMO, folder)

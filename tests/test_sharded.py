@@ -213,7 +213,10 @@ def test_a_rank_that_dies_stops_the_job_and_a_rerun_resumes_from_its_shards(fold
     (hook / "sitecustomize.py").write_text(DYING_RANK)
     failed = _hardneg(common, 2, tmp_path, extra_path=hook)
     assert failed.returncode != 0
-    assert "hardneg: rank 0: " in failed.stderr, failed.stderr[-3000:]
+    # rank 0 reports the lost peer, unless torchrun, which also saw rank 1 exit, stops it first (a race a loaded
+    # machine can lose): then rank 0 says it was interrupted and how to continue; never a bare traceback of ours
+    stopped = ("hardneg: rank 0: ", "hardneg: interrupted; outputs are whole or absent")
+    assert any(message in failed.stderr for message in stopped), failed.stderr[-3000:]
     assert not (tmp_path / "pools" / POOLS_FILE).exists()
     cached = sorted((tmp_path / "cache").glob("*.npy"))
     assert len(cached) == 1 and ".rows-0-" in cached[0].name  # rank 0 finished its rows
