@@ -27,7 +27,8 @@ needs the ``bench`` extra (``pip install -e '.[bench]'``: accelerate for its tra
         --peer-epochs 1 --output runs/bench-recipes-demo
     # NFCorpus with the full peer sweep and the ablations (a GPU: see bench/gpu_checks.sh)
     python bench/bench_recipes.py --data ../shared/data/beir/nfcorpus --peer-epochs 1,3,5 \\
-        --ablation no-remine:train.remine_every=null --output runs/bench-recipes-nfcorpus
+        --recipe configs/recipe-distill.yaml --ablation pools-kd:train.distill_scope=pools \\
+        --output runs/bench-recipes-nfcorpus
 """
 
 from __future__ import annotations
