@@ -537,10 +537,12 @@ class Trainer:
             record = self.train_step(batches[index], epoch, index)
             if record is None:
                 continue
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=record["examples_per_s"])
-            bar.update(1)
             if self._evaluation_due(index == len(batches) - 1):
                 self.evaluate()
+            best = {} if self.best.get("score") is None else {"best_dev": f"{self.best['score']:.4f}"}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=record["examples_per_s"],
+                            **best)
+            bar.update(1)
             if self.config.save_steps and self.step % self.config.save_steps == 0 and self.step < self.total_steps:
                 self.checkpoint()
             if self.on_step is not None:
@@ -630,6 +632,7 @@ class Trainer:
             if self.config.soup:
                 soup.save_ingredient(self.output_dir, self.step, self.model.model)
                 soup.prune(self.output_dir, self._dev_scores(), self.config.soup)
+            _write_log(self.output_dir, self.log)  # each dev score readable while a long run goes on
         distributed.barrier()
         self.best["stale"] = distributed.broadcast_int(self.best.get("stale", 0))
 

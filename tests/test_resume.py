@@ -157,6 +157,22 @@ def test_keep_best_keeps_the_model_of_the_best_dev_score(small, tiny_model, ndcg
     assert ndcg(DualEncoder.load(tmp_path / "run" / MODEL_DIR)) == pytest.approx(best_score, abs=1e-6)
 
 
+def test_the_log_on_disk_holds_each_dev_score_as_it_comes(small, tiny_model, ndcg, tmp_path):
+    """A long run's dev scores can be read in logs/train_log.jsonl while it goes on, not only when it ends."""
+    data, pools = small
+    config = _config(tiny_model, eval_steps=2, save_steps=None, max_steps=4)
+    on_disk: dict[int, list[dict] | None] = {}
+
+    def look(step: int, model) -> None:
+        on_disk[step] = _log(tmp_path / "run") if (tmp_path / "run" / TRAIN_LOG).is_file() else None
+
+    train(pools, data.corpus, config, tmp_path / "run", show_progress=False, evaluator=ndcg, on_step=look)
+    assert on_disk[1] is None  # nothing to report before the first evaluation
+    for step in (2, 3):  # written at the evaluation of step 2, as it stood then
+        assert [r["step"] for r in on_disk[step]] == [1, 2] and "dev" in on_disk[step][-1]
+    assert [r["step"] for r in on_disk[4] if "dev" in r] == [2, 4]
+
+
 def _brute_force_soup(checkpoints: dict[int, dict[str, torch.Tensor]], scores: dict[int, float], score_weights):
     """Greedy soup written out independently: ingredients by dev score (ties: earlier step), each added only if
     the plain mean of the chosen weights then scores strictly higher."""
