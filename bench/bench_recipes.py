@@ -16,11 +16,13 @@ id, the split ``train.dev_fraction`` makes): both sides train on the rest and ar
 mean dev nDCG@10 over the seeds. Test is evaluated for every run, and read only in the table.
 
 Every finished run leaves ``<output>/<method>/seed-<s>/result.json`` with the settings it ran with, and is
-skipped when the script runs again with the same settings (a recipe edited since is run again),
-so a sweep can be split over sessions (or machines, when the folders are copied together); ``--work`` keeps the
-models and run outputs elsewhere, ``--only`` runs some of the methods (several processes can share one output:
-``bench/gpu_recipes.sh`` fans a sweep out on one GPU). ``--table`` only prints the table of what is there. The peer
-needs the ``bench`` extra (``pip install -e '.[bench]'``: accelerate for its trainer). Examples::
+skipped when the script runs again with the same settings (a recipe edited since is run again), and a run
+killed midway continues from its last epoch (hardneg's end-of-epoch checkpoint, the peer trainer's
+``checkpoint-N``), so a sweep can be split over sessions (or machines, when the folders are copied together);
+``--work`` keeps the models and run outputs elsewhere, ``--only`` runs some of the methods (several processes
+can share one output: ``bench/gpu_recipes.sh`` fans a sweep out on one GPU). ``--table`` only prints the table of
+what is there. The peer needs the ``bench`` extra (``pip install -e '.[bench]'``: accelerate for its trainer).
+Examples::
 
     # the demo subset, ~2.5 h on 2 CPU cores for 3 seeds with the peer at 1 epoch
     OMP_NUM_THREADS=2 flock /tmp/hardneg-heavy.lock python bench/bench_recipes.py --data nfcorpus-demo \\
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -100,14 +103,19 @@ def run_peer(train: Dataset, model: str, epochs: int, seed: int, output: Path, d
     mined = mine_hard_negatives(HFDataset.from_dict({"query": anchors, "positive": positives}), st_model,
                                 corpus=train.corpus.texts(), **PEER["mine_hard_negatives"], use_faiss=True,
                                 batch_size=32, verbose=False)
+    # A checkpoint per epoch (the last one kept) so that a sweep killed mid-run continues with the trainer's own
+    # resume when the script runs again, as hardneg's side does; removed once the model is saved.
     arguments = Arguments(output_dir=str(output / "trainer"), num_train_epochs=epochs,
                           per_device_train_batch_size=PEER["batch_size"],
-                          batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, save_strategy="no", report_to=[],
-                          bf16=bf16, use_cpu=device == "cpu", logging_steps=10, disable_tqdm=True)
+                          batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, save_strategy="epoch",
+                          save_total_limit=1, report_to=[], bf16=bf16, use_cpu=device == "cpu", logging_steps=10,
+                          disable_tqdm=True)
     trainer = SentenceTransformerTrainer(model=st_model, args=arguments, train_dataset=mined,
                                          loss=MultipleNegativesRankingLoss(st_model))
-    trainer.train()
+    checkpoints = sorted((output / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     st_model.save(str(output / "model"))
+    shutil.rmtree(output / "trainer", ignore_errors=True)
     (output / "mined_rows.txt").write_text(f"{len(mined)} of {len(anchors)} pairs kept a negative\n")
     return output / "model"
 

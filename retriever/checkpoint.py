@@ -14,6 +14,7 @@ RNG, so a resumed run drifts from the uninterrupted one. Here the data order is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -105,6 +106,14 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, state: dict
         for old in checkpoint_dirs(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_checkpoints(output_dir: str | os.PathLike) -> None:
+    """Delete a run's checkpoints (and their folder, once empty)."""
+    for old in checkpoint_dirs(output_dir):
+        shutil.rmtree(old)
+    with contextlib.suppress(OSError):
+        (Path(output_dir) / CHECKPOINTS_DIR).rmdir()
 
 
 def load_checkpoint_state(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -48,6 +48,7 @@ from retriever.checkpoint import (
     checkpoint_dirs,
     find_checkpoint,
     load_checkpoint_state,
+    remove_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -389,7 +390,7 @@ class Trainer:
                              tuple(f"config.{k}" for k in RESUMABLE_CHANGES))
         elif checkpoint_dirs(self.output_dir):
             raise HardnegError(f"{self.output_dir} already holds checkpoints of a run; continue it with --resume "
-                               "latest, or train into another output folder")
+                               "latest (hardneg run: train.resume=latest), or train into another output folder")
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -502,6 +503,8 @@ class Trainer:
                         self._next_round(epoch)
                     if not self._run_epoch(epoch, bar):
                         break
+                    if not config.save_steps and self.step < self.total_steps:
+                        self.checkpoint(keep=1)  # the safety net of a run that saves nothing else
         except HardnegError:
             raise
         except BaseException:
@@ -659,8 +662,9 @@ class Trainer:
         soup.remove(self.output_dir)
         return made
 
-    def checkpoint(self) -> None:
-        """Everything an exact resume needs, written by rank 0 (every rank's RNG state gathered first)."""
+    def checkpoint(self, keep: int | None = None) -> None:
+        """Everything an exact resume needs, written by rank 0 (every rank's RNG state gathered first); ``keep``:
+        how many checkpoints to keep (default ``save_total_limit``)."""
         rngs = _all_rng_states(self.world)
         if self.main:
             epoch = self.step // self.steps_per_epoch
@@ -671,7 +675,7 @@ class Trainer:
             save_checkpoint(self.output_dir, self.step, self.model, trainer_state,
                             self.meta | {"step": self.step, "epoch": epoch, "total_steps": self.total_steps,
                                          "best": self.best, "config": asdict(self.config)},
-                            self.config.save_total_limit)
+                            keep or self.config.save_total_limit)
             _write_log(self.output_dir, self.log)
         distributed.barrier()
 
@@ -684,6 +688,8 @@ class Trainer:
         config, log = self.config, self.log
         if config.save_steps:
             self.checkpoint()
+        elif self.main:
+            remove_checkpoints(self.output_dir)  # the epoch safety net; the model folder is the result
         summary = {"steps": self.step, "epochs": config.epochs,
                    "epochs_run": round(self.step / self.steps_per_epoch, 3), "stopped_early": self._stopped_early(),
                    "queries_per_epoch": len(self.pools), "first_loss": log[0]["loss"] if log else None,

@@ -73,7 +73,10 @@ class TrainConfig:
     precision: str = setting("auto", "training autocast: auto (bf16 where the hardware runs it natively, else "
                                      "fp32), fp32, bf16, fp16 (CUDA only, with a loss scaler)",
                              choices=PRECISIONS, argparse_choices=False)
-    save_steps: int | None = setting(None, "write a checkpoint every N steps (and at the end)", gt=0)
+    save_steps: int | None = setting(None, "write a checkpoint every N steps (and at the end); unset: one at the "
+                                           "end of each epoch but the last, replacing the one before and removed "
+                                           "when the run finishes, so that a killed run loses at most an epoch",
+                                     gt=0)
     save_total_limit: int | None = setting(None, "keep only the last N checkpoints", gt=0)
     eval_steps: int | None = setting(None, "score the dev queries every N steps and at the end (default, when "
                                            "there are dev queries: at the end of every epoch); the best model "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import pytrec_eval
+import torch
 
 from eval.runs import read_run
 from hardneg.cli import main
@@ -98,6 +99,44 @@ def test_the_teacher_recipe_runs_whole(tiny_model, tmp_path, capsys):
     trained = json.loads((tmp_path / "out" / "training_config.json").read_text())
     assert trained["config"]["distill_scope"] == "batch" and trained["summary"]["steps"] == 2
     assert set(record["metrics"]["after"]["test"]) == {"nDCG@10", "Recall@100", "MRR@10", "AUC"}
+
+
+@pytest.mark.slow
+def test_a_killed_run_continues_when_the_same_command_runs_again(tiny_model, tmp_path, capsys, monkeypatch):
+    """`hardneg run` killed in its second epoch, run again as it was: mining's shards and the end-of-epoch
+    checkpoint are reused, and the model is the uninterrupted run's; another config into that folder is refused."""
+    from safetensors.torch import load_file
+
+    from retriever.train import Trainer
+
+    def command(output: Path, *extra: str) -> list[str]:
+        return ["--quiet", "run", str(REPO / "configs" / "nfcorpus-demo.yaml"), "--model", str(tiny_model),
+                "--output-dir", str(output), "--set", "train.batch_size=32", "--set", "encode.max_length=32",
+                "--set", "train.max_length=32", "--set", "train.epochs=2", "--set", "evaluate.depth=100",
+                "--set", "evaluate.before=false", *extra]
+
+    assert main(command(tmp_path / "whole")) == 0, capsys.readouterr().err
+    train_step = Trainer.train_step
+
+    def killed_in_epoch_two(self, *args, **kwargs):
+        if self.step == 12:  # 320 training queries / 32 = 10 steps per epoch
+            raise KeyboardInterrupt
+        return train_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_in_epoch_two)
+    assert main(command(tmp_path / "cut")) == 130
+    assert "(mine, run) continues" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(command(tmp_path / "cut", "--set", "train.learning_rate=1e-4")) == 2
+    assert "checkpoints of an interrupted run of another config (train.learning_rate differ)" in \
+        capsys.readouterr().err
+    assert main(command(tmp_path / "cut")) == 0, capsys.readouterr().err
+    assert "continuing from" in capsys.readouterr().out
+    record = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert record["training"]["resumed_from"].endswith("step-0000010") and record["training"]["steps"] == 20
+    whole = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
 
 
 def _copy_demo(tmp_path: Path) -> Path:

@@ -74,6 +74,34 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(small, tiny
     assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"][0])
 
 
+def test_without_save_steps_a_killed_run_still_resumes_from_its_last_epoch(small, tiny_model, tmp_path):
+    """The default safety net: one checkpoint at each epoch end but the last, replacing the one before; a run
+    killed in epoch 3 resumes from the end of epoch 2 to the uninterrupted run's weights; a finished run keeps
+    no checkpoint (its model folder is the result)."""
+    data, pools = small
+    config = _config(tiny_model, epochs=3, save_steps=None)  # 3 steps per epoch
+    train(pools, data.corpus, config, tmp_path / "whole", show_progress=False)
+    assert not (tmp_path / "whole" / "checkpoints").exists()
+
+    seen: dict[int, list[str]] = {}
+
+    def look_then_die(step: int, model) -> None:
+        seen[step] = [p.name for p in checkpoint_dirs(tmp_path / "cut")]
+        if step == 8:
+            raise Crash("killed in epoch 3")
+
+    with pytest.raises(Crash):
+        train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, on_step=look_then_die)
+    assert seen[3] == [] and seen[4] == ["step-0000003"] and seen[7] == ["step-0000006"]
+    with pytest.raises(HardnegError, match="already holds checkpoints.*--resume latest"):
+        train(pools, data.corpus, config, tmp_path / "cut", show_progress=False)
+    summary = train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, resume="latest").summary
+    assert summary["resumed_from"].endswith("step-0000006") and summary["steps"] == 9
+    assert not (tmp_path / "cut" / "checkpoints").exists()
+    whole, resumed = _weights(tmp_path / "whole" / MODEL_DIR), _weights(tmp_path / "cut" / MODEL_DIR)
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
 def test_resume_is_refused_for_another_model_or_other_settings(small, tiny_model, tmp_path, tmp_path_factory,
                                                                 demo_train):
     from conftest import build_tiny_bert

@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("hardneg: interrupted; outputs are whole or absent, and --resume (train) or the same command "
-              "(mine) continues from the last checkpoint or shard", file=sys.stderr)
+              "(mine, run) continues from the last checkpoint or shard", file=sys.stderr)
         return 130
     except OSError as err:  # the machine, not the input: disk full, a folder removed under the run, ...
         where = f": {err.filename}" if err.filename else ""

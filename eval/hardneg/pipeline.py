@@ -25,6 +25,7 @@ from mining.mine import mine
 from mining.remine import check_batch_teacher, remining_for_pools
 from mining.settings import MineSettings
 from mining.sources import build_rescorer, build_source
+from retriever.checkpoint import checkpoint_dirs
 from retriever.data import POOLS_FILE, Dataset, hold_out, load_dataset, pools_dataset, read_pools
 from retriever.encoding import EncodeSettings, default_device, describe_precision, encode_options
 from retriever.factory import as_retriever
@@ -163,6 +164,37 @@ def _evaluate_all(splits: list[Dataset], retriever, config: dict, output: Path, 
     return results
 
 
+def _interrupted_training(output: Path, config: dict) -> str | None:
+    """``"latest"`` when ``output`` holds the checkpoints of a run of this very config (the same command, run
+    again after it was killed), so that it continues where it stopped as mining does; None when it holds none.
+    Checkpoints of another config are refused here, before any work and before ``config.yaml`` is replaced."""
+    if not checkpoint_dirs(output):
+        return None
+    try:
+        previous = yaml.safe_load((output / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        previous = None
+    if previous == config:
+        return "latest"
+    changed = sorted(key for key in _flat(config).keys() | _flat(previous).keys()
+                     if _flat(config).get(key) != _flat(previous).get(key)) if isinstance(previous, dict) else []
+    raise HardnegError(f"output_dir {output} holds the checkpoints of an interrupted run of another config"
+                       + (f" ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ)" if changed else "")
+                       + "; run that config again to continue it, set train.resume to a checkpoint, or choose "
+                         "another output_dir")
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict:
+    """``{"train.epochs": 3, ...}`` of a nested config."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dict:
     """Run the stages of a loaded config; returns the record written to ``run.json``.
 
@@ -191,12 +223,12 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                            "the pools: set mine.teacher (a bi-encoder), mine.cross_encoder or mine.fuse_bm25")
     if train_config.distills and train_config.distill_scope == "batch":
         check_batch_teacher(mining, remine_every=train_config.remine_every)
-    check_output_folder(config["output_dir"], "output_dir")
+    output = check_output_folder(config["output_dir"], "output_dir")
+    resume = training["resume"] or _interrupted_training(output, config)
     encode = encode_options(config["encode"], show_progress=show_progress)
     precision_note = describe_precision(encode["precision"], default_device())  # fp16 on a CPU fails here
     mine_split, eval_splits = _datasets(config)
     check_index_fits(mining.index, len(mine_split.corpus))  # before the evaluation that comes first writes
-    output = Path(config["output_dir"])
     echo(f"      {precision_note}")
     base = as_retriever(config["model"], **encode)  # loads the model now: a bad model name fails here
     with atomic_write(output / "config.yaml") as handle:
@@ -225,7 +257,8 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     teacher = rescorer if train_config.distills and train_config.distill_scope == "batch" else None
     del base, source, rescorer
     echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)"
-         + (f", re-mining with it every {train_config.remine_every}" if train_config.remine_every else ""))
+         + (f", re-mining with it every {train_config.remine_every}" if train_config.remine_every else "")
+         + (f", continuing from {resume if resume != 'latest' else checkpoint_dirs(output)[-1]}" if resume else ""))
     pools_file = output / "pools" / POOLS_FILE
     pools = read_pools(pools_file, mine_split.corpus)
     evaluator, dev_name = None, eval_splits[0].split
@@ -244,7 +277,7 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                                     encode=encode, echo=lambda line: echo(f"      {line}"), config=config)
     summary = train(pools, mine_split.corpus, train_config, output,
                     show_progress=show_progress, provenance={str(pools_file): file_checksum(pools_file)},
-                    resume=training["resume"], evaluator=evaluator, remine=remine, pools_meta=mined.meta,
+                    resume=resume, evaluator=evaluator, remine=remine, pools_meta=mined.meta,
                     teacher=teacher).summary
     echo(f"      {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
     trained = output / MODEL_DIR
