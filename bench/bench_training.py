@@ -43,6 +43,7 @@ from retriever.encoding import resolve_training_precision  # noqa: E402
 from retriever.gradcache import encode_and_backward  # noqa: E402
 from retriever.io import write_json  # noqa: E402
 from retriever.losses import make_loss  # noqa: E402
+from retriever.memory import estimate_step  # noqa: E402
 
 
 def build_triples(data: str, count: int) -> list[tuple[str, str, str]]:
@@ -225,8 +226,13 @@ def memory_child(args) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     triples = [tuple(t) for t in json.loads(Path(args.triples).read_text())][:args.child_batch]
     model = DualEncoder.load(resolve_model(args.model), device="cpu", max_length=args.max_length)
+    if args.memory_dropout is not None:
+        model.set_dropout(args.memory_dropout)
     model.train()
     loss_module = make_loss("infonce", temperature=0.05)
+    # retriever.memory's estimate of the same step (activations + gradients: this step has no optimizer)
+    estimate = estimate_step(model, [q for q, _, _ in triples], [t[k] for k in (1, 2) for t in triples],
+                             chunk_size=args.child_chunk or None, precision="fp32", device=torch.device("cpu"))
     baseline = _status_mb("VmRSS")
     _reset_peak_rss()
     tick = time.perf_counter()
@@ -235,6 +241,8 @@ def memory_child(args) -> None:
     peak = _status_mb("VmHWM")
     print(json.dumps({"batch": len(triples), "chunk": args.child_chunk or None, "rss_after_load_mb": round(baseline),
                       "peak_rss_mb": round(peak), "step_growth_mb": round(peak - baseline),
+                      "estimate_mb": round((estimate.activations + estimate.fixed / 3) / 2**20),
+                      "dropout": args.memory_dropout,
                       "seconds": round(seconds, 1)}))
 
 
@@ -270,6 +278,7 @@ def measure_memory(args, triples_file: Path) -> list[dict]:
     for batch, chunk in _memory_plan(args):
         command = [sys.executable, __file__, "--memory-child", "--triples", str(triples_file), "--model", args.model,
                    "--max-length", str(args.max_length), "--child-batch", str(batch), "--child-chunk", str(chunk)]
+        command += ["--memory-dropout", str(args.memory_dropout)] if args.memory_dropout is not None else []
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         row = json.loads(result.stdout.strip().splitlines()[-1])
         print(f"memory: {row}", file=sys.stderr, flush=True)
@@ -293,6 +302,9 @@ def main() -> None:
     parser.add_argument("--precisions", action="store_true", help="only time fp32 against bf16 autocast steps")
     parser.add_argument("--dropout", action="store_true",
                         help="only time steps with the model's dropout, with train.dropout 0, and ST's MNRL")
+    parser.add_argument("--memory-dropout", type=float, help="dropout of the memory steps (default: the model's)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the memory rows (each beside retriever.memory's estimate of its step)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--triples", help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", type=int, help=argparse.SUPPRESS)
@@ -321,12 +333,14 @@ def main() -> None:
             write_json(output, report)
             print(json.dumps({k: report[flag][k] for k in ("seconds_per_step", "ratios")}, indent=1))
             return
-    report["timing"] = time_steps(args, triples)
+    if not args.memory_only:
+        report["timing"] = time_steps(args, triples)
     report["memory"] = (cuda_memory(args, triples) if args.device.startswith("cuda")
                         else measure_memory(args, triples_file))
     triples_file.unlink()
     write_json(output, report)
-    print(json.dumps({"timing": report["timing"]["seconds_per_step"], "ratios": report["timing"]["ratios"],
+    timing = report.get("timing", {})
+    print(json.dumps({"timing": timing.get("seconds_per_step"), "ratios": timing.get("ratios"),
                       "memory": report["memory"]}, indent=1))
 
 

@@ -64,6 +64,14 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def local_world_size() -> int:
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE): they share its memory."""
+    try:
+        return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1) if is_distributed() else 1
+    except ValueError:
+        return 1
+
+
 def is_main() -> bool:
     """True on the process that writes checkpoints, logs and the final model (rank 0)."""
     return rank() == 0

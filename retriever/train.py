@@ -69,6 +69,7 @@ from retriever.io import (
     write_json,
 )
 from retriever.losses import DistilledLoss, build_masks, make_loss
+from retriever.memory import check_step_memory
 from retriever.mixture import group_document_ids
 from retriever.model_card import write_model_card
 from retriever.protocol import Scorer, components, describe
@@ -436,6 +437,28 @@ class Trainer:
         self.meta = {"identity": self.identity, "model_identity": _model_identity(self.model),
                      "world_size": self.world}
 
+    def _check_memory(self) -> None:
+        """Refuse, before the first step, a step that cannot fit in memory (:mod:`retriever.memory`), judged on
+        the texts of the step the run starts with."""
+        if self.step >= self.total_steps:
+            return
+        epoch = self.step // self.steps_per_epoch
+        batch = epoch_batches(self.pools, self.config, epoch, self.corpus_ids, self.groups)[
+            self.step - epoch * self.steps_per_epoch]
+        problem = None
+        if mine := rank_slices(batch, self.world)[self.rank]:
+            queries, columns, _ = batch_columns(mine)
+            try:
+                check_step_memory(self.model, queries, [self.corpus.text_of(d) for d in columns],
+                                  chunk_size=self.config.cache_chunk, precision=self.precision, device=self.device,
+                                  batch_size=self.config.batch_size, processes_here=distributed.local_world_size())
+            except HardnegError as err:
+                problem = str(err)
+        # every rank stops if one would run out, rather than the others waiting for it in the first step
+        problems = [p for p in distributed.all_gather_objects(problem) if p]
+        if problems:
+            raise HardnegError(problems[0])
+
     def _load_model(self) -> DualEncoder:
         config = self.config
         options = {"pooling": config.pooling, "normalize": config.normalize, "query_prefix": config.query_prefix,
@@ -485,6 +508,7 @@ class Trainer:
     def run(self) -> TrainResult:
         """Every epoch from the restored position on; then :meth:`finish`."""
         self._set_up()
+        self._check_memory()
         config = self.config
         self.started, self.examples_seen = time.time(), 0
         self.current_round, self.rounds = 0, []

@@ -46,7 +46,9 @@ def crash_after(step_to_crash: int):
     return hook
 
 
-def build_tiny_bert(folder: Path, texts: list[str], seed: int = 0) -> Path:
+def build_tiny_bert(folder: Path, texts: list[str], seed: int = 0, **dimensions: int) -> Path:
+    """A random BERT (hidden size 32, 2 layers unless ``dimensions`` say otherwise: BertConfig keywords) with a
+    WordPiece tokenizer trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -60,10 +62,12 @@ def build_tiny_bert(folder: Path, texts: list[str], seed: int = 0) -> Path:
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     fast = BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+                             sep_token="[SEP]", mask_token="[MASK]",
+                             model_max_length=dimensions.get("max_position_embeddings", 128))
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), **({"hidden_size": 32, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
+                        | dimensions))
     BertModel(config).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
