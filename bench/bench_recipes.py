@@ -27,9 +27,9 @@ Examples::
     # the demo subset, ~2.5 h on 2 CPU cores for 3 seeds with the peer at 1 epoch
     OMP_NUM_THREADS=2 flock /tmp/hardneg-heavy.lock python bench/bench_recipes.py --data nfcorpus-demo \\
         --peer-epochs 1 --output runs/bench-recipes-demo
-    # NFCorpus with the full peer sweep and the ablations (a GPU: see bench/gpu_checks.sh)
+    # NFCorpus with the full peer sweep and the ablation table (LEVERS; a GPU: see bench/gpu_checks.sh)
     python bench/bench_recipes.py --data ../shared/data/beir/nfcorpus --peer-epochs 1,3,5 \\
-        --recipe configs/recipe-distill.yaml --ablation pools-kd:train.distill_scope=pools \\
+        --recipe configs/recipe-distill.yaml --recipe configs/recipe-minilm.yaml --ablation all \\
         --output runs/bench-recipes-nfcorpus
 """
 
@@ -59,6 +59,20 @@ PEER = {"mine_hard_negatives": {"range_max": 100, "relative_margin": 0.05, "num_
                                 "sampling_strategy": "top"},
         "loss": "MultipleNegativesRankingLoss", "batch_size": 32, "batch_sampler": "no_duplicates"}
 SELECT = "nDCG@10"
+# Issue 11's ablation table: each lever of the teacher recipe (configs/recipe-distill.yaml) switched alone;
+# ``--ablation NAME`` runs one, ``--ablation all`` every one, ``--ablation NAME:key=value,...`` any other.
+LEVERS = {
+    "no-teacher": "mine.teacher=null,mine.fuse_bm25=null,train.distill_weight=0,train.distill_scope=pools,"
+                  "train.teacher_temperature=null",  # the student scores its own pools; nothing to distil
+    "no-fuse": "mine.fuse_bm25=null,train.teacher_temperature=null",  # all-mpnet-base-v2 alone as the teacher
+    "no-kd": "train.distill_weight=0,train.distill_scope=pools",  # teacher-mined pools, no distillation
+    "pools-kd": "train.distill_scope=pools",  # distil over each query's own pool, not every cell of the step
+    "remine": "train.remine_every=1",  # re-mine with the student after every epoch (ANCE)
+    "no-random": "train.random_negatives=0",  # no random negative (STAR)
+    "min-anchor": "mine.anchor=min",  # NV-Retriever's lowest-positive anchor, queries left short stay short
+    "min-anchor-fallback": "mine.anchor=min,mine.anchor_fallback=mean",  # ... and the fallback fills them
+    "one-epoch": "train.epochs=1",  # no epoch selection: one epoch
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -189,7 +203,8 @@ def main() -> None:
     parser.add_argument("--recipe", action="append", help="recipe YAML (repeatable; default: both recipes)")
     parser.add_argument("--no-recipes", action="store_true", help="only the untrained model and the peer")
     parser.add_argument("--ablation", action="append", default=[],
-                        help="NAME:key=value,key=value run as an override of the first recipe")
+                        help=f"a lever switched in the first recipe: one of {', '.join(LEVERS)}, 'all' of them, or "
+                        "NAME:key=value,key=value (repeatable)")
     parser.add_argument("--dev-fraction", type=float, default=0.2)
     parser.add_argument("--precision", default="auto", help="evaluation encoding precision (both sides)")
     parser.add_argument("--output", required=True, help="folder of the result.json files (small; commit them)")
@@ -212,8 +227,12 @@ def main() -> None:
     methods: list[tuple[str, object]] = [("untrained", None)]
     methods += [(f"peer-{e}ep", int(e)) for e in args.peer_epochs.split(",") if e]
     methods += [(recipe.stem, (recipe, [])) for recipe in recipes]
-    for spec in args.ablation if recipes else ():
-        name, _, changes = spec.partition(":")
+    specs = [spec for given in args.ablation for spec in (list(LEVERS) if given == "all" else [given])]
+    for spec in specs if recipes else ():
+        name, named, changes = spec.partition(":")
+        if not named and name not in LEVERS:
+            parser.error(f"--ablation {spec}: not a lever ({', '.join(LEVERS)}) nor NAME:key=value,...")
+        changes = changes if named else LEVERS[name]
         methods.append((f"{recipes[0].stem}-{name}", (recipes[0], [c for c in changes.split(",") if c])))
     if args.only:
         wanted = set(args.only.split(","))
@@ -221,7 +240,10 @@ def main() -> None:
         if unknown:
             parser.error(f"--only: no method {', '.join(sorted(unknown))} among {', '.join(m for m, _ in methods)}")
         methods = [(method, what) for method, what in methods if method in wanted]
-    for seed in (int(s) for s in args.seeds.split(",")):
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for _, what in methods:  # every recipe and ablation loads and checks here, before hours of runs
+        method_settings(what, args, seeds[0])
+    for seed in seeds:
         kept, dev = split_train(train, args.dev_fraction, seed)
         for method, what in methods:
             result = output / method / f"seed-{seed}" / "result.json"
