@@ -53,7 +53,7 @@ from retriever.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from retriever.data import Corpus, Pool
+from retriever.data import Corpus, Dataset, Pool
 from retriever.encoder import DualEncoder, is_sentence_transformer
 from retriever.encoding import default_device, resolve_training_precision
 from retriever.gradcache import encode_and_backward
@@ -814,6 +814,34 @@ def _apply_model_settings(model: DualEncoder, options: dict, *, sentence_transfo
 
 def _as_dual_encoder(model: object) -> DualEncoder:
     return model if isinstance(model, DualEncoder) else DualEncoder.from_sentence_transformer(model)
+
+
+def check_memory_before_mining(config: TrainConfig, dataset: Dataset) -> None:
+    """The first step's memory check (:mod:`retriever.memory`) before the pools exist, for ``hardneg run``: a
+    refusal after mining would cost the mining again. The step is stood in for by ``batch_size`` training queries
+    (seeded) with their positives and random corpus documents in place of the mined and random negatives: the
+    same count of texts, lengths drawn from the same corpus. The trainer checks the real first step again."""
+    queries = sorted(q for q in dataset.queries if dataset.relevant(q))
+    if not queries or not len(dataset.corpus):
+        return
+    rng = random.Random(config.seed)
+    chosen = rng.sample(queries, min(config.batch_size, len(queries)))
+    per_query = config.negatives_per_query + (config.random_negatives or 0)
+    documents = []
+    for query_id in chosen:
+        positives = sorted(dataset.relevant(query_id))[:config.positives_per_query]
+        documents += [dataset.corpus.text_of(d) for d in positives]
+        documents += [dataset.corpus.text(rng.randrange(len(dataset.corpus))) for _ in range(per_query)]
+    device = default_device()
+    model = DualEncoder.load(config.model, pooling=config.pooling, normalize=config.normalize,
+                             query_prefix=config.query_prefix, document_prefix=config.document_prefix,
+                             max_length=config.max_length, device=device)
+    if config.dropout is not None:
+        model.set_dropout(config.dropout)
+    model.train()
+    check_step_memory(model, [dataset.queries[q] for q in chosen], documents, chunk_size=config.cache_chunk,
+                      precision=resolve_training_precision(config.precision, device), device=device,
+                      batch_size=config.batch_size)
 
 
 def _device(world: int) -> torch.device:

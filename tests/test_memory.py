@@ -97,3 +97,16 @@ def test_a_step_that_cannot_fit_is_refused_before_any_work_naming_the_chunk_that
     monkeypatch.setattr(memory, "free_memory", lambda device: 2**20)  # not even the gradients and one text
     with pytest.raises(HardnegError, match="lower train.max_length, or train a smaller model"):
         train(mined, data.corpus, config, tmp_path / "other", show_progress=False)
+
+
+def test_hardneg_run_refuses_a_step_that_cannot_fit_before_it_mines(tiny_model, tmp_path, monkeypatch, capsys):
+    from hardneg.cli import main
+
+    monkeypatch.setattr(memory, "free_memory", lambda device: 2 * 2**20)
+    code = main(["--quiet", "run", str(Path(__file__).resolve().parents[1] / "configs" / "nfcorpus-demo.yaml"),
+                 "--model", str(tiny_model), "--output-dir", str(tmp_path / "out"), "--set", "train.max_length=32",
+                 "--set", "encode.max_length=32", "--set", "evaluate.before=false"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "train: one step needs about" in error and "set train.cache_chunk (--cache-chunk) to" in error
+    assert not (tmp_path / "out" / "pools").exists()

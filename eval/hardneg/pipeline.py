@@ -41,7 +41,7 @@ from retriever.io import (
 from retriever.model_card import write_model_card
 from retriever.protocol import describe
 from retriever.settings import MAX_SEED, ConfigSource, from_mapping, parse_yaml, resolve_sections, setting
-from retriever.train import MODEL_DIR, TRAIN_CONFIG, TrainConfig, train
+from retriever.train import MODEL_DIR, TRAIN_CONFIG, TrainConfig, check_memory_before_mining, train
 
 
 @dataclass
@@ -231,6 +231,7 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     check_index_fits(mining.index, len(mine_split.corpus))  # before the evaluation that comes first writes
     echo(f"      {precision_note}")
     base = as_retriever(config["model"], **encode)  # loads the model now: a bad model name fails here
+    check_memory_before_mining(train_config, mine_split)  # a training step that cannot fit, before the mining
     with atomic_write(output / "config.yaml") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
 
