@@ -188,9 +188,13 @@ def table(output: Path) -> str:
 
     for method, runs in results.items():
         lines.append(row(method, runs))
-    if peers:
-        best = max(peers, key=lambda m: statistics.mean(r["metrics"]["dev"][SELECT] for r in peers[m]))
-        lines.append(row(f"**peer, budget chosen on dev ({best})**", peers[best]))
+    # The budget is chosen on the seeds every budget has run, so a budget is not picked for its luckier seeds.
+    shared = set.intersection(*({r["seed"] for r in runs} for runs in peers.values())) if peers else set()
+    if shared:
+        best = max(peers, key=lambda m: statistics.mean(r["metrics"]["dev"][SELECT] for r in peers[m]
+                                                        if r["seed"] in shared))
+        lines.append(row(f"**peer, budget chosen on dev over seeds {', '.join(map(str, sorted(shared)))} "
+                         f"({best})**", peers[best]))
     return "\n".join(lines)
 
 
