@@ -31,6 +31,7 @@ from retriever.io import HardnegError, atomic_directory
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "state.json"
+SAFETY_NET = "safety_net"  # state.json key: an end-of-epoch checkpoint written without save_steps
 MODEL_DIR = "model"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -108,12 +109,23 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, state: dict
     return final
 
 
-def remove_checkpoints(output_dir: str | os.PathLike) -> None:
-    """Delete a run's checkpoints (and their folder, once empty)."""
-    for old in checkpoint_dirs(output_dir):
-        shutil.rmtree(old)
+def remove_safety_nets(output_dir: str | os.PathLike, keep: int | None = None) -> None:
+    """Delete the end-of-epoch checkpoints a run without ``save_steps`` writes (``SAFETY_NET`` in their
+    ``state.json``), but the one of step ``keep``, and the checkpoints folder once empty. The checkpoints of
+    ``save_steps`` (a resumed run may have had them) are the user's and stay."""
+    spared = f"step-{keep:07d}" if keep is not None else None
+    for folder in checkpoint_dirs(output_dir):
+        if folder.name != spared and _is_safety_net(folder):
+            shutil.rmtree(folder)
     with contextlib.suppress(OSError):
         (Path(output_dir) / CHECKPOINTS_DIR).rmdir()
+
+
+def _is_safety_net(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / STATE_JSON).read_text(encoding="utf-8")).get(SAFETY_NET))
+    except (OSError, ValueError):
+        return False
 
 
 def load_checkpoint_state(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -149,8 +149,8 @@ def check_step_memory(model, queries: list[str], documents: list[str], *, chunk_
     if estimate is None or REFUSE_AT * estimate.total <= free:
         return
     fits = int((SUGGEST_WITHIN * free - estimate.fixed) // estimate.per_text)
-    where = f"{_size(free)} free" + (f" per process ({processes_here} on this machine)"
-                                          if device.type == "cpu" and processes_here > 1 else "")
+    shared = device.type == "cpu" and processes_here > 1
+    where = f"{_size(free)} free" + (f" per process ({processes_here} on this machine)" if shared else "")
     step = (f"{estimate.texts} texts of up to {estimate.length} tokens at once" if chunk_size is None
             else f"chunks of {chunk_size} texts of up to {estimate.length} tokens")
     advice = (f"set train.cache_chunk (--cache-chunk) to {min(fits, batch_size)} or less (gradient caching: the "

@@ -44,11 +44,12 @@ from transformers import get_linear_schedule_with_warmup
 
 from retriever import distributed, soup
 from retriever.checkpoint import (
+    SAFETY_NET,
     check_compatible,
     checkpoint_dirs,
     find_checkpoint,
     load_checkpoint_state,
-    remove_checkpoints,
+    remove_safety_nets,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -446,8 +447,8 @@ class Trainer:
         batch = epoch_batches(self.pools, self.config, epoch, self.corpus_ids, self.groups)[
             self.step - epoch * self.steps_per_epoch]
         problem = None
-        if mine := rank_slices(batch, self.world)[self.rank]:
-            queries, columns, _ = batch_columns(mine)
+        if own := rank_slices(batch, self.world)[self.rank]:
+            queries, columns, _ = batch_columns(own)
             try:
                 check_step_memory(self.model, queries, [self.corpus.text_of(d) for d in columns],
                                   chunk_size=self.config.cache_chunk, precision=self.precision, device=self.device,
@@ -528,7 +529,7 @@ class Trainer:
                     if not self._run_epoch(epoch, bar):
                         break
                     if not config.save_steps and self.step < self.total_steps:
-                        self.checkpoint(keep=1)  # the safety net of a run that saves nothing else
+                        self.checkpoint(safety_net=True)  # a run that saves nothing else still resumes
         except HardnegError:
             raise
         except BaseException:
@@ -686,9 +687,11 @@ class Trainer:
         soup.remove(self.output_dir)
         return made
 
-    def checkpoint(self, keep: int | None = None) -> None:
-        """Everything an exact resume needs, written by rank 0 (every rank's RNG state gathered first); ``keep``:
-        how many checkpoints to keep (default ``save_total_limit``)."""
+    def checkpoint(self, safety_net: bool = False) -> None:
+        """Everything an exact resume needs, written by rank 0 (every rank's RNG state gathered first).
+
+        ``safety_net``: the end-of-epoch checkpoint of a run without ``save_steps``, marked as such; it replaces
+        the previous one of its kind and never removes a checkpoint the user asked for."""
         rngs = _all_rng_states(self.world)
         if self.main:
             epoch = self.step // self.steps_per_epoch
@@ -698,8 +701,11 @@ class Trainer:
                              "step": self.step, "epoch": epoch, "log": self.log, "best": self.best}
             save_checkpoint(self.output_dir, self.step, self.model, trainer_state,
                             self.meta | {"step": self.step, "epoch": epoch, "total_steps": self.total_steps,
-                                         "best": self.best, "config": asdict(self.config)},
-                            keep or self.config.save_total_limit)
+                                         "best": self.best, "config": asdict(self.config),
+                                         SAFETY_NET: safety_net},
+                            None if safety_net else self.config.save_total_limit)
+            if safety_net:
+                remove_safety_nets(self.output_dir, keep=self.step)
             _write_log(self.output_dir, self.log)
         distributed.barrier()
 
@@ -713,7 +719,7 @@ class Trainer:
         if config.save_steps:
             self.checkpoint()
         elif self.main:
-            remove_checkpoints(self.output_dir)  # the epoch safety net; the model folder is the result
+            remove_safety_nets(self.output_dir)  # the model folder is the result
         summary = {"steps": self.step, "epochs": config.epochs,
                    "epochs_run": round(self.step / self.steps_per_epoch, 3), "stopped_early": self._stopped_early(),
                    "queries_per_epoch": len(self.pools), "first_loss": log[0]["loss"] if log else None,

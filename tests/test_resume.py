@@ -102,6 +102,24 @@ def test_without_save_steps_a_killed_run_still_resumes_from_its_last_epoch(small
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
 
 
+def test_the_safety_net_never_removes_the_checkpoints_the_user_asked_for(small, tiny_model, tmp_path):
+    """A run saved every 2 steps, killed, resumed without save_steps: its own checkpoints stay, the end-of-epoch
+    ones the resumed part writes go."""
+    data, pools = small
+    config = _config(tiny_model, epochs=3, save_steps=2)
+    with pytest.raises(Crash):
+        train(pools, data.corpus, config, tmp_path / "run", show_progress=False, on_step=crash_after(4))
+    seen: dict[int, list[str]] = {}
+
+    def look(step: int, model) -> None:
+        seen[step] = [p.name for p in checkpoint_dirs(tmp_path / "run")]
+
+    train(pools, data.corpus, replace(config, save_steps=None), tmp_path / "run", show_progress=False,
+          resume="latest", on_step=look)
+    assert seen[7] == ["step-0000002", "step-0000004", "step-0000006"]  # the end of epoch 2 added
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-0000002", "step-0000004"]
+
+
 def test_resume_is_refused_for_another_model_or_other_settings(small, tiny_model, tmp_path, tmp_path_factory,
                                                                 demo_train):
     from conftest import build_tiny_bert

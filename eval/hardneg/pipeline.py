@@ -176,8 +176,10 @@ def _interrupted_training(output: Path, config: dict) -> str | None:
         previous = None
     if previous == config:
         return "latest"
-    changed = sorted(key for key in _flat(config).keys() | _flat(previous).keys()
-                     if _flat(config).get(key) != _flat(previous).get(key)) if isinstance(previous, dict) else []
+    changed = []
+    if isinstance(previous, dict):
+        now, before = _flat(config), _flat(previous)
+        changed = sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key))
     raise HardnegError(f"output_dir {output} holds the checkpoints of an interrupted run of another config"
                        + (f" ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ)" if changed else "")
                        + "; run that config again to continue it, set train.resume to a checkpoint, or choose "
