@@ -1,4 +1,4 @@
-"""Will a training step fit in memory? A lower-bound estimate checked before the first step.
+"""Will a training step fit in memory? An estimate, checked with a margin before the first step.
 
 Why: a contrastive step keeps the activations of every text of the batch until the backward pass, so its memory
 grows with batch size x texts per query x tokens. Past what the machine has, a GPU raises out-of-memory after
