@@ -17,6 +17,7 @@ import torch
 from eval.runs import read_run
 from hardneg.cli import main
 from retriever.data import BUNDLED_DIR
+from retriever.io import HardnegError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = BUNDLED_DIR / "nfcorpus-demo"
@@ -137,6 +138,24 @@ def test_a_killed_run_continues_when_the_same_command_runs_again(tiny_model, tmp
     whole = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
+def test_a_run_continues_across_the_changes_training_allows_on_resume(tmp_path):
+    """The cache chunk (and the other RESUMABLE_CHANGES) may change when a killed run is started again, as
+    `hardneg train --resume` allows; any other setting may not."""
+    import yaml
+
+    from hardneg.pipeline import _interrupted_training, load_config
+    from retriever.checkpoint import STATE_FILE
+
+    config = load_config(REPO / "configs" / "nfcorpus-demo.yaml")
+    (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000010" / STATE_FILE).write_bytes(b"")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert _interrupted_training(tmp_path, config) == "latest"
+    assert _interrupted_training(tmp_path, config | {"train": config["train"] | {"cache_chunk": 8}}) == "latest"
+    with pytest.raises(HardnegError, match=r"another config \(train.learning_rate differ\)"):
+        _interrupted_training(tmp_path, config | {"train": config["train"] | {"learning_rate": 1e-4}})
 
 
 def _copy_demo(tmp_path: Path) -> Path:

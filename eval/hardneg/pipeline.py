@@ -41,7 +41,14 @@ from retriever.io import (
 from retriever.model_card import write_model_card
 from retriever.protocol import describe
 from retriever.settings import MAX_SEED, ConfigSource, from_mapping, parse_yaml, resolve_sections, setting
-from retriever.train import MODEL_DIR, TRAIN_CONFIG, TrainConfig, check_memory_before_mining, train
+from retriever.train import (
+    MODEL_DIR,
+    RESUMABLE_CHANGES,
+    TRAIN_CONFIG,
+    TrainConfig,
+    check_memory_before_mining,
+    train,
+)
 
 
 @dataclass
@@ -165,8 +172,9 @@ def _evaluate_all(splits: list[Dataset], retriever, config: dict, output: Path, 
 
 
 def _interrupted_training(output: Path, config: dict) -> str | None:
-    """``"latest"`` when ``output`` holds the checkpoints of a run of this very config (the same command, run
-    again after it was killed), so that it continues where it stopped as mining does; None when it holds none.
+    """``"latest"`` when ``output`` holds the checkpoints of a run of this config (the same command, run again
+    after it was killed, up to the settings training lets a resume change, such as the cache chunk), so that it
+    continues where it stopped as mining does; None when it holds none.
     Checkpoints of another config are refused here, before any work and before ``config.yaml`` is replaced."""
     if not checkpoint_dirs(output):
         return None
@@ -174,14 +182,16 @@ def _interrupted_training(output: Path, config: dict) -> str | None:
         previous = yaml.safe_load((output / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         previous = None
-    if previous == config:
-        return "latest"
-    changed = []
+    changed = ["config.yaml"]
     if isinstance(previous, dict):
         now, before = _flat(config), _flat(previous)
-        changed = sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key))
+        may_change = {f"train.{key}" for key in RESUMABLE_CHANGES}  # what training itself lets a resume change
+        changed = sorted(key for key in now.keys() | before.keys()
+                         if key not in may_change and now.get(key) != before.get(key))
+    if not changed:
+        return "latest"
     raise HardnegError(f"output_dir {output} holds the checkpoints of an interrupted run of another config"
-                       + (f" ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ)" if changed else "")
+                       + f" ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ)"
                        + "; run that config again to continue it, set train.resume to a checkpoint, or choose "
                          "another output_dir")
 
