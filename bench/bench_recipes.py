@@ -65,7 +65,8 @@ LEVERS = {
     "no-teacher": "mine.teacher=null,mine.fuse_bm25=null,train.distill_weight=0,train.distill_scope=pools,"
                   "train.teacher_temperature=null",  # the student scores its own pools; nothing to distil
     "no-fuse": "mine.fuse_bm25=null,train.teacher_temperature=null",  # all-mpnet-base-v2 alone as the teacher
-    "no-kd": "train.distill_weight=0,train.distill_scope=pools",  # teacher-mined pools, no distillation
+    # teacher-mined pools, no distillation (and no teacher temperature: nothing it would scale)
+    "no-kd": "train.distill_weight=0,train.distill_scope=pools,train.teacher_temperature=null",
     "pools-kd": "train.distill_scope=pools",  # distil over each query's own pool, not every cell of the step
     "remine": "train.remine_every=1",  # re-mine with the student after every epoch (ANCE)
     "no-random": "train.random_negatives=0",  # no random negative (STAR)

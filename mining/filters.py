@@ -244,6 +244,26 @@ def describe_filter(flt: Filter) -> dict:
     return {"name": flt.name, **asdict(flt)}
 
 
+def check_anchor_fallback(anchor: str, fallback: str | None, flt: Filter) -> None:
+    """Refuse an anchor fallback that could never fill a query up: one no looser than the anchor (a filter keeps
+    more the higher its anchor: min < mean < max), or one beside a filter that compares with no positive."""
+    for how in (anchor, fallback):
+        anchor_score([0.0], how or "min")  # an unknown name is refused with the choices
+    if fallback is None:
+        return
+    if ANCHORS.index(fallback) <= ANCHORS.index(anchor):
+        looser = ANCHORS[ANCHORS.index(anchor) + 1:]
+        raise HardnegError(f"mine: anchor_fallback {fallback!r} "
+                           + ("is the anchor itself" if fallback == anchor else f"is stricter than anchor {anchor!r}")
+                           + " and can never fill a query up; "
+                           + (f"choose a looser one ({' or '.join(looser)})" if looser else
+                              "anchor 'max' is the loosest, so unset anchor_fallback"))
+    if not as_chain(flt).needs_anchor:
+        raise HardnegError(f"mine: anchor_fallback {fallback!r} loosens the positive the filter compares with, but "
+                           f"filter {flt.name!r} compares with none; unset anchor_fallback or use topk-percpos / "
+                           "topk-marginpos")
+
+
 def anchor_score(positive_scores: list[float], how: str = "min") -> float:
     """The positive score a filter compares against: the query's lowest positive by default."""
     if how not in ANCHORS:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mining.filters import Filter, TopKPercPos, anchor_score, as_chain, describe_filter
+from mining.filters import Filter, TopKPercPos, anchor_score, as_chain, check_anchor_fallback, describe_filter
 from mining.report import HISTOGRAM_FILE, MiningReport
 from mining.settings import DEFAULT_SHARD_SIZE, SAMPLINGS
 from mining.sources import Rescored, ranked
@@ -159,9 +159,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
         check_output_folder(output_dir, "output_dir")
     flt = filter if filter is not None else TopKPercPos(0.95)
     chain = as_chain(flt)
-    anchor_score([0.0], anchor)  # validates the anchor name up front
-    if anchor_fallback is not None:
-        anchor_score([0.0], anchor_fallback)
+    check_anchor_fallback(anchor, anchor_fallback, flt)  # the anchor names too, up front
     started = time.time()
     source = as_retriever(retriever, show_progress=show_progress)
     if rescorer is not None:

@@ -33,14 +33,23 @@ from pathlib import Path
 from mining.mine import mine
 from mining.settings import MineSettings
 from mining.sources import build_rescorer, build_source
-from retriever.data import POOLS_FILE, POOLS_META, Corpus, Dataset, Pool, pools_dataset, pools_file, read_pools
+from retriever.data import (
+    POOLS_FILE,
+    POOLS_META,
+    Corpus,
+    Dataset,
+    Pool,
+    pools_dataset,
+    pools_file,
+    read_pools,
+    read_pools_meta,
+)
 from retriever.dense import DenseRetriever
 from retriever.encoder import DualEncoder
 from retriever.io import DataError, HardnegError
 from retriever.protocol import Scorer, describe
 from retriever.settings import from_arguments
-
-REMINED_DIR = "remined"
+from retriever.train import REMINED_DIR
 
 
 def is_bm25(spec: object) -> bool:
@@ -129,12 +138,9 @@ def recorded_mine_settings(pools_path: str | Path, model: str, *, as_mined: bool
     needs = "--distill-scope batch rebuilds the teacher the pools were scored with" if as_mined else \
         "--remine-every re-mines with the settings the pools were mined with"
     hint = f"{needs}, so it needs pools written by `hardneg mine` or `hardneg run`"
-    if not meta_path.is_file():
+    meta = read_pools_meta(path)
+    if meta is None:
         raise DataError(meta_path, f"not found: these pools carry no record of how they were mined; {hint}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(meta_path, f"not readable JSON ({err})") from None
     config = meta.get("config") or {}
     names = {field.name for field in dataclasses.fields(MineSettings)}
     if isinstance(config.get("mine"), dict):  # a `hardneg run` config: resolved values

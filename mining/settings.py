@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mining.filters import ANCHORS, FILTERS, make_filter
+from mining.filters import ANCHORS, FILTERS, check_anchor_fallback, make_filter
 from retriever.io import HardnegError
 from retriever.settings import MAX_SEED, check_fields, setting
 
@@ -75,13 +75,10 @@ class MineSettings:
         check_fields(self, "mine")
         if self.depth < self.num_negatives:
             raise HardnegError(f"depth ({self.depth}) must be at least num_negatives ({self.num_negatives})")
-        if self.anchor_fallback is not None and self.anchor_fallback == self.anchor:
-            raise HardnegError(f"mine: anchor_fallback {self.anchor_fallback!r} is the anchor itself; choose a "
-                               "looser one (mean or max)")
         check_source_settings(self.retriever, bm25_backend=self.bm25_backend, index=self.index, nprobe=self.nprobe,
                               ef_search=self.ef_search, rrf_k=self.rrf_k, cross_encoder=self.cross_encoder,
                               teacher=self.teacher, fuse_bm25=self.fuse_bm25)
-        self.build_filter()
+        check_anchor_fallback(self.anchor, self.anchor_fallback, self.build_filter())
 
     def build_filter(self):
         """The filter (or chain) these settings describe."""

@@ -133,10 +133,19 @@ def load_checkpoint_state(checkpoint: str | os.PathLike) -> tuple[dict[str, Any]
     checkpoint = Path(checkpoint)
     try:
         state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
-        summary = json.loads((checkpoint / STATE_JSON).read_text(encoding="utf-8"))
     except (OSError, RuntimeError, ValueError) as err:
         raise HardnegError(f"{checkpoint}: cannot read the checkpoint ({err})") from None
-    return state, summary
+    return state, load_checkpoint_summary(checkpoint)
+
+
+def load_checkpoint_summary(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """``state.json`` of a checkpoint folder (its step and the identity of the run that wrote it), read without
+    the weights and the optimizer state."""
+    checkpoint = Path(checkpoint)
+    try:
+        return json.loads((checkpoint / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise HardnegError(f"{checkpoint}: cannot read the checkpoint ({err})") from None
 
 
 def check_compatible(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any],

@@ -531,6 +531,9 @@ def pools_scorer(path: str | os.PathLike) -> str | None:
     return ((read_pools_meta(path) or {}).get("settings") or {}).get("rescorer")
 
 
+_META_OBJECTS = ("settings", "config", "corpus", "counts")  # sections of pools.meta.json read as objects
+
+
 def read_pools_meta(path: str | os.PathLike) -> dict | None:
     """``pools.meta.json`` beside the pools (how they were mined: settings, counts, the corpus), or None when
     there is none (pools written by another tool)."""
@@ -543,6 +546,14 @@ def read_pools_meta(path: str | os.PathLike) -> dict | None:
         raise DataError(meta, f"not readable JSON ({err})") from None
     if not isinstance(record, dict):
         raise DataError(meta, "not a JSON object")
+    for key in _META_OBJECTS:  # what training, re-mining and the model card read from it
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            raise DataError(meta, f"expected a JSON object, got {record[key]!r}"[:200], field=key,
+                            hint="was the file edited? mine again to rewrite it")
+    settings = record.get("settings") or {}
+    if settings.get("filter") is not None and not isinstance(settings["filter"], dict):
+        raise DataError(meta, f"expected a JSON object, got {settings['filter']!r}"[:200], field="settings.filter",
+                        hint="was the file edited? mine again to rewrite it")
     return record
 
 

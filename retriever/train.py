@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from retriever.checkpoint import (
     checkpoint_dirs,
     find_checkpoint,
     load_checkpoint_state,
+    load_checkpoint_summary,
     remove_safety_nets,
     rng_state,
     save_checkpoint,
@@ -85,6 +87,7 @@ TRAIN_LOG = "logs/train_log.jsonl"        # one JSON record per step: loss, lr, 
 LOSS_PLOT = "logs/loss_curve.png"
 TENSORBOARD_DIR = "logs/tensorboard"      # with report_to tensorboard
 TRAIN_CONFIG = "training_config.json"     # config, summary, mining record, checksums, library versions
+REMINED_DIR = "remined"                   # remine_every: the pools of each re-mining round (mining.remine)
 # Settings that may change when resuming: they change speed, memory or bookkeeping, not the result.
 RESUMABLE_CHANGES = ("cache_chunk", "save_steps", "save_total_limit", "eval_steps", "patience")
 __all__ = ["LOSSES", "Remine", "TrainConfig", "TrainResult", "Trainer", "train"]
@@ -332,7 +335,7 @@ class Trainer:
         self.teacher = teacher if self.distills and config.distill_scope == "batch" else None
         self._check_inputs()
         check_output_folder(output_dir, "output_dir")
-        self.identity = {f"config.{key}": value for key, value in asdict(config).items()}
+        self.identity = _config_identity(config)
         self.identity["pools"] = pools_fingerprint(pools)
         if self.mixed:  # the batches depend on the datasets of the pools
             self.identity["groups"] = hashlib.sha256("\n".join(groups).encode()).hexdigest()
@@ -388,8 +391,7 @@ class Trainer:
         if resume is not None:
             self.checkpoint_dir = find_checkpoint(self.output_dir, resume)
             self.state, saved = load_checkpoint_state(self.checkpoint_dir)
-            check_compatible(self.checkpoint_dir, saved["identity"], self.identity,
-                             tuple(f"config.{k}" for k in RESUMABLE_CHANGES))
+            check_compatible(self.checkpoint_dir, saved["identity"], self.identity, _RESUMABLE_KEYS)
         elif checkpoint_dirs(self.output_dir):
             raise HardnegError(f"{self.output_dir} already holds checkpoints of a run; continue it with --resume "
                                "latest (hardneg run: train.resume=latest), or train into another output folder")
@@ -433,6 +435,10 @@ class Trainer:
             self._load_state(self.state)
         if self.main and config.soup:
             soup.drop_after(self.output_dir, self.step)  # a resumed run writes those again
+        if self.main and config.remine_every and self.state is None:
+            # rounds another run left here (a finished run, or one of another config) were mined by another model:
+            # a run that starts afresh mines its own; only a resumed run reads its finished rounds back
+            shutil.rmtree(self.output_dir / REMINED_DIR, ignore_errors=True)
         self.trained = distributed.wrap_ddp(self.model)  # the model itself for one process
         self.autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.meta = {"identity": self.identity, "model_identity": _model_identity(self.model),
@@ -820,6 +826,26 @@ def _apply_model_settings(model: DualEncoder, options: dict, *, sentence_transfo
 
 def _as_dual_encoder(model: object) -> DualEncoder:
     return model if isinstance(model, DualEncoder) else DualEncoder.from_sentence_transformer(model)
+
+
+def _config_identity(config: TrainConfig) -> dict:
+    """The training settings as a checkpoint's identity records them (``config.<field>``)."""
+    return {f"config.{key}": value for key, value in asdict(config).items()}
+
+
+_RESUMABLE_KEYS = tuple(f"config.{key}" for key in RESUMABLE_CHANGES)
+
+
+def check_resume(output_dir: str | Path, resume: str | Path, config: TrainConfig) -> Path:
+    """The checkpoint ``resume`` names (``"latest"`` in ``output_dir``, or a folder), refused before any work when
+    there is none or it was written with other training settings; the pools and the model it trained are
+    checked when training starts (a pipeline mines its pools first)."""
+    checkpoint = find_checkpoint(output_dir, resume)
+    saved = load_checkpoint_summary(checkpoint).get("identity") or {}
+    current = _config_identity(config)
+    check_compatible(checkpoint, {key: value for key, value in saved.items() if key.startswith("config.")},
+                     current, _RESUMABLE_KEYS)
+    return checkpoint
 
 
 def check_memory_before_mining(config: TrainConfig, dataset: Dataset) -> None:

@@ -113,6 +113,24 @@ class TrainConfig:
         if self.distill_scope == "batch" and not self.distills:
             raise HardnegError("train: distill_scope 'batch' scores the batch with the teacher for a distillation "
                                "term, but nothing distils: set distill_weight > 0 or loss 'kd'")
+        if not self.distills:
+            ignored = [f"{name} {value!r}" for name, value, default in (
+                ("teacher_temperature", self.teacher_temperature, None), ("distill_form", self.distill_form, "kl"))
+                if value != default]
+            if ignored:
+                raise HardnegError(f"train: {', '.join(ignored)} shape(s) the distillation term, but nothing "
+                                   "distils: set distill_weight > 0 or loss 'kd', or unset "
+                                   + " and ".join(part.split()[0] for part in ignored))
+        if self.distills and self.distill_scope == "pools":
+            if self.distill_form == "margin-mse" and self.negatives_per_query == 0:
+                raise HardnegError("train: distill_form 'margin-mse' distils positive-negative margins, but "
+                                   "negatives_per_query is 0, so no query has a pair and the term is always 0: "
+                                   "raise negatives_per_query, or use distill_scope 'batch'")
+            if self.distill_form == "kl" and self.positives_per_query + self.negatives_per_query < 2:
+                raise HardnegError(f"train: distill_form 'kl' compares the teacher's and the student's softmax over "
+                                   f"each query's scored documents, but {self.positives_per_query} positive(s) + "
+                                   f"{self.negatives_per_query} negative(s) per query is one document, so the term "
+                                   "is always 0: raise negatives_per_query, or use distill_scope 'batch'")
         if self.loss == "kd" and self.distill_weight:
             raise HardnegError("train: loss 'kd' is the distillation alone; distill_weight adds it to a "
                                "contrastive loss (infonce, mw, decoupled): give one or the other")

@@ -156,6 +156,41 @@ def test_a_run_continues_across_the_changes_training_allows_on_resume(tmp_path):
     assert _interrupted_training(tmp_path, config | {"train": config["train"] | {"cache_chunk": 8}}) == "latest"
     with pytest.raises(HardnegError, match=r"another config \(train.learning_rate differ\)"):
         _interrupted_training(tmp_path, config | {"train": config["train"] | {"learning_rate": 1e-4}})
+    # train.resume says how to continue, not what: set once, then dropped, the run still continues
+    assert _interrupted_training(tmp_path, config | {"train": config["train"] | {"resume": "latest"}}) == "latest"
+    resumed = config | {"train": config["train"] | {"resume": "latest"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(resumed, sort_keys=False))
+    assert _interrupted_training(tmp_path, config) == "latest"
+
+
+def test_a_resume_that_cannot_continue_is_refused_before_any_work(tiny_model, tmp_path, capsys):
+    """train.resume with no checkpoint was an IndexError after mining; one of other training settings was refused
+    only when training started, after mining, and left its config.yaml over the interrupted run's."""
+    import dataclasses
+
+    from hardneg.pipeline import load_config, section_settings
+    from retriever.checkpoint import STATE_FILE, STATE_JSON
+    from retriever.train import TrainConfig
+
+    def command(output: Path, resume: Path | str) -> list[str]:
+        return ["--quiet", "run", str(REPO / "configs" / "nfcorpus-demo.yaml"), "--model", str(tiny_model),
+                "--output-dir", str(output), "--set", f"train.resume={resume}"]
+
+    assert main(command(tmp_path / "fresh", "latest")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.resume latest: no checkpoint in" in err, err
+    assert not (tmp_path / "fresh").exists()
+    other = tmp_path / "other" / "checkpoints" / "step-0000010"
+    other.mkdir(parents=True)
+    (other / STATE_FILE).write_bytes(b"")
+    config = section_settings(TrainConfig, load_config(REPO / "configs" / "nfcorpus-demo.yaml"), "train")
+    identity = {f"config.{key}": value for key, value in dataclasses.asdict(config).items()}
+    identity |= {"config.model": str(tiny_model), "config.learning_rate": 1.0}
+    (other / STATE_JSON).write_text(json.dumps({"identity": identity}))
+    assert main(command(tmp_path / "out", tmp_path / "other")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.learning_rate: checkpoint has 1.0, this run has 3e-05" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def _copy_demo(tmp_path: Path) -> Path:
@@ -222,6 +257,16 @@ def test_unknown_config_key_is_refused(tmp_path, capsys):
     config.write_text("data: {path: nfcorpus-demo}\ntrain: {epochs: 1, batchsize: 8}\n")
     assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
     assert "unknown setting 'train.batchsize'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_negatives_per_step_than_mined_is_refused(tmp_path, capsys):
+    """Training samples from what mining wrote: asking for more per step was silently capped at mine.num_negatives."""
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {path: nfcorpus-demo}\nmine: {num_negatives: 2}\ntrain: {negatives_per_query: 4}\n")
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.negatives_per_query 4 is more than the 2 negatives" in err, err
     assert not (tmp_path / "out").exists()
 
 

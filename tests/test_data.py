@@ -17,7 +17,9 @@ from retriever.data import (
     load_msmarco,
     load_qrels,
     load_queries,
+    pools_scorer,
     read_pools,
+    read_pools_meta,
     write_pools,
 )
 from retriever.io import DataError, atomic_write
@@ -396,6 +398,20 @@ def test_read_pools_bad_entries(tmp_path):
     _assert_located(_error(read_pools, path), "pools.jsonl", 1, "negatives")
     path.write_text("\n", encoding="utf-8")
     assert "no pools" in str(_error(read_pools, path))
+
+
+@pytest.mark.parametrize("key, value", [("settings", ["x"]), ("config", "mine"), ("corpus", "x"), ("counts", 3)])
+def test_a_pools_meta_edited_into_other_types_is_refused_with_its_field(tmp_path, key, value):
+    """Read by training (the corpus check, the teacher that scored the pools, the model card) and re-mining: a
+    section of another type was an AttributeError traceback, one of them after training had finished."""
+    path = tmp_path / "pools.jsonl"
+    write_pools(path, _pools())
+    (tmp_path / "pools.meta.json").write_text(json.dumps({"dataset": "tiny", key: value}), encoding="utf-8")
+    for read in (read_pools_meta, pools_scorer):
+        err = _error(read, path)
+        assert str(err).startswith(f"{tmp_path / 'pools.meta.json'}: field '{key}': expected a JSON object"), err
+    corpus = load_corpus(make_beir(tmp_path / "tiny", GOOD_QRELS) / "corpus.jsonl")
+    assert "expected a JSON object" in str(_error(read_pools, path, corpus))
 
 
 # ------------------------------------------------------------------------------------------ atomic_write

@@ -195,7 +195,8 @@ def test_cli_refuses_bad_distillation_and_selection_settings(small, tiny_model, 
     for extra, message in ((["--loss", "kd"], "distillation needs pools mined with a teacher"),
                            (["--distill-weight", "0.5"], "distillation needs pools mined with a teacher"),
                            (["--dev-fraction", "0.7"], "dev_fraction: must be <= 0.5"),
-                           (["--patience", "2"], "no qrels for split 'dev'")):
+                           (["--patience", "2"], "no qrels for split 'dev'"),
+                           (["--dev-fraction", "0.2", "--dev-split", "test"], "give one or the other")):
         assert main(base + extra) == 2, extra
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and message in error, error
@@ -311,3 +312,18 @@ def test_cli_distils_over_the_batch_with_the_recorded_fused_teacher(tiny_model, 
     assert code == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "out" / "training_config.json").read_text())
     assert record["config"]["distill_scope"] == "batch" and record["summary"]["steps"] == 3
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"teacher_temperature": 2.0}, "teacher_temperature 2.0 shape.* nothing distils"),
+    ({"distill_form": "margin-mse"}, "distill_form 'margin-mse' shape.* nothing distils"),
+    ({"loss": "kd", "negatives_per_query": 0}, "1 positive.* \\+ 0 negative.* the term is always 0"),
+    ({"distill_weight": 1.0, "distill_form": "margin-mse", "negatives_per_query": 0}, "no query has a pair"),
+])
+def test_a_distillation_setting_that_cannot_act_is_refused(changes, message):
+    """Silently ignored (a teacher temperature without distillation) or silently 0 (a pool-scope KL over one
+    document per query trained a model with a zero loss and zero gradients)."""
+    with pytest.raises(HardnegError, match=message):
+        TrainConfig(**changes).check()
+    TrainConfig(loss="kd", negatives_per_query=0, positives_per_query=2).check()  # two positives to compare
+    TrainConfig(loss="kd", negatives_per_query=0, distill_scope="batch").check()  # the whole batch is scored

@@ -72,6 +72,18 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         DualEncoder.load("./models/missing")
 
 
+def test_a_folder_that_holds_no_model_is_refused_when_named(tmp_path, tiny_model):
+    """Before any work, and not as an offline hub lookup: a data folder, or a training run folder (its model is in
+    model/), named as a model."""
+    (tmp_path / "corpus.jsonl").write_text("{}\n")
+    with pytest.raises(HardnegError, match="is a folder that holds no model .*give a Hugging Face"):
+        resolve_model(tmp_path)
+    (tmp_path / "model").symlink_to(tiny_model)
+    with pytest.raises(HardnegError, match=f"did you mean the trained model in {tmp_path / 'model'}"):
+        DualEncoder.load(tmp_path)
+    assert resolve_model(tmp_path / "model") == str(tmp_path / "model")
+
+
 def test_hub_name_offline_is_a_clear_error():
     with pytest.raises(HardnegError, match="offline"):
         DualEncoder.load("intfloat/e5-small-v2")

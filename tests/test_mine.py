@@ -369,6 +369,24 @@ def test_anchor_fallback_fills_short_queries_with_what_the_looser_anchor_keeps(d
         mine(demo_train, "bm25", anchor_fallback="median")
 
 
+@pytest.mark.parametrize("anchor, fallback, filter, message", [
+    ("max", "min", TopKPercPos(0.95), "'min' is stricter than anchor 'max' .*unset anchor_fallback"),
+    ("mean", "min", TopKPercPos(0.95), "'min' is stricter than anchor 'mean' .*choose a looser one \\(max\\)"),
+    ("mean", "mean", TopKPercPos(0.95), "'mean' is the anchor itself"),
+    ("min", "mean", TopK(), "filter 'topk' compares with none"),
+])
+def test_an_anchor_fallback_that_could_never_fill_a_query_is_refused(demo_train, anchor, fallback, filter, message):
+    """A filter keeps more the higher its anchor (min < mean < max): a fallback no looser than the anchor, or beside
+    a filter that compares with no positive, ran and reported '0 filled up' instead of being refused."""
+    with pytest.raises(HardnegError, match=message):
+        mine(demo_train, "bm25", anchor=anchor, anchor_fallback=fallback, filter=filter, show_progress=False)
+    from mining.settings import MineSettings
+
+    with pytest.raises(HardnegError, match=message):
+        MineSettings(anchor=anchor, anchor_fallback=fallback,
+                     filter="topk" if isinstance(filter, TopK) else "topk-percpos").check()
+
+
 def test_mine_takes_a_loaded_sentence_transformer_as_evaluate_does(demo_train, tiny_model, tmp_path):
     """The same object evaluate() accepts mines the same pools as the model's folder."""
     from sentence_transformers import SentenceTransformer

@@ -92,6 +92,19 @@ def test_resume_across_rounds_gives_the_weights_of_an_uninterrupted_run(small, t
                 (tmp_path / "whole" / REMINED_DIR / f"round-{number}" / POOLS_FILE).read_bytes()
 
 
+def test_a_fresh_run_mines_its_rounds_again_instead_of_reading_another_runs(small, tiny_model, tmp_path):
+    """A finished run leaves its rounds; a run of another config started afresh in that folder (a `hardneg run`
+    config changed and run again) read them back as its own and trained on the other run's negatives."""
+    data, pools = small
+    config = _config(tiny_model, epochs=2, save_steps=None)
+    train(pools, data.corpus, config, tmp_path, show_progress=False, remine=_remining(data, pools, tmp_path))
+    remining = _remining(data, pools, tmp_path, num_negatives=2)
+    train(pools, data.corpus, replace(config, learning_rate=1e-3), tmp_path, show_progress=False, remine=remining)
+    assert [r["reused"] for r in remining.rounds] == [False]
+    meta = json.loads((tmp_path / REMINED_DIR / "round-1" / POOLS_META).read_text())
+    assert meta["settings"]["num_negatives"] == 2
+
+
 def test_a_resume_inside_a_round_whose_pools_are_gone_is_refused(small, tiny_model, tmp_path):
     data, pools = small
     config = _config(tiny_model, epochs=2)

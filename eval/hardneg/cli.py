@@ -133,6 +133,10 @@ def cmd_train(args) -> None:
     check_precision(args.encode_precision)
     config = from_arguments(TrainConfig, args)
     config.check()
+    if config.dev_fraction and (args.dev_split or args.dev_data):
+        raise HardnegError("--dev-fraction selects on held-out training queries, --dev-split/--dev-data on another "
+                           "dev set: give one or the other")
+    args.dev_split = args.dev_split or DEFAULT_DEV_SPLIT
     check_output_folder(args.output, "--output")
     several = len(args.pools) > 1
     if several:
@@ -309,6 +313,7 @@ def cmd_evaluate(args) -> None:
 
 
 DEFAULT_EVALUATION_ROOT = "runs/evaluate"
+DEFAULT_DEV_SPLIT = "dev"  # hardneg train --dev-split
 
 
 def default_evaluation_folder(what: str, datasets: list) -> str:
@@ -406,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "latest one in --output (bare --resume)")
     group.add_argument("--dev-data", help="dataset to select on (default: --data); a dev split, or --dev-fraction "
                                           "to hold out training queries instead")
-    group.add_argument("--dev-split", default="dev", help="qrels split that --eval-steps / --patience score "
-                                                          "(default: dev)")
+    group.add_argument("--dev-split", help=f"qrels split that --eval-steps / --patience score (default: "
+                                           f"{DEFAULT_DEV_SPLIT})")
     group.add_argument("--dev-metric", default="nDCG@10", help="metric that picks the best model (default: "
                                                                "nDCG@10)")
     _encoder_arguments(p, aliases=False)

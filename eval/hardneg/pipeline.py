@@ -47,6 +47,7 @@ from retriever.train import (
     TRAIN_CONFIG,
     TrainConfig,
     check_memory_before_mining,
+    check_resume,
     train,
 )
 
@@ -185,7 +186,8 @@ def _interrupted_training(output: Path, config: dict) -> str | None:
     changed = ["config.yaml"]
     if isinstance(previous, dict):
         now, before = _flat(config), _flat(previous)
-        may_change = {f"train.{key}" for key in RESUMABLE_CHANGES}  # what training itself lets a resume change
+        # what training itself lets a resume change, and the resume setting itself (how to continue, not what)
+        may_change = {f"train.{key}" for key in RESUMABLE_CHANGES} | {"train.resume"}
         changed = sorted(key for key in now.keys() | before.keys()
                          if key not in may_change and now.get(key) != before.get(key))
     if not changed:
@@ -230,6 +232,10 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
         raise HardnegError("config: train.eval_steps / patience / soup select on the first evaluate.split; list a "
                            "dev split before the reported one, e.g. evaluate.split: [dev, test], or set "
                            "train.dev_fraction to hold out training queries")
+    if train_config.negatives_per_query > mining.num_negatives:
+        raise HardnegError(f"config: train.negatives_per_query {train_config.negatives_per_query} is more than the "
+                           f"{mining.num_negatives} negatives per query mine.num_negatives writes, so no step could "
+                           "use them; raise mine.num_negatives or lower train.negatives_per_query")
     if train_config.distills and not (mining.teacher or mining.cross_encoder or mining.fuse_bm25):
         raise HardnegError("config: distillation (train.loss kd or train.distill_weight) needs teacher scores in "
                            "the pools: set mine.teacher (a bi-encoder), mine.cross_encoder or mine.fuse_bm25")
@@ -237,6 +243,11 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
         check_batch_teacher(mining, remine_every=train_config.remine_every)
     output = check_output_folder(config["output_dir"], "output_dir")
     resume = training["resume"] or _interrupted_training(output, config)
+    if resume:  # a missing checkpoint, or one of other training settings, is refused before any work
+        try:
+            resume = check_resume(output, resume, train_config)
+        except HardnegError as err:
+            raise HardnegError(f"train.resume {resume}: {str(err).removeprefix(f'--resume {resume}: ')}") from None
     encode = encode_options(config["encode"], show_progress=show_progress)
     precision_note = describe_precision(encode["precision"], default_device())  # fp16 on a CPU fails here
     mine_split, eval_splits = _datasets(config)
@@ -271,7 +282,7 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     del base, source, rescorer
     echo(f"[3/4] training {config['model']} for {train_config.epochs} epoch(s)"
          + (f", re-mining with it every {train_config.remine_every}" if train_config.remine_every else "")
-         + (f", continuing from {resume if resume != 'latest' else checkpoint_dirs(output)[-1]}" if resume else ""))
+         + (f", continuing from {resume}" if resume else ""))
     pools_file = output / "pools" / POOLS_FILE
     pools = read_pools(pools_file, mine_split.corpus)
     evaluator, dev_name = None, eval_splits[0].split
