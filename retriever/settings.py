@@ -392,7 +392,9 @@ def resolve_sections(top: Any, sections: dict[str, type], source: ConfigSource,
                 settings.check()
             except DataError:
                 raise
-            except HardnegError as err:
-                raise source.error(section, str(err)) from None
+            except HardnegError as err:  # a rule between settings: blame the command-line flag it names, if any
+                named = [key for key in source.overrides if key.startswith(section + ".")
+                         and re.search(rf"\b{re.escape(key.split('.', 1)[1])}\b", str(err))]
+                raise source.error(named[0] if named else section, str(err)) from None
         config[section] = {key: value for key, value in dataclasses.asdict(settings).items() if key not in fixed}
     return config

@@ -91,6 +91,22 @@ def test_run_flags_are_named_in_errors_and_a_file_value_is_not_blamed_on_an_over
     assert str(error.value).startswith(f"{path}:4: field 'train.loss'")
 
 
+def test_a_rule_between_settings_blames_the_override_it_names_and_else_the_section(tmp_path):
+    """A section's check() relates several settings; when a --set value broke it, the flag is named, not the file's
+    ``train:`` line (which the user did not change)."""
+    path = _config(tmp_path, "seed: 1\ntrain:\n  epochs: 2\n")
+    with pytest.raises(DataError) as error:
+        load_config(path, ["train.remine_every=2"])
+    assert str(error.value).startswith("--set train.remine_every: field 'train.remine_every': "), error.value
+    with pytest.raises(DataError) as error:  # of several overrides, the one the rule names
+        load_config(path, ["train.learning_rate=1e-4", "train.distill_scope=batch"])
+    assert str(error.value).startswith("--set train.distill_scope: "), error.value
+    path = _config(tmp_path, "train:\n  epochs: 2\n  remine_every: 2\n")  # the rule names no overridden key
+    with pytest.raises(DataError) as error:
+        load_config(path, ["train.learning_rate=1e-4"])
+    assert str(error.value).startswith(f"{path}:2: field 'train': "), error.value
+
+
 def test_the_python_functions_default_to_the_schema():
     """``mine()`` and ``evaluate()`` take their settings as keyword arguments; where a default is a plain value
     it must be the schema's (the CLI's, the YAML's), so the three ways in cannot drift apart."""
