@@ -377,10 +377,13 @@ class Trainer:
             raise HardnegError("train: distill_scope 'batch' scores one dataset's batches; train on several datasets "
                                "with distill_scope 'pools'")
         if self.distills and self.teacher is None:
-            unscored = sum(1 for pool in pools for c in [*pool.positives, *pool.negatives] if c.score is None)
+            unscored = [(pool.query_id, c.doc_id) for pool in pools for c in [*pool.positives, *pool.negatives]
+                        if c.score is None]
             if unscored:
+                query_id, doc_id = unscored[0]
                 raise HardnegError(f"train: distillation needs a teacher score for every positive and negative; "
-                                   f"{unscored} have none (mine with --teacher or --cross-encoder)")
+                                   f"{len(unscored)} have none, the first document {doc_id!r} of query "
+                                   f"{query_id!r} (mine with --teacher, --cross-encoder or --fuse-bm25)")
         given = self.given_model
         if given is not None and not isinstance(given, DualEncoder) and not is_sentence_transformer(given):
             raise HardnegError(f"train: model must be a DualEncoder or a SentenceTransformer, got "

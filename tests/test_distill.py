@@ -131,7 +131,9 @@ def test_distillation_refuses_pools_without_scores(small, tiny_model, tmp_path):
     data, pools = small
     unscored = [Pool(p.query_id, p.query, [Candidate(c.doc_id, None) for c in p.positives], p.negatives)
                 for p in pools]
-    with pytest.raises(HardnegError, match="distillation needs a teacher score"):
+    first = unscored[0]
+    with pytest.raises(HardnegError, match=f"distillation needs a teacher score.* the first document "
+                                           f"'{first.positives[0].doc_id}' of query '{first.query_id}'"):
         train(unscored, data.corpus, _config(tiny_model, loss="kd"), tmp_path / "m", show_progress=False)
     assert not (tmp_path / "m").exists()
 
