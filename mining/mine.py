@@ -28,7 +28,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mining.filters import Filter, TopKPercPos, anchor_score, as_chain, check_anchor_fallback, describe_filter
+from mining.filters import (
+    Filter,
+    TopKPercPos,
+    anchor_score,
+    as_chain,
+    check_anchor_fallback,
+    describe_filter,
+    make_filter,
+)
 from mining.report import HISTOGRAM_FILE, MiningReport
 from mining.settings import DEFAULT_SHARD_SIZE, SAMPLINGS
 from mining.sources import Rescored, ranked
@@ -101,7 +109,9 @@ class MiningResult:
         if self.meta["settings"].get("anchor_fallback"):
             text += (f" ({counts.get('queries_filled_by_anchor_fallback', 0)} filled up by the "
                      f"{self.meta['settings']['anchor_fallback']} anchor fallback)")
-        if counts["share_short_of_negatives"] > 0.5 and self.meta["settings"]["anchor"] == "min":
+        compares_with_positives = as_chain(make_filter(**self.meta["settings"]["filter"])).needs_anchor
+        if counts["share_short_of_negatives"] > 0.5 and self.meta["settings"]["anchor"] == "min" \
+                and compares_with_positives:
             text += ("\nnote: most queries are short of negatives. With many (or loosely judged) positives per "
                      "query, or BM25 where a positive may share no word with the query (score 0), the lowest "
                      "positive is a very strict anchor; consider anchor 'mean' or 'max'")

@@ -387,6 +387,15 @@ def test_an_anchor_fallback_that_could_never_fill_a_query_is_refused(demo_train,
                      filter="topk" if isinstance(filter, TopK) else "topk-percpos").check()
 
 
+def test_the_strict_anchor_note_is_given_only_where_a_filter_compares_with_the_positives(demo_train):
+    """Most queries come out short in both runs (depth = num_negatives, positives excluded); only TopK-PercPos
+    compares with the lowest positive, so only its summary suggests a looser anchor."""
+    plain = mine(demo_train, "bm25", depth=10, num_negatives=10, filter=TopK(), show_progress=False)
+    anchored = mine(demo_train, "bm25", depth=10, num_negatives=10, filter=TopKPercPos(0.95), show_progress=False)
+    assert plain.meta["counts"]["share_short_of_negatives"] > 0.5
+    assert "very strict anchor" not in plain.summary() and "very strict anchor" in anchored.summary()
+
+
 def test_mine_takes_a_loaded_sentence_transformer_as_evaluate_does(demo_train, tiny_model, tmp_path):
     """The same object evaluate() accepts mines the same pools as the model's folder."""
     from sentence_transformers import SentenceTransformer
