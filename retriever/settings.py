@@ -350,6 +350,8 @@ def _merged(base: dict, given: dict) -> dict:
     be neither)."""
     merged = dict(base)
     for key, value in given.items():
+        if value is None and isinstance(base.get(key), dict):  # a section whose keys are all commented out
+            continue
         both = isinstance(value, dict) and isinstance(base.get(key), dict)
         merged[key] = {**base[key], **value} if both else value
     return merged

@@ -91,6 +91,14 @@ def test_run_flags_are_named_in_errors_and_a_file_value_is_not_blamed_on_an_over
     assert str(error.value).startswith(f"{path}:4: field 'train.loss'")
 
 
+def test_a_section_with_every_key_commented_out_is_empty(tmp_path):
+    config = load_config(_config(tmp_path, "train:\n  # epochs: 3\nmine:\n  depth: 20\n"))
+    assert config["train"]["epochs"] == 1 and config["mine"]["depth"] == 20
+    child = tmp_path / "child.yaml"  # ... and changes nothing of its base's section
+    child.write_text("base: c.yaml\nmine:\n  # depth: 50\n")
+    assert load_config(child)["mine"]["depth"] == 20
+
+
 def test_a_rule_between_settings_blames_the_override_it_names_and_else_the_section(tmp_path):
     """A section's check() relates several settings; when a --set value broke it, the flag is named, not the file's
     ``train:`` line (which the user did not change)."""
