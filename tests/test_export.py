@@ -176,6 +176,10 @@ def test_the_output_suffix_picks_the_container_and_train_reads_an_export_back(tm
     assert any(name.endswith(".arrow") for name in recorded)
     assert main([*train, "--pools", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "run2")]) == 0
     capsys.readouterr()
+    # an export records no scorer: distilling its scores is allowed, and said
+    assert main([*train[1:], "--pools", str(tmp_path / "p.parquet"), "--distill-weight", "1",
+                 "--output", str(tmp_path / "run5")]) == 0
+    assert "does not record what scored its pools" in capsys.readouterr().err
     assert main([*train, "--pools", str(tmp_path / "t.jsonl"), "--output", str(tmp_path / "run3")]) == 2
     assert main([*triplet_export, "--output", str(tmp_path / "tf")]) == 0
     assert main([*train, "--pools", str(tmp_path / "tf"), "--output", str(tmp_path / "run4")]) == 2

@@ -158,6 +158,10 @@ def cmd_train(args) -> None:
             raise HardnegError(f"{path}: distillation needs pools mined with a teacher or cross-encoder (their "
                                "scores are the soft labels); these carry the retriever's own scores. Mine with "
                                "--teacher MODEL, --cross-encoder MODEL or --fuse-bm25 W")
+        if config.distills and exported and not args.quiet:
+            print(f"hardneg: note: {path} is an export, which does not record what scored its pools; its scores "
+                  "are distilled as the teacher's (export pools mined with --teacher, --cross-encoder or "
+                  "--fuse-bm25)", file=sys.stderr)
         paths.append((path, exported))
     mine_settings = teacher_settings = None
     batch_teacher = config.distills and config.distill_scope == "batch"
