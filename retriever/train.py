@@ -78,7 +78,7 @@ from retriever.model_card import write_model_card
 from retriever.protocol import Scorer, components, describe
 from retriever.ranks import alone
 from retriever.reporting import Reporter, check_report_target, open_reporter
-from retriever.train_settings import LOSSES, TrainConfig
+from retriever.train_settings import LOSSES, SAFETY_NET_SECONDS, TrainConfig
 
 # The run folder (``output_dir``). The model folder holds the model and its card only, so that uploading or
 # sharing it as it is carries no logs, checkpoints or optimizer states; they live beside it.
@@ -521,6 +521,7 @@ class Trainer:
         self._check_memory()
         config = self.config
         self.started, self.examples_seen = time.time(), 0
+        self.last_checkpoint = self.started
         self.current_round, self.rounds = 0, []
         self.reporter = (open_reporter(config.report_to, self.output_dir / TENSORBOARD_DIR, first_step=self.step)
                          if self.main else Reporter())
@@ -582,6 +583,8 @@ class Trainer:
             bar.update(1)
             if self.config.save_steps and self.step % self.config.save_steps == 0 and self.step < self.total_steps:
                 self.checkpoint()
+            elif not self.config.save_steps and index < len(batches) - 1 and self._safety_net_due():
+                self.checkpoint(safety_net=True)  # inside a long epoch (its end writes one anyway)
             if self.on_step is not None:
                 self.on_step(self.step, self.model)
             if self._stopped_early():
@@ -696,11 +699,18 @@ class Trainer:
         soup.remove(self.output_dir)
         return made
 
+    def _safety_net_due(self) -> bool:
+        """Whether :data:`SAFETY_NET_SECONDS` have passed since the last checkpoint, as rank 0's clock says (every
+        rank must take part in a checkpoint, so one clock decides)."""
+        due = time.time() - self.last_checkpoint >= SAFETY_NET_SECONDS
+        return bool(distributed.broadcast_int(due)) if self.world > 1 else due
+
     def checkpoint(self, safety_net: bool = False) -> None:
         """Everything an exact resume needs, written by rank 0 (every rank's RNG state gathered first).
 
-        ``safety_net``: the end-of-epoch checkpoint of a run without ``save_steps``, marked as such; it replaces
-        the previous one of its kind and never removes a checkpoint the user asked for."""
+        ``safety_net``: a checkpoint of a run without ``save_steps`` (at the end of each epoch but the last, and
+        every :data:`SAFETY_NET_SECONDS` inside one), marked as such; it replaces the previous one of its kind and
+        never removes a checkpoint the user asked for."""
         rngs = _all_rng_states(self.world)
         if self.main:
             epoch = self.step // self.steps_per_epoch
@@ -717,6 +727,7 @@ class Trainer:
                 remove_safety_nets(self.output_dir, keep=self.step)
             _write_log(self.output_dir, self.log)
         distributed.barrier()
+        self.last_checkpoint = time.time()
 
     def finish(self) -> TrainResult:
         """The last checkpoint, the model folder and its card, the log, the loss plot and ``training_config.json``.

@@ -13,6 +13,9 @@ from retriever.settings import MAX_SEED, check_fields, setting
 LOSSES = ("infonce", "mw", "decoupled", "kd")
 DISTILL_FORMS = ("kl", "margin-mse")
 DISTILL_SCOPES = ("pools", "batch")
+# Without save_steps, a safety-net checkpoint also lands inside an epoch once this long has passed since the last
+# checkpoint: a killed run then loses at most half an hour, however long its epochs (a CPU epoch can take hours).
+SAFETY_NET_SECONDS = 30 * 60
 
 
 @dataclass
@@ -74,8 +77,10 @@ class TrainConfig:
                                      "fp32), fp32, bf16, fp16 (CUDA only, with a loss scaler)",
                              choices=PRECISIONS, argparse_choices=False)
     save_steps: int | None = setting(None, "write a checkpoint every N steps (and at the end); unset: one at the "
-                                           "end of each epoch but the last, replacing the one before and removed "
-                                           "when the run finishes, so that a killed run loses at most an epoch",
+                                           "end of each epoch but the last and every "
+                                           f"{SAFETY_NET_SECONDS // 60} minutes inside one, each replacing the one "
+                                           "before and removed when the run finishes, so that a killed run loses "
+                                           "at most that much",
                                      gt=0)
     save_total_limit: int | None = setting(None, "keep only the last N checkpoints", gt=0)
     eval_steps: int | None = setting(None, "score the dev queries every N steps and at the end (default, when "

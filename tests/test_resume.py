@@ -102,6 +102,34 @@ def test_without_save_steps_a_killed_run_still_resumes_from_its_last_epoch(small
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
 
 
+def test_inside_a_long_epoch_the_safety_net_lands_every_half_hour(small, tiny_model, tmp_path, monkeypatch):
+    """A CPU epoch can take hours: without save_steps, a checkpoint also lands inside an epoch once
+    SAFETY_NET_SECONDS have passed since the last (0 here: after every step), replacing the one before; a run
+    killed mid-epoch resumes from it to the uninterrupted run's weights."""
+    import retriever.train
+
+    data, pools = small
+    config = _config(tiny_model, epochs=3, save_steps=None)  # 3 steps per epoch
+    train(pools, data.corpus, config, tmp_path / "whole", show_progress=False)
+    monkeypatch.setattr(retriever.train, "SAFETY_NET_SECONDS", 0)
+    seen: dict[int, list[str]] = {}
+
+    def look_then_die(step: int, model) -> None:
+        seen[step] = [p.name for p in checkpoint_dirs(tmp_path / "cut")]
+        if step == 5:
+            raise Crash("killed in the middle of epoch 2")
+
+    with pytest.raises(Crash):
+        train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, on_step=look_then_die)
+    assert seen == {1: ["step-0000001"], 2: ["step-0000002"], 3: ["step-0000002"], 4: ["step-0000004"],
+                    5: ["step-0000005"]}  # step 3 ends epoch 1: its net is written after the step's callback
+    summary = train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, resume="latest").summary
+    assert summary["resumed_from"].endswith("step-0000005") and summary["steps"] == 9
+    assert not (tmp_path / "cut" / "checkpoints").exists()
+    whole, resumed = _weights(tmp_path / "whole" / MODEL_DIR), _weights(tmp_path / "cut" / MODEL_DIR)
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
 def test_the_safety_net_never_removes_the_checkpoints_the_user_asked_for(small, tiny_model, tmp_path):
     """A run saved every 2 steps, killed, resumed without save_steps: its own checkpoints stay, the end-of-epoch
     ones the resumed part writes go."""
