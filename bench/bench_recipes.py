@@ -198,7 +198,27 @@ def table(output: Path) -> str:
                                                         if r["seed"] in shared))
         lines.append(row(f"**peer, budget chosen on dev over seeds {', '.join(map(str, sorted(shared)))} "
                          f"({best})**", peers[best]))
+        lines.append(_verdict(results, peers[best], best))
     return "\n".join(lines)
+
+
+def _verdict(results: dict[str, list[dict]], peer: list[dict], peer_name: str) -> str:
+    """hardneg's method chosen on dev (among those with the most seeds) against the peer's chosen budget, on test."""
+    ours = {m: runs for m, runs in results.items() if not m.startswith("peer-") and m != "untrained"}
+    if not ours:
+        return ""
+    most = max(len(runs) for runs in ours.values())
+
+    def mean_of(runs: list[dict], split: str) -> float:
+        return statistics.mean(r["metrics"][split][SELECT] for r in runs)
+
+    candidates = [m for m in ours if len(ours[m]) == most]
+    shared = set.intersection(*({r["seed"] for r in ours[m]} for m in candidates))  # dev splits differ by seed
+    pick = max(candidates, key=lambda m: mean_of([r for r in ours[m] if not shared or r["seed"] in shared], "dev"))
+    ahead = mean_of(ours[pick], "test") - mean_of(peer, "test")
+    return (f"\nChosen on dev among hardneg's methods with {most} seed(s): {pick}, test {SELECT} "
+            f"{mean_of(ours[pick], 'test'):.4f} against the peer's {peer_name} ({len(peer)} seed(s)) "
+            f"{mean_of(peer, 'test'):.4f}: {ahead:+.4f}")
 
 
 def main() -> None:
