@@ -17,11 +17,12 @@ mean dev nDCG@10 over the seeds. Test is evaluated for every run, and read only 
 
 Every finished run leaves ``<output>/<method>/seed-<s>/result.json`` with the settings it ran with, and is
 skipped when the script runs again with the same settings (a recipe edited since is run again), and a run
-killed midway continues from its last epoch (hardneg's end-of-epoch checkpoint, the peer trainer's
-``checkpoint-N``), so a sweep can be split over sessions (or machines, when the folders are copied together);
-``--work`` keeps the models and run outputs elsewhere, ``--only`` runs some of the methods (several processes
-can share one output: ``bench/gpu_recipes.sh`` fans a sweep out on one GPU). ``--table`` only prints the table of
-what is there. The peer needs the ``bench`` extra (``pip install -e '.[bench]'``: accelerate for its trainer).
+killed midway continues from its last checkpoint (hardneg's safety net, at each epoch end and every half hour;
+the peer trainer's ``checkpoint-N`` at each epoch end), so a sweep can be split over sessions (or machines, when
+the folders are copied together); ``--work`` keeps the models and run outputs elsewhere, ``--only`` runs some
+of the methods (several processes can share one output: ``bench/gpu_recipes.sh`` fans a sweep out on one GPU).
+``--table`` only prints the table of what is there. The peer needs the ``bench`` extra (``pip install -e
+'.[bench]'``: accelerate for its trainer).
 Examples::
 
     # the demo subset, ~2.5 h on 2 CPU cores for 3 seeds with the peer at 1 epoch

@@ -248,7 +248,8 @@ def check_anchor_fallback(anchor: str, fallback: str | None, flt: Filter) -> Non
     """Refuse an anchor fallback that could never fill a query up: one no looser than the anchor (a filter keeps
     more the higher its anchor: min < mean < max), or one beside a filter that compares with no positive."""
     for how in (anchor, fallback):
-        anchor_score([0.0], how or "min")  # an unknown name is refused with the choices
+        if how is not None:
+            anchor_score([0.0], how)  # an unknown name is refused with the choices
     if fallback is None:
         return
     if ANCHORS.index(fallback) <= ANCHORS.index(anchor):

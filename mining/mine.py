@@ -109,7 +109,10 @@ class MiningResult:
         if self.meta["settings"].get("anchor_fallback"):
             text += (f" ({counts.get('queries_filled_by_anchor_fallback', 0)} filled up by the "
                      f"{self.meta['settings']['anchor_fallback']} anchor fallback)")
-        compares_with_positives = as_chain(make_filter(**self.meta["settings"]["filter"])).needs_anchor
+        try:
+            compares_with_positives = as_chain(make_filter(**self.meta["settings"]["filter"])).needs_anchor
+        except HardnegError:  # a filter of the user's own, which make_filter does not know: it may compare
+            compares_with_positives = True
         if counts["share_short_of_negatives"] > 0.5 and self.meta["settings"]["anchor"] == "min" \
                 and compares_with_positives:
             text += ("\nnote: most queries are short of negatives. With many (or loosely judged) positives per "

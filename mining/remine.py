@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,7 +50,8 @@ from retriever.encoder import DualEncoder
 from retriever.io import DataError, HardnegError
 from retriever.protocol import Scorer, describe
 from retriever.settings import from_arguments
-from retriever.train import REMINED_DIR
+
+REMINED_DIR = "remined"  # the pools of each re-mining round, OUTPUT/remined/round-R/
 
 
 def is_bm25(spec: object) -> bool:
@@ -75,6 +77,11 @@ class Remining:
         self.config = config or {}
         self._rescorer: object | None = None
         self.rounds: list[dict] = []
+
+    def start_afresh(self) -> None:
+        """Remove the rounds an earlier run left in this folder (a finished run, or one of another config): they
+        were mined by another model, and a run that does not resume mines its own."""
+        shutil.rmtree(self.output_dir / REMINED_DIR, ignore_errors=True)
 
     def folder(self, round_number: int) -> Path:
         return self.output_dir / REMINED_DIR / f"round-{round_number}"

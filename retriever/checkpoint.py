@@ -31,7 +31,7 @@ from retriever.io import HardnegError, atomic_directory
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "state.json"
-SAFETY_NET = "safety_net"  # state.json key: an end-of-epoch checkpoint written without save_steps
+SAFETY_NET = "safety_net"  # state.json key: a checkpoint written without save_steps (epoch end, or half-hourly)
 MODEL_DIR = "model"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -66,23 +66,25 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_checkpoint(output_dir: str | os.PathLike, resume: str | os.PathLike) -> Path:
+def find_checkpoint(output_dir: str | os.PathLike, resume: str | os.PathLike, flag: str = "--resume") -> Path:
     """The checkpoint folder meant by ``--resume``: ``latest`` (in ``output_dir``) or a path.
 
-    A path may be a checkpoint folder or a run's output folder (its latest checkpoint is taken).
+    A path may be a checkpoint folder or a run's output folder (its latest checkpoint is taken). ``flag``: the
+    setting the errors name (``train.resume`` in a config).
     """
     if str(resume) == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
-            raise HardnegError(f"--resume latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIR} "
-                               "(was --save-steps set, and did the run reach its first save?)")
+            raise HardnegError(f"{flag} latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIR} (did the "
+                               "run reach its first checkpoint: the end of its first epoch, half an hour, or "
+                               "its first --save-steps?)")
         return found[-1]
     path = Path(resume)
     if (path / STATE_FILE).is_file():
         return path
     if checkpoint_dirs(path):
         return checkpoint_dirs(path)[-1]
-    raise HardnegError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}) nor a run folder with "
+    raise HardnegError(f"{flag} {resume}: not a checkpoint folder (no {STATE_FILE}) nor a run folder with "
                        f"{CHECKPOINTS_DIR}/step-NNNNNNN")
 
 
@@ -110,7 +112,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, state: dict
 
 
 def remove_safety_nets(output_dir: str | os.PathLike, keep: int | None = None) -> None:
-    """Delete the end-of-epoch checkpoints a run without ``save_steps`` writes (``SAFETY_NET`` in their
+    """Delete the safety-net checkpoints a run without ``save_steps`` writes (``SAFETY_NET`` in their
     ``state.json``), but the one of step ``keep``, and the checkpoints folder once empty. The checkpoints of
     ``save_steps`` (a resumed run may have had them) are the user's and stay."""
     spared = f"step-{keep:07d}" if keep is not None else None

@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -87,11 +86,12 @@ TRAIN_LOG = "logs/train_log.jsonl"        # one JSON record per step: loss, lr, 
 LOSS_PLOT = "logs/loss_curve.png"
 TENSORBOARD_DIR = "logs/tensorboard"      # with report_to tensorboard
 TRAIN_CONFIG = "training_config.json"     # config, summary, mining record, checksums, library versions
-REMINED_DIR = "remined"                   # remine_every: the pools of each re-mining round (mining.remine)
 # Settings that may change when resuming: they change speed, memory or bookkeeping, not the result.
 RESUMABLE_CHANGES = ("cache_chunk", "save_steps", "save_total_limit", "eval_steps", "patience")
 __all__ = ["LOSSES", "Remine", "TrainConfig", "TrainResult", "Trainer", "train"]
 # The re-mining hook: (model at the round's start, or None to read a finished round; round number) -> pools.
+# A hook that keeps finished rounds on disk (mining.remine.Remining) may offer start_afresh(), which a run that
+# does not resume calls first, so that it never trains on rounds another run left behind.
 Remine = Callable[["DualEncoder | None", int], "list[Pool]"]
 
 
@@ -333,6 +333,7 @@ class Trainer:
         self.reporter: Reporter = Reporter()
         self.distills = isinstance(loss, DistilledLoss) if loss is not None else config.distills
         self.teacher = teacher if self.distills and config.distill_scope == "batch" else None
+        self.last_checkpoint = time.time()  # when the last checkpoint was written (the run's start, at first)
         self._check_inputs()
         check_output_folder(output_dir, "output_dir")
         self.identity = _config_identity(config)
@@ -438,10 +439,9 @@ class Trainer:
             self._load_state(self.state)
         if self.main and config.soup:
             soup.drop_after(self.output_dir, self.step)  # a resumed run writes those again
-        if self.main and config.remine_every and self.state is None:
-            # rounds another run left here (a finished run, or one of another config) were mined by another model:
-            # a run that starts afresh mines its own; only a resumed run reads its finished rounds back
-            shutil.rmtree(self.output_dir / REMINED_DIR, ignore_errors=True)
+        start_afresh = getattr(self.remine, "start_afresh", None)
+        if self.main and config.remine_every and self.state is None and start_afresh is not None:
+            start_afresh()  # only a resumed run reads its finished rounds back
         self.trained = distributed.wrap_ddp(self.model)  # the model itself for one process
         self.autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.meta = {"identity": self.identity, "model_identity": _model_identity(self.model),
@@ -583,7 +583,8 @@ class Trainer:
             bar.update(1)
             if self.config.save_steps and self.step % self.config.save_steps == 0 and self.step < self.total_steps:
                 self.checkpoint()
-            elif not self.config.save_steps and index < len(batches) - 1 and self._safety_net_due():
+            elif not self.config.save_steps and index < len(batches) - 1 and self.step < self.total_steps \
+                    and self._safety_net_due():
                 self.checkpoint(safety_net=True)  # inside a long epoch (its end writes one anyway)
             if self.on_step is not None:
                 self.on_step(self.step, self.model)
@@ -850,11 +851,11 @@ def _config_identity(config: TrainConfig) -> dict:
 _RESUMABLE_KEYS = tuple(f"config.{key}" for key in RESUMABLE_CHANGES)
 
 
-def check_resume(output_dir: str | Path, resume: str | Path, config: TrainConfig) -> Path:
+def check_resume(output_dir: str | Path, resume: str | Path, config: TrainConfig, flag: str = "--resume") -> Path:
     """The checkpoint ``resume`` names (``"latest"`` in ``output_dir``, or a folder), refused before any work when
     there is none or it was written with other training settings; the pools and the model it trained are
-    checked when training starts (a pipeline mines its pools first)."""
-    checkpoint = find_checkpoint(output_dir, resume)
+    checked when training starts (a pipeline mines its pools first). ``flag``: the setting errors name."""
+    checkpoint = find_checkpoint(output_dir, resume, flag)
     saved = load_checkpoint_summary(checkpoint).get("identity") or {}
     current = _config_identity(config)
     check_compatible(checkpoint, {key: value for key, value in saved.items() if key.startswith("config.")},

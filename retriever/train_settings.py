@@ -3,7 +3,7 @@ and Python; kept apart from :mod:`retriever.train` so the CLI builds its flags w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from retriever.encoding import PRECISIONS
 from retriever.io import HardnegError
@@ -119,13 +119,15 @@ class TrainConfig:
             raise HardnegError("train: distill_scope 'batch' scores the batch with the teacher for a distillation "
                                "term, but nothing distils: set distill_weight > 0 or loss 'kd'")
         if not self.distills:
-            ignored = [f"{name} {value!r}" for name, value, default in (
-                ("teacher_temperature", self.teacher_temperature, None), ("distill_form", self.distill_form, "kl"))
-                if value != default]
-            if ignored:
-                raise HardnegError(f"train: {', '.join(ignored)} shape(s) the distillation term, but nothing "
-                                   "distils: set distill_weight > 0 or loss 'kd', or unset "
-                                   + " and ".join(part.split()[0] for part in ignored))
+            defaults = {field.name: field.default for field in fields(self)}
+            changed = [name for name in ("teacher_temperature", "distill_form")
+                       if getattr(self, name) != defaults[name]]
+            if changed:
+                raise HardnegError(f"train: {', '.join(f'{name} {getattr(self, name)!r}' for name in changed)} "
+                                   f"only shape{'s' if len(changed) == 1 else ''} the distillation term, but nothing "
+                                   "distils: set distill_weight > 0 "
+                                   "or loss 'kd', or leave "
+                                   + " and ".join(f"{name} at its default ({defaults[name]!r})" for name in changed))
         if self.distills and self.distill_scope == "pools":
             if self.distill_form == "margin-mse" and self.negatives_per_query == 0:
                 raise HardnegError("train: distill_form 'margin-mse' distils positive-negative margins, but "

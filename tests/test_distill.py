@@ -317,8 +317,8 @@ def test_cli_distils_over_the_batch_with_the_recorded_fused_teacher(tiny_model, 
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"teacher_temperature": 2.0}, "teacher_temperature 2.0 shape.* nothing distils"),
-    ({"distill_form": "margin-mse"}, "distill_form 'margin-mse' shape.* nothing distils"),
+    ({"teacher_temperature": 2.0}, "teacher_temperature 2.0 only shapes .* nothing distils.* at its default \\(None"),
+    ({"distill_form": "margin-mse"}, "distill_form 'margin-mse' only shapes .* at its default \\('kl'\\)"),
     ({"loss": "kd", "negatives_per_query": 0}, "1 positive.* \\+ 0 negative.* the term is always 0"),
     ({"distill_weight": 1.0, "distill_form": "margin-mse", "negatives_per_query": 0}, "no query has a pair"),
 ])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -387,6 +387,16 @@ def test_an_anchor_fallback_that_could_never_fill_a_query_is_refused(demo_train,
                      filter="topk" if isinstance(filter, TopK) else "topk-percpos").check()
 
 
+def test_anchor_names_are_checked_up_front_and_a_looser_fallback_is_accepted():
+    from mining.filters import check_anchor_fallback
+
+    for anchor, fallback in (("", None), ("min", ""), ("", "mean")):
+        with pytest.raises(HardnegError, match="unknown anchor ''"):
+            check_anchor_fallback(anchor, fallback, TopKPercPos(0.95))
+    check_anchor_fallback("mean", "max", TopKPercPos(0.95))
+    check_anchor_fallback("min", None, TopK())
+
+
 def test_the_strict_anchor_note_is_given_only_where_a_filter_compares_with_the_positives(demo_train):
     """Most queries come out short in both runs (depth = num_negatives, positives excluded); only TopK-PercPos
     compares with the lowest positive, so only its summary suggests a looser anchor."""
@@ -394,6 +404,17 @@ def test_the_strict_anchor_note_is_given_only_where_a_filter_compares_with_the_p
     anchored = mine(demo_train, "bm25", depth=10, num_negatives=10, filter=TopKPercPos(0.95), show_progress=False)
     assert plain.meta["counts"]["share_short_of_negatives"] > 0.5
     assert "very strict anchor" not in plain.summary() and "very strict anchor" in anchored.summary()
+
+    @dataclass(frozen=True)
+    class Mine:  # a filter of the user's own (the Filter protocol), which the summary cannot rebuild by name
+        name = "mine"
+        needs_anchor = True
+
+        def keep(self, scores, anchor):
+            return scores < 0.95 * anchor
+
+    own = mine(demo_train, "bm25", depth=10, num_negatives=10, filter=Mine(), show_progress=False)
+    assert "very strict anchor" in own.summary()
 
 
 def test_mine_takes_a_loaded_sentence_transformer_as_evaluate_does(demo_train, tiny_model, tmp_path):

@@ -128,11 +128,13 @@ def cmd_train(args) -> None:
     from retriever.data import load_corpus_of, pools_file, pools_scorer, read_pools_meta
     from retriever.encoding import check_precision
     from retriever.mixture import mix
-    from retriever.train import MODEL_DIR, TrainConfig, train
+    from retriever.train import MODEL_DIR, TrainConfig, check_resume, train
 
     check_precision(args.encode_precision)
     config = from_arguments(TrainConfig, args)
     config.check()
+    if args.resume:  # before the corpus and pools are read; training checks the pools and the model too
+        check_resume(args.output, args.resume, config)
     if config.dev_fraction and (args.dev_split or args.dev_data):
         raise HardnegError("--dev-fraction selects on held-out training queries, --dev-split/--dev-data on another "
                            "dev set: give one or the other")

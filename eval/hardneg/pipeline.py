@@ -247,10 +247,7 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     output = check_output_folder(config["output_dir"], "output_dir")
     resume = training["resume"] or _interrupted_training(output, config)
     if resume:  # a missing checkpoint, or one of other training settings, is refused before any work
-        try:
-            resume = check_resume(output, resume, train_config)
-        except HardnegError as err:
-            raise HardnegError(f"train.resume {resume}: {str(err).removeprefix(f'--resume {resume}: ')}") from None
+        resume = check_resume(output, resume, train_config, flag="train.resume")
     encode = encode_options(config["encode"], show_progress=show_progress)
     precision_note = describe_precision(encode["precision"], default_device())  # fp16 on a CPU fails here
     mine_split, eval_splits = _datasets(config)
