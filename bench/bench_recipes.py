@@ -217,9 +217,12 @@ def _verdict(results: dict[str, list[dict]], peer: list[dict], peer_name: str) -
     shared = set.intersection(*({r["seed"] for r in ours[m]} for m in candidates))  # dev splits differ by seed
     pick = max(candidates, key=lambda m: mean_of([r for r in ours[m] if not shared or r["seed"] in shared], "dev"))
     ahead = mean_of(ours[pick], "test") - mean_of(peer, "test")
+    def seeds(runs: list[dict]) -> str:
+        return ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+
     return (f"\nChosen on dev among hardneg's methods with {most} seed(s): {pick}, test {SELECT} "
-            f"{mean_of(ours[pick], 'test'):.4f} against the peer's {peer_name} ({len(peer)} seed(s)) "
-            f"{mean_of(peer, 'test'):.4f}: {ahead:+.4f}")
+            f"{mean_of(ours[pick], 'test'):.4f} (seeds {seeds(ours[pick])}) against the peer's {peer_name} "
+            f"{mean_of(peer, 'test'):.4f} (seeds {seeds(peer)}): {ahead:+.4f}")
 
 
 def main() -> None:

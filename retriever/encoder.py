@@ -47,7 +47,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     if folder.is_dir():
         if not any((folder / marker).is_file() for marker in _MODEL_MARKERS):
             inside = folder / "model"  # a `hardneg train` run folder holds its model there
-            hint = (f"; did you mean the trained model in {inside}?" if (inside / "config.json").is_file() else
+            holds_model = any((inside / marker).is_file() for marker in _MODEL_MARKERS)
+            hint = (f"; did you mean the trained model in {inside}?" if holds_model else
                     ": give a Hugging Face or sentence-transformers model folder")
             raise HardnegError(f"model path '{text}' is a folder that holds no model (no "
                                f"{' or '.join(_MODEL_MARKERS)}){hint}")

@@ -16,7 +16,7 @@ import torch
 
 from eval.runs import read_run
 from hardneg.cli import main
-from retriever.data import BUNDLED_DIR
+from retriever.data import BUNDLED_DIR, load_dataset
 from retriever.io import HardnegError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,6 +267,18 @@ def test_more_negatives_per_step_than_mined_is_refused(tmp_path, capsys):
     assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train.negatives_per_query 4 is more than the 2 negatives" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_more_negatives_per_step_than_the_pools_were_mined_with(tmp_path, capsys):
+    from mining.mine import mine
+
+    mine(load_dataset("nfcorpus-demo", "train"), "bm25", depth=10, num_negatives=2, output_dir=tmp_path / "pools",
+         show_progress=False)
+    assert main(["train", "--pools", str(tmp_path / "pools"), "--data", "nfcorpus-demo", "--negatives-per-query", "3",
+                 "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mined with num_negatives 2, fewer than --negatives-per-query 3" in err, err
     assert not (tmp_path / "out").exists()
 
 

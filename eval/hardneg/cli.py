@@ -160,6 +160,11 @@ def cmd_train(args) -> None:
             raise HardnegError(f"{path}: distillation needs pools mined with a teacher or cross-encoder (their "
                                "scores are the soft labels); these carry the retriever's own scores. Mine with "
                                "--teacher MODEL, --cross-encoder MODEL or --fuse-bm25 W")
+        mined = None if exported else ((read_pools_meta(path) or {}).get("settings") or {}).get("num_negatives")
+        if isinstance(mined, int) and mined < config.negatives_per_query:
+            raise HardnegError(f"{path}: mined with num_negatives {mined}, fewer than --negatives-per-query "
+                               f"{config.negatives_per_query}, so no step could use that many; lower "
+                               "--negatives-per-query or mine more")
         if config.distills and exported and not args.quiet:
             print(f"hardneg: note: {path} is an export, which does not record what scored its pools; its scores "
                   "are distilled as the teacher's (export pools mined with --teacher, --cross-encoder or "
