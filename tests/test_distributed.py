@@ -175,3 +175,46 @@ def test_a_process_without_a_gpu_of_its_own_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
     with pytest.raises(HardnegError, match="has no GPU"):
         distributed.device()
+
+
+def _safety_net_worker(rank: int, port: int, model_path: str, output: str) -> None:
+    """Rank 0's clock says a safety net is due after every step, rank 1's never: both must write it together
+    (a checkpoint gathers every rank's RNG state), or the run would hang."""
+    from conftest import Crash, crash_after, small
+
+    import retriever.train
+    from mining.mine import mine
+    from retriever.data import load_dataset
+    from retriever.train import TrainConfig, train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    assert distributed.init_from_env()
+    retriever.train.SAFETY_NET_SECONDS = 0 if rank == 0 else 10**9
+    data = small(load_dataset("nfcorpus-demo", "train"), queries=16)
+    pools = mine(data, "bm25", depth=10, num_negatives=2, show_progress=False).pools
+    config = TrainConfig(model=model_path, epochs=1, batch_size=4, max_length=16, negatives_per_query=1)
+    try:
+        train(pools, data.corpus, config, output, show_progress=False, on_step=crash_after(2))  # 4 steps
+    except Crash:
+        pass
+    finally:
+        distributed.cleanup()
+
+
+@pytest.mark.slow
+def test_rank_0s_clock_decides_when_every_rank_writes_a_safety_net(tiny_model, tmp_path, monkeypatch):
+    from retriever.checkpoint import checkpoint_dirs
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    context = mp.spawn(_safety_net_worker, args=(_free_port(), str(tiny_model), str(tmp_path / "run")),
+                       nprocs=WORLD, join=False)
+    for _ in range(240):  # a rank left out of a checkpoint would hang: fail after 2 minutes instead
+        if context.join(timeout=0.5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the two processes hung around a safety-net checkpoint")
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-0000002"]
