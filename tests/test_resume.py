@@ -47,6 +47,20 @@ def _log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / TRAIN_LOG).read_text().splitlines()]
 
 
+def _killed_after(last_step: int, pools, corpus, config: TrainConfig, output: Path) -> dict[int, list[str]]:
+    """Train into ``output`` until ``last_step``, then die; the checkpoints on disk after each step."""
+    seen: dict[int, list[str]] = {}
+
+    def look_then_die(step: int, model) -> None:
+        seen[step] = [p.name for p in checkpoint_dirs(output)]
+        if step == last_step:
+            raise Crash(f"killed after step {step}")
+
+    with pytest.raises(Crash):
+        train(pools, corpus, config, output, show_progress=False, on_step=look_then_die)
+    return seen
+
+
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(small, tiny_model, tmp_path):
     data, pools = small
     config = _config(tiny_model)
@@ -83,15 +97,7 @@ def test_without_save_steps_a_killed_run_still_resumes_from_its_last_epoch(small
     train(pools, data.corpus, config, tmp_path / "whole", show_progress=False)
     assert not (tmp_path / "whole" / "checkpoints").exists()
 
-    seen: dict[int, list[str]] = {}
-
-    def look_then_die(step: int, model) -> None:
-        seen[step] = [p.name for p in checkpoint_dirs(tmp_path / "cut")]
-        if step == 8:
-            raise Crash("killed in epoch 3")
-
-    with pytest.raises(Crash):
-        train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, on_step=look_then_die)
+    seen = _killed_after(8, pools, data.corpus, config, tmp_path / "cut")  # in epoch 3
     assert seen[3] == [] and seen[4] == ["step-0000003"] and seen[7] == ["step-0000006"]
     with pytest.raises(HardnegError, match="already holds checkpoints.*--resume latest"):
         train(pools, data.corpus, config, tmp_path / "cut", show_progress=False)
@@ -112,15 +118,7 @@ def test_inside_a_long_epoch_the_safety_net_lands_every_half_hour(small, tiny_mo
     config = _config(tiny_model, epochs=3, save_steps=None)  # 3 steps per epoch
     train(pools, data.corpus, config, tmp_path / "whole", show_progress=False)
     monkeypatch.setattr(retriever.train, "SAFETY_NET_SECONDS", 0)
-    seen: dict[int, list[str]] = {}
-
-    def look_then_die(step: int, model) -> None:
-        seen[step] = [p.name for p in checkpoint_dirs(tmp_path / "cut")]
-        if step == 5:
-            raise Crash("killed in the middle of epoch 2")
-
-    with pytest.raises(Crash):
-        train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, on_step=look_then_die)
+    seen = _killed_after(5, pools, data.corpus, config, tmp_path / "cut")  # in the middle of epoch 2
     assert seen == {1: ["step-0000001"], 2: ["step-0000002"], 3: ["step-0000002"], 4: ["step-0000004"],
                     5: ["step-0000005"]}  # step 3 ends epoch 1: its net is written after the step's callback
     summary = train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, resume="latest").summary
