@@ -108,6 +108,8 @@ def coerce(item: Setting, value: Any) -> Any:
     if value is None:
         if item.optional:
             return None
+        if item.kind is dict:  # a config section (`train:`) whose keys are all commented out
+            return {}
         raise HardnegError("must be set (it has no 'unset' value)")
     kind = item.kind
     if kind is bool:

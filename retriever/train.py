@@ -333,7 +333,6 @@ class Trainer:
         self.reporter: Reporter = Reporter()
         self.distills = isinstance(loss, DistilledLoss) if loss is not None else config.distills
         self.teacher = teacher if self.distills and config.distill_scope == "batch" else None
-        self.last_checkpoint = time.time()  # when the last checkpoint was written (the run's start, at first)
         self._check_inputs()
         check_output_folder(output_dir, "output_dir")
         self.identity = _config_identity(config)
@@ -521,7 +520,7 @@ class Trainer:
         self._check_memory()
         config = self.config
         self.started, self.examples_seen = time.time(), 0
-        self.last_checkpoint = self.started
+        self.last_checkpoint = self.started  # when the last checkpoint was written (the run's start, at first)
         self.current_round, self.rounds = 0, []
         self.reporter = (open_reporter(config.report_to, self.output_dir / TENSORBOARD_DIR, first_step=self.step)
                          if self.main else Reporter())

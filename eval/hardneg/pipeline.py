@@ -117,9 +117,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     the flag that set it, default ``--set KEY``), fill defaults; returns the resolved config."""
     source = ConfigSource(path)
     given = source.data
-    for section in SECTIONS:  # `train:` with every key under it commented out is an empty section
-        if section in given and given[section] is None:
-            given[section] = {}
     for override in overrides or []:
         key, sep, value = override.partition("=")
         if not sep:
