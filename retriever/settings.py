@@ -46,6 +46,8 @@ class Meta:
     lt: float | None = None            # exclusive upper bound
     cli: bool = True                   # False: a config/Python setting with no flag
     argparse_choices: bool = True      # False: the choice is refused by check() with its own message
+    empty: bool = False                # True: "" is a value of its own (no prefix); else blank text is refused,
+                                       # since `--teacher ""` meaning "no teacher" silently is a surprise
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:
@@ -127,8 +129,10 @@ def coerce(item: Setting, value: Any) -> Any:
         hint = " (a string: remove the quotes)" if isinstance(value, str) and _is_number(value) else ""
         raise HardnegError(f"expected a number, got {value!r}{hint}")
     if kind is str:
-        if isinstance(value, str):
+        if isinstance(value, str) and (value.strip() or item.meta.empty):
             return value
+        if isinstance(value, str):
+            raise HardnegError("is empty: leave it out (or null) for none" if item.optional else "must not be empty")
         raise HardnegError(f"expected text, got {value!r}")
     if kind is list:
         if isinstance(value, str):

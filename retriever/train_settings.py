@@ -65,8 +65,9 @@ class TrainConfig:
     max_length: int | None = setting(None, "token limit for queries and documents (default: the model's)", ge=1)
     pooling: str | None = setting(None, "default: the model's, else mean", choices=("mean", "cls"))
     normalize: bool | None = setting(None, "L2-normalise embeddings (default: the model's, else yes)")
-    query_prefix: str | None = setting(None, "text put before every query, e.g. 'query: '")
-    document_prefix: str | None = setting(None, "text put before every document, e.g. 'passage: '")
+    query_prefix: str | None = setting(None, "text put before every query, e.g. 'query: '", empty=True)
+    document_prefix: str | None = setting(None, "text put before every document, e.g. 'passage: '",
+                                          empty=True)
     max_grad_norm: float = setting(1.0, "gradient clipping norm", gt=0)
     dropout: float | None = setting(None, "dropout probability of every dropout layer of the encoder while "
                                           "training (default: the model's own, 0.1 for BERT models); 0 lets a CPU "

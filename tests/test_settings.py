@@ -36,6 +36,8 @@ def test_yaml_numbers_are_read_as_yaml_1_2(tmp_path):
     ("evaluate:\n  metrics: [nDCG@10, bpref]\n", 2, "evaluate", "unknown metric 'bpref'"),
     ("train:\n  dev_fraction: 0.9\n", 3, "train.dev_fraction", "must be <= 0.5"),
     ("mine:\n  anchor_fallback: median\n", 3, "mine.anchor_fallback", "unknown anchor_fallback 'median'"),
+    ('mine:\n  teacher: ""\n', 3, "mine.teacher", "is empty: leave it out (or null) for none"),
+    ("model: '  '\n", 2, "model", "must not be empty"),
 ])
 def test_bad_yaml_values_name_the_file_line_and_key(tmp_path, text, line, field, message):
     path = _config(tmp_path, text)
@@ -89,6 +91,14 @@ def test_run_flags_are_named_in_errors_and_a_file_value_is_not_blamed_on_an_over
     with pytest.raises(DataError) as error:
         load_config(path, ["train.epochs=3"])
     assert str(error.value).startswith(f"{path}:4: field 'train.loss'")
+
+
+def test_blank_text_is_refused_except_where_it_is_a_value_of_its_own(tmp_path, capsys):
+    assert main(["mine", "--data", "nfcorpus-demo", "--teacher", "", "--output", str(tmp_path / "pools")]) == 2
+    assert "hardneg: error: mine: teacher: is empty" in capsys.readouterr().err
+    assert not (tmp_path / "pools").exists()
+    config = load_config(_config(tmp_path, 'train:\n  query_prefix: ""\n  document_prefix: ""\n'))
+    assert config["train"]["query_prefix"] == "" and config["train"]["document_prefix"] == ""  # no prefix
 
 
 def test_a_section_with_every_key_commented_out_is_empty(tmp_path):

@@ -41,7 +41,7 @@ class BenchmarkConfig:
     """The top level of a benchmark config (``configs/eval-*.yaml``)."""
 
     name: str | None = setting(None, "the config's key in expected_scores.yaml")
-    description: str = setting("", "what the benchmark measures")
+    description: str = setting("", "what the benchmark measures", empty=True)
     retriever: str | None = setting(None, "a model directory or name, or bm25 (or give run_file)")
     run_file: str | None = setting(None, "a TREC run to score instead of retrieving")
     output_dir: str | None = setting(None, "evaluation folder (default: runs/reproduce/NAME)")
