@@ -74,6 +74,7 @@ LEVERS = {
     "min-anchor": "mine.anchor=min",  # NV-Retriever's lowest-positive anchor, queries left short stay short
     "min-anchor-fallback": "mine.anchor=min,mine.anchor_fallback=mean",  # ... and the fallback fills them
     "one-epoch": "train.epochs=1",  # no epoch selection: one epoch
+    "five-epochs": "train.epochs=5",  # a longer budget (the schedule stretched), still kept best on dev
     # the model's own 256 tokens instead of the CPU's 128 (twice the step; the gradient cache keeps its memory)
     "full-length": "train.max_length=256,train.cache_chunk=8",
 }
