@@ -199,3 +199,24 @@ def test_the_shipped_run_configs_load_and_the_recipes_differ_only_where_they_say
     assert cheap["train"]["dev_fraction"] and cheap["mine"]["retriever"] == ["model"]  # selects on held-out queries
     assert {k: v for k, v in demo.items() if k not in ("name", "output_dir")} == \
         {k: v for k, v in cheap.items() if k not in ("name", "output_dir")}  # the demo is the cheap recipe
+
+
+def test_every_lever_of_the_recipe_benchmark_is_a_config_that_loads(tmp_path):
+    """bench/bench_recipes.py's ablation table switches one lever of recipe-distill at a time; a lever that the
+    settings' rules refuse would only show hours into a sweep."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_recipes", root / "bench" / "bench_recipes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "config.json").write_text("{}")  # the teacher's folder, as far as the check on load can tell
+    recipe = root / "configs" / "recipe-distill.yaml"
+    base = load_config(recipe, [f"mine.teacher={tmp_path}"])
+    for name, changes in bench.LEVERS.items():
+        config = load_config(recipe, [f"mine.teacher={tmp_path}", *changes.split(",")])
+        switched = {(section, key) for section in ("mine", "train") for key in base[section]
+                    if base[section][key] != config[section][key]}
+        said = {tuple(change.partition("=")[0].split(".")) for change in changes.split(",")}
+        assert switched and switched <= said, name  # the lever changes something, and only what it says
