@@ -20,6 +20,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,9 @@ STATE_JSON = "state.json"
 SAFETY_NET = "safety_net"  # state.json key: a checkpoint written without save_steps (epoch end, or half-hourly)
 MODEL_DIR = "model"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What a scheduler sends before it kills a job (SLURM at preemption or the time limit, Kubernetes, a plain
+# `kill`; torchrun passes it on to every worker): a grace period follows, which one step fits.
+STOP_SIGNALS = (signal.SIGTERM,)
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,6 +59,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopSignal:
+    """A stop signal noted instead of obeyed at once, so that training writes a checkpoint at the end of the step it
+    is in and then ends as the signal asked (the same exit status the scheduler expects, and nothing lost).
+
+    Without it a run killed between checkpoints loses everything since the last one (up to half an hour without
+    ``save_steps``). Only the main thread can take signals; elsewhere (training started from a thread) this does
+    nothing and the signal keeps its usual effect.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for number in STOP_SIGNALS:
+                if signal.getsignal(number) is not signal.SIG_IGN:  # a signal the caller ignores stays ignored
+                    self._previous[number] = signal.signal(number, self._note)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """The handlers as they were before (None: one not set from Python, i.e. the default)."""
+        for number, handler in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def _note(self, number: int, frame: object) -> None:
+        self.received = number
+
+    def obey(self, number: int | None = None) -> None:
+        """Restore the handlers and deliver signal ``number`` (default: the one noted, if any) to this process:
+        it now ends as it was asked to, or the handler from before this one runs. Under torchrun every rank
+        obeys rank 0's signal, received or not."""
+        self.__exit__()
+        number = number or self.received
+        if number:
+            os.kill(os.getpid(), number)
 
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:

@@ -31,6 +31,8 @@ import hashlib
 import json
 import math
 import random
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -45,6 +47,7 @@ from transformers import get_linear_schedule_with_warmup
 from retriever import distributed, soup
 from retriever.checkpoint import (
     SAFETY_NET,
+    StopSignal,
     check_compatible,
     checkpoint_dirs,
     find_checkpoint,
@@ -526,10 +529,11 @@ class Trainer:
                          if self.main else Reporter())
         if self.step == 0:
             self._report_pools()
+        self.stop_signal = StopSignal()
         try:
             name = config.loss if self.identity.get("loss") is None else type(self.loss_module).__name__
-            with tqdm(total=self.total_steps, initial=self.step, desc=f"train {name}", unit="step",
-                      disable=not (self.show_progress and self.main)) as bar:
+            with self.stop_signal, tqdm(total=self.total_steps, initial=self.step, desc=f"train {name}", unit="step",
+                                        disable=not (self.show_progress and self.main)) as bar:
                 for epoch in range(self.step // self.steps_per_epoch, config.epochs):
                     if self.step >= self.total_steps or self._stopped_early():
                         break
@@ -546,7 +550,9 @@ class Trainer:
                 _write_log(self.output_dir, self.log)
             self.reporter.close()
             raise
-        return self.finish()
+        result = self.finish()
+        self.stop_signal.obey()  # a stop asked during the last step: the model is saved, end as asked
+        return result
 
     def _next_round(self, epoch: int) -> None:
         """Replace the pools by those of the re-mining round that starts at ``epoch``."""
@@ -580,11 +586,16 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=record["examples_per_s"],
                             **best)
             bar.update(1)
+            written = True
             if self.config.save_steps and self.step % self.config.save_steps == 0 and self.step < self.total_steps:
                 self.checkpoint()
             elif not self.config.save_steps and index < len(batches) - 1 and self.step < self.total_steps \
                     and self._safety_net_due():
                 self.checkpoint(safety_net=True)  # inside a long epoch (its end writes one anyway)
+            else:
+                written = False
+            if self.step < self.total_steps and (number := self._stop_signal_number()):
+                self._end_on_signal(number, written)
             if self.on_step is not None:
                 self.on_step(self.step, self.model)
             if self._stopped_early():
@@ -698,6 +709,27 @@ class Trainer:
         made["kept"] = kept is not None
         soup.remove(self.output_dir)
         return made
+
+    def _stop_signal_number(self) -> int:
+        """The stop signal rank 0 was sent (0: none); every rank must take part in the checkpoint, so one decides."""
+        number = self.stop_signal.received or 0
+        return distributed.broadcast_int(number) if self.world > 1 else number
+
+    def _end_on_signal(self, number: int, written: bool) -> None:
+        """Checkpoint the step just finished (unless its own checkpoint was), say how to continue, and end as the
+        signal asked: a job stopped by its scheduler loses no step."""
+        if not written:
+            self.checkpoint(safety_net=not self.config.save_steps)
+        if self.main:
+            sys.stderr.write(f"hardneg train: {signal.Signals(number).name} at step {self.step} of "
+                             f"{self.total_steps}: checkpoint {checkpoint_dirs(self.output_dir)[-1]} written; "
+                             "continue with --resume latest "
+                             "(hardneg run: the same command again)\n")
+        self.reporter.close()
+        self.stop_signal.obey(number)
+        # still here: the handler from before training took the signal and returned, so stop with a clear line
+        raise HardnegError(f"stopped by {signal.Signals(number).name} at step {self.step}; continue with "
+                           "--resume latest")
 
     def _safety_net_due(self) -> bool:
         """Whether :data:`SAFETY_NET_SECONDS` have passed since the last checkpoint, as rank 0's clock says (every

@@ -218,3 +218,58 @@ def test_rank_0s_clock_decides_when_every_rank_writes_a_safety_net(tiny_model, t
             process.kill()
         pytest.fail("the two processes hung around a safety-net checkpoint")
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-0000002"]
+
+
+def _stop_signal_worker(rank: int, port: int, model_path: str, output: str) -> None:
+    """Only rank 0 is sent SIGTERM (after step 1): every rank takes part in the checkpoint of step 2, then ends by
+    rank 0's signal. Each rank's handler from before training stands in for the default (ending the process)
+    and leaves a mark."""
+    import signal
+    from pathlib import Path
+
+    from conftest import Crash, small
+
+    from mining.mine import mine
+    from retriever.data import load_dataset
+    from retriever.train import TrainConfig, train
+
+    def ended(number, frame):
+        raise Crash(signal.Signals(number).name)
+
+    def preempt(step, model):
+        if rank == 0 and step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    assert distributed.init_from_env()
+    signal.signal(signal.SIGTERM, ended)
+    data = small(load_dataset("nfcorpus-demo", "train"), queries=16)
+    pools = mine(data, "bm25", depth=10, num_negatives=2, show_progress=False).pools
+    config = TrainConfig(model=model_path, epochs=1, batch_size=4, max_length=16, negatives_per_query=1)
+    try:
+        train(pools, data.corpus, config, output, show_progress=False, on_step=preempt)  # 4 steps
+    except Crash as stop:
+        (Path(output) / f"rank-{rank}-ended-by-{stop}").touch()
+    finally:
+        distributed.cleanup()
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_rank_0_checkpoints_on_every_rank_and_ends_them_all(tiny_model, tmp_path, monkeypatch):
+    from retriever.checkpoint import checkpoint_dirs
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    context = mp.spawn(_stop_signal_worker, args=(_free_port(), str(tiny_model), str(tmp_path / "run")),
+                       nprocs=WORLD, join=False)
+    for _ in range(240):  # a rank left out of the checkpoint, or left training alone, would hang: fail after 2 min
+        if context.join(timeout=0.5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the processes hung after rank 0 was sent SIGTERM")
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-0000002"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("rank-*")) == [
+        f"rank-{rank}-ended-by-SIGTERM" for rank in range(WORLD)]

@@ -332,3 +332,57 @@ def test_greedy_soup_averages_in_only_what_raises_dev(tmp_path):
     assert sorted(p.name for p in (tmp_path / soup.SOUP_DIR).glob("*.pt")) == ["step-0000002.pt", "step-0000004.pt"]
     soup.drop_after(tmp_path, 2)
     assert [p.name for p in (tmp_path / soup.SOUP_DIR).glob("*.pt")] == ["step-0000002.pt"]
+
+
+_PREEMPTED_RUN = """
+import ast, os, signal, sys
+from dataclasses import replace
+from mining.mine import mine
+from retriever.data import load_dataset
+from retriever.train import TrainConfig, train
+model, output = sys.argv[1], sys.argv[2]
+data = load_dataset("nfcorpus-demo", "train")
+keep = sorted(data.qrels)[:20]
+data = replace(data, qrels={q: data.qrels[q] for q in keep}, queries={q: data.queries[q] for q in keep})
+pools = mine(data, "bm25", depth=20, num_negatives=4).pools
+config = TrainConfig(**ast.literal_eval(sys.argv[3]))
+
+def preempt(step, model):  # the scheduler's SIGTERM, sent while step 5 is under way
+    if step == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+train(pools, data.corpus, config, output, show_progress=False, on_step=preempt)
+print("not stopped")
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_the_run_after_a_checkpoint_of_its_step(small, tiny_model, tmp_path):
+    """A scheduler's SIGTERM (preemption, a time limit) mid-epoch: the step under way finishes, a checkpoint of it is
+    written, and the process then ends by the signal as it would have (exit status -SIGTERM, no traceback). The
+    resumed run reaches the uninterrupted run's weights, losing no step. In a real process: the default handler."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    data, pools = small
+    changes = {"model": str(tiny_model), "epochs": 3, "batch_size": 8, "learning_rate": 2e-3, "warmup_ratio": 0.2,
+               "positives_per_query": 2, "negatives_per_query": 2, "max_length": 32, "seed": 5,
+               "learnable_temperature": True}
+    config = TrainConfig(**changes)  # 3 steps per epoch, no save_steps: a safety net only at epoch ends
+    before = signal.getsignal(signal.SIGTERM)
+    train(pools, data.corpus, config, tmp_path / "whole", show_progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before  # training puts the handler back
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", _PREEMPTED_RUN, str(tiny_model), str(tmp_path / "cut"),
+                           repr(changes)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert "not stopped" not in done.stdout and "Traceback" not in done.stderr
+    assert "SIGTERM at step 5 of 9: checkpoint" in done.stderr and "--resume latest" in done.stderr
+    assert [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["step-0000005"]  # epoch 1's net replaced
+    summary = train(pools, data.corpus, config, tmp_path / "cut", show_progress=False, resume="latest").summary
+    assert summary["resumed_from"].endswith("step-0000005") and summary["steps"] == 9
+    whole, resumed = _weights(tmp_path / "whole" / MODEL_DIR), _weights(tmp_path / "cut" / MODEL_DIR)
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
