@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,12 +178,11 @@ def test_a_process_without_a_gpu_of_its_own_is_refused(monkeypatch):
         distributed.device()
 
 
-def _safety_net_worker(rank: int, port: int, model_path: str, output: str) -> None:
-    """Rank 0's clock says a safety net is due after every step, rank 1's never: both must write it together
-    (a checkpoint gathers every rank's RNG state), or the run would hang."""
-    from conftest import Crash, crash_after, small
+def _train_four_steps(rank: int, port: int, model_path: str, output: str, on_step) -> str | None:
+    """A 4-step training run on this rank of a gloo group of WORLD processes; the message of the ``Crash`` that
+    ended it early, if one did."""
+    from conftest import Crash, small
 
-    import retriever.train
     from mining.mine import mine
     from retriever.data import load_dataset
     from retriever.train import TrainConfig, train
@@ -191,16 +191,39 @@ def _safety_net_worker(rank: int, port: int, model_path: str, output: str) -> No
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     assert distributed.init_from_env()
-    retriever.train.SAFETY_NET_SECONDS = 0 if rank == 0 else 10**9
     data = small(load_dataset("nfcorpus-demo", "train"), queries=16)
     pools = mine(data, "bm25", depth=10, num_negatives=2, show_progress=False).pools
     config = TrainConfig(model=model_path, epochs=1, batch_size=4, max_length=16, negatives_per_query=1)
     try:
-        train(pools, data.corpus, config, output, show_progress=False, on_step=crash_after(2))  # 4 steps
-    except Crash:
-        pass
+        train(pools, data.corpus, config, output, show_progress=False, on_step=on_step)
+    except Crash as crash:
+        return str(crash)
     finally:
         distributed.cleanup()
+    return None
+
+
+def _spawn_or_fail(worker, model_path: Path, output: Path, hang: str) -> None:
+    """``worker(rank, port, model_path, output)`` on WORLD processes. A rank left out of a collective hangs them
+    all: the test fails after 2 minutes instead, saying where they hung."""
+    context = mp.spawn(worker, args=(_free_port(), str(model_path), str(output)), nprocs=WORLD, join=False)
+    for _ in range(240):
+        if context.join(timeout=0.5):
+            return
+    for process in context.processes:
+        process.kill()
+    pytest.fail(f"the processes hung {hang}")
+
+
+def _safety_net_worker(rank: int, port: int, model_path: str, output: str) -> None:
+    """Rank 0's clock says a safety net is due after every step, rank 1's never: both must write it together
+    (a checkpoint gathers every rank's RNG state), or the run would hang."""
+    from conftest import crash_after
+
+    import retriever.train
+
+    retriever.train.SAFETY_NET_SECONDS = 0 if rank == 0 else 10**9
+    _train_four_steps(rank, port, model_path, output, crash_after(2))
 
 
 @pytest.mark.slow
@@ -208,15 +231,7 @@ def test_rank_0s_clock_decides_when_every_rank_writes_a_safety_net(tiny_model, t
     from retriever.checkpoint import checkpoint_dirs
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    context = mp.spawn(_safety_net_worker, args=(_free_port(), str(tiny_model), str(tmp_path / "run")),
-                       nprocs=WORLD, join=False)
-    for _ in range(240):  # a rank left out of a checkpoint would hang: fail after 2 minutes instead
-        if context.join(timeout=0.5):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("the two processes hung around a safety-net checkpoint")
+    _spawn_or_fail(_safety_net_worker, tiny_model, tmp_path / "run", "around a safety-net checkpoint")
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-0000002"]
 
 
@@ -225,13 +240,8 @@ def _stop_signal_worker(rank: int, port: int, model_path: str, output: str) -> N
     rank 0's signal. Each rank's handler from before training stands in for the default (ending the process)
     and leaves a mark."""
     import signal
-    from pathlib import Path
 
-    from conftest import Crash, small
-
-    from mining.mine import mine
-    from retriever.data import load_dataset
-    from retriever.train import TrainConfig, train
+    from conftest import Crash
 
     def ended(number, frame):
         raise Crash(signal.Signals(number).name)
@@ -240,20 +250,10 @@ def _stop_signal_worker(rank: int, port: int, model_path: str, output: str) -> N
         if rank == 0 and step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    assert distributed.init_from_env()
     signal.signal(signal.SIGTERM, ended)
-    data = small(load_dataset("nfcorpus-demo", "train"), queries=16)
-    pools = mine(data, "bm25", depth=10, num_negatives=2, show_progress=False).pools
-    config = TrainConfig(model=model_path, epochs=1, batch_size=4, max_length=16, negatives_per_query=1)
-    try:
-        train(pools, data.corpus, config, output, show_progress=False, on_step=preempt)  # 4 steps
-    except Crash as stop:
-        (Path(output) / f"rank-{rank}-ended-by-{stop}").touch()
-    finally:
-        distributed.cleanup()
+    ended_by = _train_four_steps(rank, port, model_path, output, preempt)
+    if ended_by:
+        (Path(output) / f"rank-{rank}-ended-by-{ended_by}").touch()
 
 
 @pytest.mark.slow
@@ -261,15 +261,7 @@ def test_a_stop_signal_to_rank_0_checkpoints_on_every_rank_and_ends_them_all(tin
     from retriever.checkpoint import checkpoint_dirs
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    context = mp.spawn(_stop_signal_worker, args=(_free_port(), str(tiny_model), str(tmp_path / "run")),
-                       nprocs=WORLD, join=False)
-    for _ in range(240):  # a rank left out of the checkpoint, or left training alone, would hang: fail after 2 min
-        if context.join(timeout=0.5):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("the processes hung after rank 0 was sent SIGTERM")
+    _spawn_or_fail(_stop_signal_worker, tiny_model, tmp_path / "run", "after rank 0 was sent SIGTERM")
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-0000002"]
     assert sorted(p.name for p in (tmp_path / "run").glob("rank-*")) == [
         f"rank-{rank}-ended-by-SIGTERM" for rank in range(WORLD)]
