@@ -586,16 +586,13 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=record["examples_per_s"],
                             **best)
             bar.update(1)
-            written = True
-            if self.config.save_steps and self.step % self.config.save_steps == 0 and self.step < self.total_steps:
-                self.checkpoint()
-            elif not self.config.save_steps and index < len(batches) - 1 and self.step < self.total_steps \
-                    and self._safety_net_due():
-                self.checkpoint(safety_net=True)  # inside a long epoch (its end writes one anyway)
-            else:
-                written = False
-            if self.step < self.total_steps and (number := self._stop_signal_number()):
-                self._end_on_signal(number, written)
+            if self.step < self.total_steps:  # the last step's checkpoint is the model folder
+                net_due, stop = self._rank0_decides(not self.config.save_steps and index < len(batches) - 1)
+                written = bool(self.config.save_steps and self.step % self.config.save_steps == 0) or net_due
+                if written:
+                    self.checkpoint(safety_net=net_due)  # a net: inside a long epoch (its end writes one anyway)
+                if stop:
+                    self._end_on_signal(stop, written)
             if self.on_step is not None:
                 self.on_step(self.step, self.model)
             if self._stopped_early():
@@ -710,11 +707,6 @@ class Trainer:
         soup.remove(self.output_dir)
         return made
 
-    def _stop_signal_number(self) -> int:
-        """The stop signal rank 0 was sent (0: none); every rank must take part in the checkpoint, so one decides."""
-        number = self.stop_signal.received or 0
-        return distributed.broadcast_int(number) if self.world > 1 else number
-
     def _end_on_signal(self, number: int, written: bool) -> None:
         """Checkpoint the step just finished (unless its own checkpoint was), say how to continue, and end as the
         signal asked: a job stopped by its scheduler loses no step."""
@@ -731,11 +723,17 @@ class Trainer:
         raise HardnegError(f"stopped by {signal.Signals(number).name} at step {self.step}; continue with "
                            "--resume latest")
 
-    def _safety_net_due(self) -> bool:
-        """Whether :data:`SAFETY_NET_SECONDS` have passed since the last checkpoint, as rank 0's clock says (every
-        rank must take part in a checkpoint, so one clock decides)."""
-        due = time.time() - self.last_checkpoint >= SAFETY_NET_SECONDS
-        return bool(distributed.broadcast_int(due)) if self.world > 1 else due
+    def _rank0_decides(self, net_wanted: bool) -> tuple[bool, int]:
+        """(whether a safety net is due, the stop signal received or 0), as rank 0 sees them: every rank must take
+        part in a checkpoint, so rank 0's clock and signal decide for all, in one broadcast per step. A net is due
+        once :data:`SAFETY_NET_SECONDS` have passed since the last checkpoint (``net_wanted``: this step may take
+        one)."""
+        due = net_wanted and time.time() - self.last_checkpoint >= SAFETY_NET_SECONDS
+        stop = self.stop_signal.received or 0
+        if self.world > 1:
+            packed = distributed.broadcast_int(stop * 2 + int(due))
+            due, stop = bool(packed % 2), packed // 2
+        return due, stop
 
     def checkpoint(self, safety_net: bool = False) -> None:
         """Everything an exact resume needs, written by rank 0 (every rank's RNG state gathered first).
