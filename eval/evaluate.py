@@ -21,10 +21,11 @@ from eval.metrics import (
     POOLED_AUC,
     check_metrics,
     evaluated_queries,
+    identical_id_default,
     mean_of,
-    needs_identical_id_filter,
     parse_metric,
     per_query,
+    queries_with_relevant,
     without_identical_ids,
 )
 from eval.report import markdown_report
@@ -84,10 +85,10 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
     bases = {parse_metric(name)[0]: name for name in metrics}
     identical_reason = "given"
     if ignore_identical_ids is None:
-        ignore_identical_ids = needs_identical_id_filter(dataset.name)
-        identical_reason = (f"default for {dataset.name} (BEIR/MTEB practice)" if ignore_identical_ids
-                            else "default: off for this dataset")
-    if not evaluated_queries(dataset.qrels, relevance_level):
+        judged = {query_id: dataset.queries[query_id] for query_id in evaluated_queries(dataset.qrels)
+                  if query_id in dataset.queries}
+        ignore_identical_ids, identical_reason = identical_id_default(dataset.name, judged, dataset.corpus)
+    if not queries_with_relevant(dataset.qrels, relevance_level):
         raise HardnegError(f"no query of {dataset.name}/{dataset.split} has a document of grade >= "
                            f"{relevance_level}; lower the relevance level")
 
@@ -141,7 +142,10 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
     record = {
         "dataset": dataset.name, "split": dataset.split, "retriever": name,
         "model": retriever if isinstance(retriever, str) else name, "metrics": means,
-        "queries": len(evaluated_queries(dataset.qrels, relevance_level)),
+        "queries": len(evaluated_queries(dataset.qrels)),
+        # judged, but nothing of grade >= relevance_level: in the mean with 0, as in trec_eval/BEIR
+        "queries_without_relevant": (len(evaluated_queries(dataset.qrels))
+                                     - len(queries_with_relevant(dataset.qrels, relevance_level))),
         "queries_per_metric": {metric: len(v) for metric, v in values.items()},
         "depth": depth,
         "options": {"relevance_level": relevance_level, "ignore_identical_ids": ignore_identical_ids,

@@ -12,9 +12,10 @@ What trec_eval does, and so do we:
   the relevant ranks within the top k, over the number of relevant documents), ``MRR@k``
   (``recip_rank`` on the run cut at depth k). ``MAP`` and ``MRR`` without a cut use the whole list.
 
-Unlike pytrec_eval, which silently evaluates only the queries present in the run, the mean here is
-over every query with at least one relevant document in the qrels: a query the system returned
-nothing for scores 0, as it should.
+The mean is over every query the qrels judge, as BEIR and MTEB average pytrec_eval's values: a query
+judged only non-relevant (grade 0, or below ``relevance_level``) scores 0 on every ranking metric, as
+trec_eval scores it. Unlike pytrec_eval, which silently evaluates only the queries present in the run,
+a query the system returned nothing for scores 0 too, as it should.
 
 ``ignore_identical_ids`` removes a retrieved document whose id equals the query id before anything
 is ranked. ArguAna and Quora need it (their queries are also corpus documents, and BEIR/MTEB drop
@@ -36,7 +37,7 @@ from itertools import repeat
 
 import numpy as np
 
-from retriever.data import Qrels, Run
+from retriever.data import Corpus, Qrels, Run
 from retriever.io import HardnegError
 
 DEFAULT_METRICS = ("nDCG@10", "Recall@100", "MRR@10", "MAP@100", "P@10", "AUC")
@@ -52,9 +53,38 @@ IDENTICAL_ID_DATASETS = ("arguana", "quora")
 
 
 def needs_identical_id_filter(dataset_name: str) -> bool:
-    """Whether BEIR/MTEB practice ignores a retrieved document whose id equals the query id."""
+    """Whether BEIR/MTEB practice ignores a retrieved document whose id equals the query id, by name."""
     name = dataset_name.lower().removeprefix("beir:").replace("_", "-")
     return any(name == known or name.startswith(known + "-") for known in IDENTICAL_ID_DATASETS)
+
+
+def queries_that_are_documents(queries: dict[str, str], corpus: Corpus) -> int:
+    """How many queries are corpus documents themselves: the same id and the same text (body, or title and body;
+    case and spacing aside). A copy of ArguAna or Quora in a folder of another name is recognised by this, where
+    its name would not be; ids that merely collide (SciFact's query "3" and document "3") are not counted."""
+    def normal(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    count = 0
+    for query_id, text in queries.items():
+        row = corpus.position.get(query_id)
+        if row is not None and normal(text) in (normal(corpus.bodies[row]), normal(corpus.text(row))):
+            count += 1
+    return count
+
+
+def identical_id_default(name: str, queries: dict[str, str], corpus: Corpus) -> tuple[bool, str]:
+    """Whether to ignore a hit whose id is the query's own when the user did not say, and why: on for ArguAna and
+    Quora by name, and for any dataset where most queries are corpus documents themselves (a retriever finds each
+    query's own copy at rank 1, which the qrels never judge, so every metric would be silently low)."""
+    if needs_identical_id_filter(name):
+        return True, f"default for {name} (BEIR/MTEB practice)"
+    copies = queries_that_are_documents(queries, corpus)
+    if queries and copies * 2 >= len(queries):
+        return True, (f"default: {copies} of the {len(queries)} queries are corpus documents themselves (same id "
+                      "and text), as in ArguAna and Quora")
+    return False, (f"default: off ({copies} of the {len(queries)} queries are corpus documents themselves)"
+                   if copies else "default: off for this dataset")
 
 
 def ranked(scores: dict[str, float]) -> list[str]:
@@ -164,8 +194,13 @@ def parse_metric(name: str) -> tuple[str, int | None]:
     return base, int(cut)
 
 
-def evaluated_queries(qrels: Qrels, level: int = 1) -> list[str]:
-    """The queries a mean is taken over: those with at least one document of grade >= ``level``."""
+def evaluated_queries(qrels: Qrels) -> list[str]:
+    """The queries a mean is taken over: every judged one, relevant documents or not (trec_eval's and BEIR's)."""
+    return [query_id for query_id, judged in qrels.items() if judged]
+
+
+def queries_with_relevant(qrels: Qrels, level: int = 1) -> list[str]:
+    """The judged queries with at least one document of grade >= ``level``: the others score 0 whatever the run."""
     return [query_id for query_id, judged in qrels.items() if any(grade >= level for grade in judged.values())]
 
 
@@ -181,7 +216,7 @@ def _discounts(n: int) -> np.ndarray:
 
 def per_query(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS, *, relevance_level: int = 1,
               ignore_identical_ids: bool = False) -> dict[str, dict[str, float]]:
-    """metric name -> {query id -> value}, over the queries with at least one relevant document.
+    """metric name -> {query id -> value}, over every judged query (AUC: those it is defined for).
 
     Each query's run is ranked once; every cut-off metric is then read off the grade vector of that
     ranking with numpy (the per-metric functions above are the plain definitions, kept as the
@@ -196,7 +231,7 @@ def per_query(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS, 
         run = without_identical_ids(run)
     level = relevance_level
     results: dict[str, dict[str, float]] = {name: {} for name in parsed}
-    for query_id in evaluated_queries(qrels, level):
+    for query_id in evaluated_queries(qrels):
         judged = qrels[query_id]
         scores = run.get(query_id, {})
         ranking = ranked(scores)
@@ -215,12 +250,12 @@ def per_query(run: Run, qrels: Qrels, metrics: Iterable[str] = DEFAULT_METRICS, 
                 dcg = float(np.maximum(grades[:depth], 0) @ discounts[:depth])
                 value = dcg / ideal if ideal > 0 else 0.0
             elif base == "recall":
-                value = float(hits[depth - 1]) / n_relevant if depth else 0.0
+                value = float(hits[depth - 1]) / n_relevant if depth and n_relevant else 0.0
             elif base == "p":
                 value = float(hits[depth - 1]) / k if depth else 0.0
             elif base == "map":
                 ranks = np.flatnonzero(relevant[:depth])
-                value = float(np.sum(np.arange(1, ranks.size + 1) / (ranks + 1))) / n_relevant
+                value = float(np.sum(np.arange(1, ranks.size + 1) / (ranks + 1))) / n_relevant if n_relevant else 0.0
             elif base == "mrr":
                 first = np.flatnonzero(relevant[:depth])
                 value = 1.0 / (first[0] + 1) if first.size else 0.0

@@ -92,29 +92,48 @@ def test_custom_retriever(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
-def make_arguana_like(folder: Path) -> Path:
-    """Queries that are also corpus documents, as in ArguAna."""
+def make_arguana_like(folder: Path, *, queries_are_documents: bool = True) -> Path:
+    """Queries that are also corpus documents (same id, same text), as in ArguAna; or, with
+    ``queries_are_documents=False``, queries whose ids merely collide with document ids (as SciFact's "3")."""
     folder.mkdir(parents=True)
     docs = [("a1", "cats are better pets than dogs"), ("a2", "dogs are loyal pets"), ("a3", "pets need care"),
             ("a4", "cats sleep most of the day")]
+    queries = docs[:2] if queries_are_documents else [("a1", "dogs loyal"), ("a2", "cats better than dogs")]
     (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n"
                                                  for i, t in docs))
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in docs[:2]))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries))
     (folder / "qrels").mkdir()
     (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\na1\ta2\t1\na2\ta1\t1\n")
     return folder
 
 
-def test_identical_ids_default_by_dataset(tmp_path):
-    for name, default in (("arguana", True), ("other", False)):
-        dataset = load_beir(make_arguana_like(tmp_path / name), "test")
-        record = evaluate(dataset, SearchOnly(), metrics=("MRR@4", "P@1"), depth=4)
-        assert record["options"]["ignore_identical_ids"] is default
-        # the query's own text matches itself best: with the self-hit kept, the relevant one is second
-        assert record["metrics"]["P@1"] == (1.0 if default else 0.0)
-        forced = evaluate(dataset, SearchOnly(), metrics=("P@1",), depth=4, ignore_identical_ids=not default)
-        assert forced["metrics"]["P@1"] == (0.0 if default else 1.0)
-        assert forced["options"]["ignore_identical_ids_reason"] == "given"
+@pytest.mark.parametrize("name, copies, default", [("arguana", True, True), ("my-debates", True, True),
+                                                    ("arguana-ids-collide", False, True), ("scifact", False, False)])
+def test_identical_ids_default_by_name_or_by_data(tmp_path, name, copies, default):
+    """On for ArguAna/Quora by name, and for any folder whose queries are its documents (a copy under another
+    name would otherwise lose every query's rank-1 hit to its own copy); ids that only collide leave it off."""
+    dataset = load_beir(make_arguana_like(tmp_path / name, queries_are_documents=copies), "test")
+    record = evaluate(dataset, SearchOnly(), metrics=("MRR@4", "P@1"), depth=4)
+    assert record["options"]["ignore_identical_ids"] is default
+    reason = record["options"]["ignore_identical_ids_reason"]
+    assert ("BEIR/MTEB practice" in reason) == name.startswith("arguana")
+    assert ("2 of the 2 queries are corpus documents themselves" in reason) == (name == "my-debates")
+    if copies:  # the query's own text matches itself best: with the self-hit kept, the relevant one is second
+        assert record["metrics"]["P@1"] == 1.0
+        forced = evaluate(dataset, SearchOnly(), metrics=("P@1",), depth=4, ignore_identical_ids=False)
+        assert forced["metrics"]["P@1"] == 0.0 and forced["options"]["ignore_identical_ids_reason"] == "given"
+
+
+def test_a_query_judged_only_non_relevant_counts_zero_as_in_beir(tmp_path):
+    """BEIR averages pytrec_eval's values over every judged query: one with only grade-0 judgements scores 0 and
+    stays in the mean (and in the count written beside it)."""
+    folder = make_arguana_like(tmp_path / "graded", queries_are_documents=False)
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\na1\ta2\t1\na2\ta1\t0\n")
+    record = evaluate(load_beir(folder, "test"), SearchOnly(), metrics=("nDCG@4", "P@1"), depth=4,
+                      output_dir=tmp_path / "out")
+    assert record["queries"] == 2 and record["queries_without_relevant"] == 1
+    assert record["metrics"]["P@1"] == 0.5  # a1 finds a2 first; a2 has nothing to find
+    assert "1 of them have no document of grade >= 1" in (tmp_path / "out" / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -42,7 +42,7 @@ def random_case(seed: int, n_queries: int = 50, n_docs: int = 30, pool: int = 60
         judged = rng.choice(pool, size=int(rng.integers(1, 20)), replace=False)
         grades = rng.choice([0, 1, 2, 3], size=judged.size, p=[0.4, 0.3, 0.2, 0.1])
         if i % 10 == 0:
-            grades[:] = 0  # judged, but nothing relevant: not evaluated
+            grades[:] = 0  # judged, but nothing relevant: scores 0, as in trec_eval
         qrels[query_id] = {doc_ids[j]: int(g) for j, g in zip(judged, grades)}
         retrieved = rng.choice(pool, size=n_docs, replace=False)
         levels = int(rng.integers(2, 8))
@@ -67,9 +67,9 @@ def test_every_metric_equals_pytrec_eval(seed, level):
     names = ([f"nDCG@{k}" for k in CUTS] + [f"Recall@{k}" for k in CUTS] + [f"MRR@{k}" for k in CUTS]
              + [f"P@{k}" for k in CUTS] + [f"MAP@{k}" for k in CUTS] + ["MAP", "MRR"])
     ours = per_query(run, qrels, names, relevance_level=level)
-    evaluated = {q for q, judged in qrels.items() if any(g >= level for g in judged.values())}
+    evaluated = set(qrels)  # every judged query, those with nothing of grade >= level too (trec_eval's)
     assert all(set(values) == evaluated for values in ours.values())
-    assert 15 < len(evaluated) < 50
+    assert 15 < sum(any(g >= level for g in qrels[q].values()) for q in qrels) < 50
 
     cuts = ",".join(map(str, CUTS))
     reference = pytrec(qrels, run, {f"ndcg_cut.{cuts}", f"recall.{cuts}", f"P.{cuts}", f"map_cut.{cuts}", "map",
@@ -88,11 +88,13 @@ def test_every_metric_equals_pytrec_eval(seed, level):
         for query_id in evaluated:
             assert ours[f"MRR@{k}"][query_id] == pytest.approx(reference[query_id]["recip_rank"], abs=1e-9)
 
-    # The means over evaluated queries equal the means of pytrec_eval's values over the same queries.
-    means = mean_metrics(run, qrels, ["nDCG@10", "P@5"], relevance_level=level)
-    reference = pytrec(qrels, run, {"ndcg_cut.10", "P.5"}, level)
-    assert means["nDCG@10"] == pytest.approx(np.mean([reference[q]["ndcg_cut_10"] for q in evaluated]), abs=1e-9)
-    assert means["P@5"] == pytest.approx(np.mean([reference[q]["P_5"] for q in evaluated]), abs=1e-9)
+    # The means equal BEIR's: pytrec_eval's values averaged over every query it returns.
+    means = mean_metrics(run, qrels, ["nDCG@10", "P@5", "Recall@10", "MAP"], relevance_level=level)
+    reference = pytrec(qrels, run, {"ndcg_cut.10", "P.5", "recall.10", "map"}, level)
+    assert set(reference) == evaluated
+    for ours_name, theirs in (("nDCG@10", "ndcg_cut_10"), ("P@5", "P_5"), ("Recall@10", "recall_10"),
+                              ("MAP", "map")):
+        assert means[ours_name] == pytest.approx(np.mean([reference[q][theirs] for q in reference]), abs=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -175,15 +177,20 @@ def test_tie_order_is_trec_evals():
 
 
 def test_query_missing_from_run_scores_zero_and_counts():
-    qrels = {"q1": {"a": 1, "b": 0}, "q2": {"c": 2}, "q3": {"d": 0}}  # q3: nothing relevant, not evaluated
-    run = {"q1": {"a": 2.0, "b": 1.0, "x": 0.5}}
-    values = per_query(run, qrels, ["nDCG@10", "Recall@10", "MRR@10", "AUC"])
-    assert values["nDCG@10"] == {"q1": 1.0, "q2": 0.0}
-    assert values["Recall@10"] == {"q1": 1.0, "q2": 0.0}
-    assert values["MRR@10"] == {"q1": 1.0, "q2": 0.0}
-    assert values["AUC"] == {"q1": 1.0}  # q2 retrieved no negative: AUC undefined, left out
+    qrels = {"q1": {"a": 1, "b": 0}, "q2": {"c": 2}, "q3": {"d": 0}}  # q3: judged, nothing relevant
+    run = {"q1": {"a": 2.0, "b": 1.0, "x": 0.5}, "q3": {"d": 1.0, "e": 0.5}}
+    values = per_query(run, qrels, ["nDCG@10", "Recall@10", "MRR@10", "MAP", "AUC"])
+    assert values["nDCG@10"] == {"q1": 1.0, "q2": 0.0, "q3": 0.0}
+    assert values["Recall@10"] == {"q1": 1.0, "q2": 0.0, "q3": 0.0}
+    assert values["MRR@10"] == {"q1": 1.0, "q2": 0.0, "q3": 0.0}
+    assert values["MAP"] == {"q1": 1.0, "q2": 0.0, "q3": 0.0}
+    assert values["AUC"] == {"q1": 1.0}  # q2 retrieved no negative, q3 has no positive: AUC undefined, left out
     means = mean_metrics(run, qrels, ["nDCG@10", "Recall@10", "MRR@10", "AUC"])
-    assert means == {"nDCG@10": 0.5, "Recall@10": 0.5, "MRR@10": 0.5, "AUC": 1.0}
+    assert means == {"nDCG@10": pytest.approx(1 / 3), "Recall@10": pytest.approx(1 / 3),
+                     "MRR@10": pytest.approx(1 / 3), "AUC": 1.0}
+    # pytrec_eval (trec_eval) scores q3 0 too, and BEIR divides by the 2 queries pytrec_eval returns here
+    reference = pytrec(qrels, run, {"ndcg_cut.10", "recip_rank"})
+    assert set(reference) == {"q1", "q3"} and reference["q3"]["ndcg_cut_10"] == 0.0
     assert mean_metrics({}, qrels, ["nDCG@10", "AUC"]) == {"nDCG@10": 0.0, "AUC": 0.0}
 
 
