@@ -70,6 +70,8 @@ class MiningStats:
     queries_without_negatives: int = 0
     anchors_not_positive: int = 0
     queries_with_fallback: int = 0
+    queries_without_positive: int = 0  # judged in the split, but no relevant document in the corpus: not mined
+    short_with_one_positive: int = 0  # short queries whose anchor, whichever, is their only positive
 
     def to_json(self, num_negatives: int) -> dict:
         return {"queries": self.queries, "candidates": self.candidates,
@@ -81,6 +83,8 @@ class MiningStats:
                 "queries_with_hard_negatives": self.queries - self.queries_without_negatives,
                 "queries_filled_by_anchor_fallback": self.queries_with_fallback,
                 "queries_with_anchor_score_at_or_below_zero": self.anchors_not_positive,
+                "queries_without_relevant_document": self.queries_without_positive,
+                "short_queries_with_one_positive": self.short_with_one_positive,
                 "short_query_ids": self.queries_short[:100],
                 "negatives_requested_per_query": num_negatives}
 
@@ -109,11 +113,20 @@ class MiningResult:
         if self.meta["settings"].get("anchor_fallback"):
             text += (f" ({counts.get('queries_filled_by_anchor_fallback', 0)} filled up by the "
                      f"{self.meta['settings']['anchor_fallback']} anchor fallback)")
+        if counts.get("queries_without_relevant_document"):
+            text += (f"; {counts['queries_without_relevant_document']} more queries of the split have no relevant "
+                     "document in the corpus and were not mined")
         try:
             compares_with_positives = as_chain(make_filter(**self.meta["settings"]["filter"])).needs_anchor
         except HardnegError:  # a filter of the user's own, which make_filter does not know: it may compare
             compares_with_positives = True
-        if counts["share_short_of_negatives"] > 0.5 and self.meta["settings"]["anchor"] == "min" \
+        single = counts.get("short_queries_with_one_positive", 0) * 2 > counts["queries_short_of_negatives"]
+        if counts["share_short_of_negatives"] > 0.5 and compares_with_positives and single:
+            text += ("\nnote: most queries are short of negatives, and most of those have a single positive (so "
+                     "every anchor is that positive): their candidates score near or above it, likely false "
+                     "negatives or a positive the retriever ranks low; a deeper candidate list (depth) reaches "
+                     "below it")
+        elif counts["share_short_of_negatives"] > 0.5 and self.meta["settings"]["anchor"] == "min" \
                 and compares_with_positives:
             text += ("\nnote: most queries are short of negatives. With many (or loosely judged) positives per "
                      "query, or BM25 where a positive may share no word with the query (score 0), the lowest "
@@ -231,7 +244,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
             pools.extend(shard_pools)
             records.extend(shard_records)
 
-    stats = MiningStats()
+    stats = MiningStats(queries_without_positive=len(dataset.queries) - len(queries))
     report = MiningReport(filter_stages=chain.stage_names, num_negatives=num_negatives, seed=seed)
     for record in records:
         _count(stats, record, num_negatives, chain.needs_anchor)
@@ -318,6 +331,7 @@ def _count(stats: MiningStats, record: _QueryRecord, num_negatives: int, needs_a
     if written < num_negatives:
         stats.queries_short.append(record.query_id)
         stats.queries_without_negatives += written == 0
+        stats.short_with_one_positive += len(record.positive_scores) == 1
 
 
 class _ShardStore:

@@ -429,7 +429,7 @@ def dataset_folder(data: str | os.PathLike, *, show_progress: bool = True) -> Pa
     text = str(data)
     if text.startswith(BEIR_PREFIX):
         return resolve_beir(text[len(BEIR_PREFIX):], show_progress=show_progress)
-    folder = Path(data)
+    folder = Path(data).expanduser()  # "~/data/scifact" from a YAML config, where no shell expands it
     if not folder.exists() and text in bundled_datasets():
         folder = BUNDLED_DIR / text
     if not folder.exists() and text in BEIR_MD5:
@@ -573,7 +573,10 @@ def held_out_ids(query_ids: list[str], fraction: float, seed: int) -> set[str]:
     if not 0 < fraction <= 0.5:
         raise HardnegError(f"dev_fraction must be in (0, 0.5], got {fraction}")
     if len(query_ids) < 2:
-        raise HardnegError("dev_fraction needs at least two training queries to hold one out")
+        raise HardnegError(f"train.dev_fraction (--dev-fraction) holds out training queries to select on, but "
+                           f"{len(query_ids)} query has a relevant document in the corpus to train on; it needs at "
+                           "least two: give more training queries, or set train.dev_fraction to null (no selection: "
+                           "the last epoch's model is kept)")
     ids = sorted(query_ids)
     random.Random(seed).shuffle(ids)
     return set(ids[:max(1, round(fraction * len(ids)))])

@@ -352,10 +352,48 @@ def test_mining_never_takes_a_missing_document_as_a_positive(world, tmp_path):
     qrels_path = data / "qrels" / "train.tsv"
     query = first_row(qrels_path)[0]
     edit(qrels_path, lambda text: text + f"{query}\tGONE-1\t1\n")
+    judged = {line.split("\t")[0] for line in qrels_path.read_text().splitlines()[1:]}
+    unjudged = next(json.loads(line)["_id"] for line in (data / "queries.jsonl").read_text().splitlines()
+                    if json.loads(line)["_id"] not in judged)
+    edit(qrels_path, lambda text: text + f"{unjudged}\tGONE-2\t1\n")  # judged, but its document is gone
     dataset = load_beir(data, "train")
     result = mine(dataset, "bm25", depth=20, num_negatives=2, filter=TopK(), show_progress=False)
     assert all(p.doc_id in dataset.corpus for pool in result.pools for p in pool.positives)
     assert any(pool.query_id == query for pool in result.pools)
+    assert all(pool.query_id != unjudged for pool in result.pools)
+    assert result.meta["counts"]["queries_without_relevant_document"] == 1
+    assert "1 more queries of the split have no relevant document in the corpus" in result.summary()
+
+
+def test_run_refuses_training_data_it_cannot_select_on_before_any_stage(world, tmp_path, capsys, monkeypatch):
+    """One training query, with train.dev_fraction: nothing to hold out; no query with a relevant document: nothing
+    to train on. Both refused before the evaluation and mining that come first (minutes to hours on a real corpus),
+    leaving nothing behind; a data.path with ~ is the user's home, as in a shell."""
+    from hardneg.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = shutil.copytree(world["clean"], tmp_path / "data")
+    qrels_path = data / "qrels" / "train.tsv"
+    rows = qrels_path.read_text().splitlines()
+    first = rows[1].split("\t")[0]
+    config = REPO / "configs" / "nfcorpus-demo.yaml"
+    for kept, error in (([r for r in rows[1:] if r.split("\t")[0] == first],
+                         r"train.dev_fraction \(--dev-fraction\) .* but 1 query has a relevant document"),
+                        ([r.rsplit("\t", 1)[0] + "\t0" for r in rows[1:]],
+                         r"data/train: no query has a relevant document \(grade > 0\) in the corpus")):
+        qrels_path.write_text("\n".join([rows[0], *kept]) + "\n")
+        output = tmp_path / "out"
+        assert main(["--quiet", "run", str(config), "--set", "data.path=~/data", "--output-dir", str(output)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(error, err[0]), err
+        assert not (output.is_dir() and any(output.iterdir())), "a refused run left output behind"
+    # Ten queries: it runs, with a note that 2 held-out queries make the kept epoch partly chance (then stops
+    # here at a model that does not exist, before any work).
+    ten = sorted({r.split("\t")[0] for r in rows[1:]})[:10]
+    qrels_path.write_text("\n".join([rows[0], *(r for r in rows[1:] if r.split("\t")[0] in ten)]) + "\n")
+    assert main(["run", str(config), "--set", "data.path=~/data", "--output-dir", str(tmp_path / "out"),
+                 "--model", str(tmp_path / "no-model")]) == 2
+    assert "holds out only 2 training queries to select on" in capsys.readouterr().out
 
 
 def test_run_refuses_an_output_folder_it_cannot_write_before_any_stage(tmp_path, capsys):

@@ -82,6 +82,13 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
         assert (tmp_path / "out" / produced).is_file(), produced
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "## Evaluation" in card and f"{record['metrics']['after']['test']['nDCG@10']:.4f}" in card
+    # The recipe on other data (only data.path changed, as the recipes say) into that folder: refused before any
+    # work, not a silent replacement of this finished run.
+    assert main(["--quiet", "run", str(REPO / "configs" / "nfcorpus-demo.yaml"), "--model", str(tiny_model),
+                 "--output-dir", str(tmp_path / "out"), "--set", "data.path=elsewhere/scifact"]) == 2
+    assert "holds a finished run on other data (data.path was nfcorpus-demo, now elsewhere/scifact)" in \
+        capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "run.json").read_text()) == record
 
 
 @pytest.mark.slow

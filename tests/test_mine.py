@@ -415,6 +415,13 @@ def test_the_strict_anchor_note_is_given_only_where_a_filter_compares_with_the_p
 
     own = mine(demo_train, "bm25", depth=10, num_negatives=10, filter=Mine(), show_progress=False)
     assert "very strict anchor" in own.summary()
+    # One positive per query (SciFact's shape): every anchor is that positive, so a looser one is no advice.
+    single = replace(demo_train, qrels={q: dict([min(demo_train.relevant(q).items())]) for q in demo_train.qrels})
+    one = mine(single, "bm25", depth=10, num_negatives=10, filter=TopKPercPos(0.95), show_progress=False)
+    counts = one.meta["counts"]
+    assert counts["share_short_of_negatives"] > 0.5
+    assert counts["short_queries_with_one_positive"] == counts["queries_short_of_negatives"]
+    assert "very strict anchor" not in one.summary() and "have a single positive" in one.summary()
 
 
 def test_mine_takes_a_loaded_sentence_transformer_as_evaluate_does(demo_train, tiny_model, tmp_path):

@@ -26,7 +26,15 @@ from mining.remine import check_batch_teacher, remining_for_pools
 from mining.settings import MineSettings
 from mining.sources import build_rescorer, build_source
 from retriever.checkpoint import checkpoint_dirs
-from retriever.data import POOLS_FILE, Dataset, hold_out, load_dataset, pools_dataset, read_pools
+from retriever.data import (
+    POOLS_FILE,
+    Dataset,
+    held_out_ids,
+    hold_out,
+    load_dataset,
+    pools_dataset,
+    read_pools,
+)
 from retriever.encoding import EncodeSettings, default_device, describe_precision, encode_options
 from retriever.factory import as_retriever
 from retriever.index import check_index_fits
@@ -106,6 +114,8 @@ class RunConfig:
     evaluate: dict = setting({}, "see RunEvaluate", cli=False)
 
 
+FEW_DEV_QUERIES = 50
+"""Below this many held-out queries a note says the epoch kept is partly chance (one query moves a mean by 1/N)."""
 SECTIONS = {"data": RunData, "encode": EncodeSettings, "mine": RunMine, "train": RunTrain, "evaluate": RunEvaluate}
 SHARED = {"mine": ("seed",), "train": ("model", "seed"), "evaluate": ("seed",)}  # set at the config's top level
 
@@ -172,6 +182,15 @@ def _evaluate_all(splits: list[Dataset], retriever, config: dict, output: Path, 
     return results
 
 
+def _previous_config(output: Path) -> dict | None:
+    """The config an earlier run wrote into ``output`` (its ``config.yaml``), or None when there is none readable."""
+    try:
+        previous = yaml.safe_load((output / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
 def _interrupted_training(output: Path, config: dict) -> str | None:
     """``"latest"`` when ``output`` holds the checkpoints of a run of this config (the same command, run again
     after it was killed, up to the settings training lets a resume change, such as the cache chunk), so that it
@@ -179,12 +198,9 @@ def _interrupted_training(output: Path, config: dict) -> str | None:
     Checkpoints of another config are refused here, before any work and before ``config.yaml`` is replaced."""
     if not checkpoint_dirs(output):
         return None
-    try:
-        previous = yaml.safe_load((output / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        previous = None
+    previous = _previous_config(output)
     changed = ["config.yaml"]
-    if isinstance(previous, dict):
+    if previous is not None:
         now, before = _flat(config), _flat(previous)
         # what training itself lets a resume change, and the resume setting itself (how to continue, not what)
         may_change = {f"train.{key}" for key in RESUMABLE_CHANGES} | {"train.resume"}
@@ -196,6 +212,31 @@ def _interrupted_training(output: Path, config: dict) -> str | None:
                        + f" ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ)"
                        + "; run that config again to continue it, set train.resume to a checkpoint, or choose "
                          "another output_dir")
+
+
+def _refuse_other_data(output: Path, config: dict) -> None:
+    """A recipe's ``output_dir`` stays the same when only ``data.path`` changes, as the recipes promise: a finished
+    run on other data in that folder is refused, before any work, rather than silently replaced by this one's."""
+    previous = _previous_config(output) if (output / "run.json").is_file() else None
+    if previous is None or not isinstance(previous.get("data"), dict):
+        return
+    now, before = _flat(config["data"], "data."), _flat(previous["data"], "data.")
+    changed = [f"{key} was {before.get(key)}, now {value}" for key, value in sorted(now.items())
+               if before.get(key) != value]
+    if changed:
+        raise HardnegError(f"output_dir {output} holds a finished run on other data ({'; '.join(changed)}); "
+                           "choose another output_dir (--output-dir) or remove that one")
+
+
+def _check_training_queries(split: Dataset, dev_fraction: float | None, seed: int) -> int:
+    """Refuse, before the evaluation and mining that come first, a split with nothing to train on or too few
+    queries to hold some out; returns how many ``dev_fraction`` holds out (the same ones training will)."""
+    trainable = [query_id for query_id in split.queries if split.relevant(query_id)]
+    if not trainable:
+        raise HardnegError(f"{split.name}/{split.split}: no query has a relevant document (grade > 0) in the corpus "
+                           f"to mine and train on ({len(split.queries)} judged queries); check the qrels, or set "
+                           "mine.split to a split that has them")
+    return len(held_out_ids(trainable, dev_fraction, seed)) if dev_fraction else 0
 
 
 def _flat(mapping: dict, prefix: str = "") -> dict:
@@ -242,6 +283,7 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     if train_config.distills and train_config.distill_scope == "batch":
         check_batch_teacher(mining, remine_every=train_config.remine_every)
     output = check_output_folder(config["output_dir"], "output_dir")
+    _refuse_other_data(output, config)
     resume = training["resume"] or _interrupted_training(output, config)
     if resume:  # a missing checkpoint, or one of other training settings, is refused before any work
         resume = check_resume(output, resume, train_config, flag="train.resume")
@@ -249,7 +291,11 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     precision_note = describe_precision(encode["precision"], default_device())  # fp16 on a CPU fails here
     mine_split, eval_splits = _datasets(config)
     check_index_fits(mining.index, len(mine_split.corpus))  # before the evaluation that comes first writes
+    held_out = _check_training_queries(mine_split, train_config.dev_fraction, seed)
     echo(f"      {precision_note}")
+    if 0 < held_out < FEW_DEV_QUERIES:
+        echo(f"      note: train.dev_fraction holds out only {held_out} training queries to select on: each moves "
+             f"the dev mean by 1/{held_out}, so which epoch is kept is partly chance")
     base = as_retriever(config["model"], **encode)  # loads the model now: a bad model name fails here
     check_memory_before_mining(train_config, mine_split)  # a training step that cannot fit, before the mining
     with atomic_write(output / "config.yaml") as handle:
