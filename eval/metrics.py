@@ -19,7 +19,7 @@ a query the system returned nothing for scores 0 too, as it should.
 
 ``ignore_identical_ids`` removes a retrieved document whose id equals the query id before anything
 is ranked. ArguAna and Quora need it (their queries are also corpus documents, and BEIR/MTEB drop
-that trivial hit); :func:`needs_identical_id_filter` says which datasets.
+that trivial hit); :func:`identical_id_default` decides by name, or by the queries being documents.
 
 AUC, per query (``AUC``): the probability that a relevant document outscores a non-relevant
 *retrieved* one. Positives are all documents the qrels judge relevant, retrieved or not; negatives
