@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from eval.report import markdown_table, number
 from retriever.io import DataError, HardnegError
+
+COMPARABLE_OPTIONS = ("relevance_level", "ignore_identical_ids")
+"""Evaluation options under which per-query values of the same metric are not comparable."""
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Evaluation:
     dataset: str
     split: str
     per_query: dict[str, dict[str, float]]
+    options: dict = field(default_factory=dict)  # what metrics.json beside it says the values were computed with
 
 
 def load_evaluation(path: str | os.PathLike, label: str | None = None) -> Evaluation:
@@ -51,8 +55,12 @@ def load_evaluation(path: str | os.PathLike, label: str | None = None) -> Evalua
     values = record.get("per_query") if isinstance(record, dict) else None
     if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
         raise DataError(path, "missing or not a mapping of metric -> {query id: value}", field="per_query")
+    try:
+        options = json.loads(path.with_name("metrics.json").read_text(encoding="utf-8")).get("options", {})
+    except (OSError, ValueError, AttributeError):  # a per_query.json on its own: nothing to check against
+        options = {}
     return Evaluation(label or path.parent.name, path, str(record.get("dataset", "?")),
-                      str(record.get("split", "?")), values)
+                      str(record.get("split", "?")), values, options if isinstance(options, dict) else {})
 
 
 def randomization_test(differences: np.ndarray, permutations: int = 10_000, seed: int = 42) -> float:
@@ -107,6 +115,12 @@ def compare(paths: list[str | os.PathLike], *, metrics: list[str] | None = None,
         if seen[run.label] > 1 and not labels:
             run.label = str(run.path.parent)
     base = runs[0]
+    for key in COMPARABLE_OPTIONS:  # the same per-query numbers would mean different things
+        differing = [r for r in runs[1:] if key in r.options and key in base.options
+                     and r.options[key] != base.options[key]]
+        if differing:
+            raise HardnegError(f"{base.label} was evaluated with {key} {base.options[key]} and {differing[0].label} "
+                               f"with {differing[0].options[key]}: evaluate both with the same {key}")
     names = metrics or [m for m in base.per_query if all(m in r.per_query for r in runs[1:])]
     if not names:
         raise HardnegError("the evaluations share no metric")
@@ -125,7 +139,9 @@ def compare(paths: list[str | os.PathLike], *, metrics: list[str] | None = None,
             common = sorted(set(base_values) & set(values))
             if not name.upper().startswith("AUC") and set(base_values) != set(values):
                 raise HardnegError(f"{name}: {base.label} was scored on {len(base_values)} queries and {run.label} "
-                                   f"on {len(values)} ({len(common)} in common): evaluate both on the same split")
+                                   f"on {len(values)} ({len(common)} in common): evaluate both on the same split (an "
+                                   "evaluation older than the one counting judged queries with nothing relevant "
+                                   "may differ: evaluate it again)")
             if not common:
                 raise HardnegError(f"{name}: {base.label} and {run.label} have no query in common")
             a = np.array([base_values[q] for q in common])

@@ -68,7 +68,8 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
              auc_negatives: int = 100, seed: int = 42, plots: bool = True, show_progress: bool = False) -> dict:
     """Score ``retriever`` (anything ``as_retriever`` accepts) or a given ``run`` on ``dataset``.
 
-    ``ignore_identical_ids=None`` decides by dataset (on for ArguAna and Quora, as BEIR and MTEB do);
+    ``ignore_identical_ids=None`` decides by dataset (on for ArguAna and Quora, as BEIR and MTEB do, and where
+    most queries are unjudged copies of corpus documents);
     the choice and its reason are recorded. ``relevance_level`` is trec_eval's ``-l`` for the binary
     metrics. ``AUC-corpus`` needs a retriever that can score every document (dense or BM25);
     ``AUC-pooled`` uses corpus scores when it can and the run otherwise. Returns the record written
@@ -87,7 +88,8 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
     if ignore_identical_ids is None:
         judged = {query_id: dataset.queries[query_id] for query_id in evaluated_queries(dataset.qrels)
                   if query_id in dataset.queries}
-        ignore_identical_ids, identical_reason = identical_id_default(dataset.name, judged, dataset.corpus)
+        ignore_identical_ids, identical_reason = identical_id_default(dataset.name, judged, dataset.corpus,
+                                                                      dataset.qrels)
     if not queries_with_relevant(dataset.qrels, relevance_level):
         raise HardnegError(f"no query of {dataset.name}/{dataset.split} has a document of grade >= "
                            f"{relevance_level}; lower the relevance level")
@@ -143,7 +145,7 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
         "dataset": dataset.name, "split": dataset.split, "retriever": name,
         "model": retriever if isinstance(retriever, str) else name, "metrics": means,
         "queries": len(evaluated_queries(dataset.qrels)),
-        # judged, but nothing of grade >= relevance_level: in the mean with 0, as in trec_eval/BEIR
+        # judged, but nothing of grade >= relevance_level: in the mean, 0 on the binary metrics (trec_eval/BEIR)
         "queries_without_relevant": (len(evaluated_queries(dataset.qrels))
                                      - len(queries_with_relevant(dataset.qrels, relevance_level))),
         "queries_per_metric": {metric: len(v) for metric, v in values.items()},

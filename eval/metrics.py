@@ -12,10 +12,12 @@ What trec_eval does, and so do we:
   the relevant ranks within the top k, over the number of relevant documents), ``MRR@k``
   (``recip_rank`` on the run cut at depth k). ``MAP`` and ``MRR`` without a cut use the whole list.
 
-The mean is over every query the qrels judge, as BEIR and MTEB average pytrec_eval's values: a query
-judged only non-relevant (grade 0, or below ``relevance_level``) scores 0 on every ranking metric, as
-trec_eval scores it. Unlike pytrec_eval, which silently evaluates only the queries present in the run,
-a query the system returned nothing for scores 0 too, as it should.
+The mean is over every judged query of the split (its qrels, read against the queries file), as BEIR and
+MTEB average pytrec_eval's values: a query with nothing of grade >= ``relevance_level`` scores 0 on the
+binary metrics, as trec_eval scores it (nDCG keeps the graded gains, so at level 2 a query judged only
+grade 1 still has one; judged only grade 0, it scores 0 on every metric). Unlike pytrec_eval, which
+silently evaluates only the queries present in the run, a query the system returned nothing for scores
+0 too, as it should.
 
 ``ignore_identical_ids`` removes a retrieved document whose id equals the query id before anything
 is ranked. ArguAna and Quora need it (their queries are also corpus documents, and BEIR/MTEB drop
@@ -58,28 +60,31 @@ def needs_identical_id_filter(dataset_name: str) -> bool:
     return any(name == known or name.startswith(known + "-") for known in IDENTICAL_ID_DATASETS)
 
 
-def queries_that_are_documents(queries: dict[str, str], corpus: Corpus) -> int:
-    """How many queries are corpus documents themselves: the same id and the same text (body, or title and body;
-    case and spacing aside). A copy of ArguAna or Quora in a folder of another name is recognised by this, where
-    its name would not be; ids that merely collide (SciFact's query "3" and document "3") are not counted."""
+def queries_that_are_documents(queries: dict[str, str], corpus: Corpus, qrels: Qrels) -> int:
+    """How many queries are corpus documents themselves, unjudged for themselves: the same id and the same text
+    (body, or title and body; case and spacing aside), and no judgement of that document for that query. A copy
+    of ArguAna or Quora in a folder of another name is recognised by this, where its name would not be; ids that
+    merely collide (SciFact's query "3" and document "3") are not counted, nor a known-item set where a query's
+    own document is its answer."""
     def normal(text: str) -> str:
         return " ".join(text.lower().split())
 
     count = 0
     for query_id, text in queries.items():
         row = corpus.position.get(query_id)
-        if row is not None and normal(text) in (normal(corpus.bodies[row]), normal(corpus.text(row))):
+        if row is not None and query_id not in qrels.get(query_id, {}) \
+                and normal(text) in (normal(corpus.bodies[row]), normal(corpus.text(row))):
             count += 1
     return count
 
 
-def identical_id_default(name: str, queries: dict[str, str], corpus: Corpus) -> tuple[bool, str]:
+def identical_id_default(name: str, queries: dict[str, str], corpus: Corpus, qrels: Qrels) -> tuple[bool, str]:
     """Whether to ignore a hit whose id is the query's own when the user did not say, and why: on for ArguAna and
     Quora by name, and for any dataset where most queries are corpus documents themselves (a retriever finds each
     query's own copy at rank 1, which the qrels never judge, so every metric would be silently low)."""
     if needs_identical_id_filter(name):
         return True, f"default for {name} (BEIR/MTEB practice)"
-    copies = queries_that_are_documents(queries, corpus)
+    copies = queries_that_are_documents(queries, corpus, qrels)
     if queries and copies * 2 >= len(queries):
         return True, (f"default: {copies} of the {len(queries)} queries are corpus documents themselves (same id "
                       "and text), as in ArguAna and Quora")
@@ -195,12 +200,12 @@ def parse_metric(name: str) -> tuple[str, int | None]:
 
 
 def evaluated_queries(qrels: Qrels) -> list[str]:
-    """The queries a mean is taken over: every judged one, relevant documents or not (trec_eval's and BEIR's)."""
+    """The queries a mean is taken over: every judged one, relevant documents or not (as BEIR averages)."""
     return [query_id for query_id, judged in qrels.items() if judged]
 
 
 def queries_with_relevant(qrels: Qrels, level: int = 1) -> list[str]:
-    """The judged queries with at least one document of grade >= ``level``: the others score 0 whatever the run."""
+    """The judged queries with a document of grade >= ``level``: the binary metrics of the others are 0."""
     return [query_id for query_id, judged in qrels.items() if any(grade >= level for grade in judged.values())]
 
 

@@ -25,9 +25,9 @@ def markdown_report(record: dict) -> str:
         f"# {record['retriever']} on {record['dataset']}/{record['split']}",
         "",
         markdown_table(["metric", "value", "queries"], rows),
-        f"- queries evaluated: {record['queries']} (every judged query, as trec_eval and BEIR); "
-        f"{record.get('queries_without_relevant', 0)} of them have no document of grade >= "
-        f"{options.get('relevance_level', 1)} and count 0, as does a query with nothing retrieved",
+        f"- queries evaluated: {record['queries']} (every judged query, as BEIR averages trec_eval); of them, "
+        f"with no document of grade >= {options.get('relevance_level', 1)} (0 on the binary metrics; nDCG keeps "
+        f"graded gains): {record.get('queries_without_relevant', 0)}; a query with nothing retrieved counts 0",
         f"- run depth: {record['depth']}; ties ordered as trec_eval (score, then document id descending)",
         f"- ignore hits whose id equals the query id: {options.get('ignore_identical_ids')} "
         f"({options.get('ignore_identical_ids_reason', '')})",

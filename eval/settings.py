@@ -20,7 +20,8 @@ class EvaluateSettings:
     relevance_level: int = setting(1, "lowest grade counted relevant by Recall, P, MAP, MRR, AUC (trec_eval -l)",
                                    ge=1)
     ignore_identical_ids: bool | None = setting(None, "drop a hit whose id equals the query id (default: on for "
-                                                      "ArguAna and Quora only, as BEIR/MTEB)")
+                                                      "ArguAna and Quora, as BEIR/MTEB, and where most queries "
+                                                      "are unjudged copies of corpus documents)")
     auc_negatives: int = setting(100, "non-relevant documents sampled per query for AUC-pooled", ge=1)
     seed: int = setting(42, "seed of the AUC-pooled sample", ge=0, le=MAX_SEED)
 

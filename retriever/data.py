@@ -573,10 +573,10 @@ def held_out_ids(query_ids: list[str], fraction: float, seed: int) -> set[str]:
     if not 0 < fraction <= 0.5:
         raise HardnegError(f"dev_fraction must be in (0, 0.5], got {fraction}")
     if len(query_ids) < 2:
-        raise HardnegError(f"train.dev_fraction (--dev-fraction) holds out training queries to select on, but "
-                           f"{len(query_ids)} query has a relevant document in the corpus to train on; it needs at "
-                           "least two: give more training queries, or set train.dev_fraction to null (no selection: "
-                           "the last epoch's model is kept)")
+        raise HardnegError(f"train.dev_fraction (--dev-fraction) holds out training queries to select on, and "
+                           f"needs at least two with a positive; there {'is' if len(query_ids) == 1 else 'are'} "
+                           f"{len(query_ids)}: give more training queries, or leave dev_fraction unset (no "
+                           "selection: the last epoch's model is kept)")
     ids = sorted(query_ids)
     random.Random(seed).shuffle(ids)
     return set(ids[:max(1, round(fraction * len(ids)))])
@@ -677,15 +677,16 @@ def load_dataset(data: str | os.PathLike | None = None, split: str = "test", *,
     """
     if data is None and not (corpus and queries and qrels):
         raise HardnegError("give a dataset folder (--data) or all of --corpus, --queries and --qrels")
+    corpus, queries, qrels = (Path(f).expanduser() if f else None for f in (corpus, queries, qrels))  # YAML: no shell
     if data is None:
-        return build_dataset(Path(corpus).parent.name, split, Path(corpus), Path(queries), Path(qrels))
+        return build_dataset(corpus.parent.name, split, corpus, queries, qrels)
     if not (corpus or queries or qrels):
         return load_beir(data, split)
     folder = dataset_folder(data)
     return build_dataset(folder.name, split,
-                         Path(corpus) if corpus else _first_existing(folder, ["corpus.jsonl", "corpus.jsonl.gz"]),
-                         Path(queries) if queries else _first_existing(folder, ["queries.jsonl", "queries.jsonl.gz"]),
-                         Path(qrels) if qrels else folder / "qrels" / f"{split}.tsv")
+                         corpus or _first_existing(folder, ["corpus.jsonl", "corpus.jsonl.gz"]),
+                         queries or _first_existing(folder, ["queries.jsonl", "queries.jsonl.gz"]),
+                         qrels or folder / "qrels" / f"{split}.tsv")
 
 
 def load_corpus_of(data: str | os.PathLike | None = None, corpus: str | os.PathLike | None = None) -> Corpus:

@@ -378,7 +378,7 @@ def test_run_refuses_training_data_it_cannot_select_on_before_any_stage(world, t
     first = rows[1].split("\t")[0]
     config = REPO / "configs" / "nfcorpus-demo.yaml"
     for kept, error in (([r for r in rows[1:] if r.split("\t")[0] == first],
-                         r"train.dev_fraction \(--dev-fraction\) .* but 1 query has a relevant document"),
+                         r"train.dev_fraction \(--dev-fraction\) .* needs at least two with a positive; there is 1:"),
                         ([r.rsplit("\t", 1)[0] + "\t0" for r in rows[1:]],
                          r"data/train: no query has a relevant document \(grade > 0\) in the corpus")):
         qrels_path.write_text("\n".join([rows[0], *kept]) + "\n")

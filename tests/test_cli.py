@@ -83,12 +83,20 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "## Evaluation" in card and f"{record['metrics']['after']['test']['nDCG@10']:.4f}" in card
     # The recipe on other data (only data.path changed, as the recipes say) into that folder: refused before any
-    # work, not a silent replacement of this finished run.
+    # work, not a silent replacement of this finished run; the same data spelt otherwise is the same data.
+    other = shutil.copytree(REPO / "retriever" / "bundled" / "nfcorpus-demo", tmp_path / "other")
+    qrels = other / "qrels" / "train.tsv"
+    qrels.write_text("".join(qrels.read_text().splitlines(keepends=True)[:-1]))
     assert main(["--quiet", "run", str(REPO / "configs" / "nfcorpus-demo.yaml"), "--model", str(tiny_model),
-                 "--output-dir", str(tmp_path / "out"), "--set", "data.path=elsewhere/scifact"]) == 2
-    assert "holds a finished run on other data (data.path was nfcorpus-demo, now elsewhere/scifact)" in \
+                 "--output-dir", str(tmp_path / "out"), "--set", f"data.path={other}"]) == 2
+    assert "holds a finished run on other data (its run.json names other input files than other/train's)" in \
         capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == record
+    from hardneg.pipeline import _refuse_other_data
+    from retriever.data import load_dataset
+
+    _refuse_other_data(tmp_path / "out", load_dataset(str(REPO / "retriever" / "bundled" / "nfcorpus-demo") + "/",
+                                                      "train"))
 
 
 @pytest.mark.slow

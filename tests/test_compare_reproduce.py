@@ -80,6 +80,13 @@ def test_compare_refuses_different_queries_and_missing_files(tmp_path, capsys):
         compare([a])
     assert main(["compare", str(a), str(tmp_path / "nowhere")]) == 2
     assert "nowhere/per_query.json: not found" in capsys.readouterr().err
+    # The same queries scored at another relevance level: the same numbers would mean other things
+    c = write_per_query(tmp_path / "c", {"nDCG@10": {"q1": 0.4, "q2": 0.2}})
+    for folder, level in ((a, 1), (c, 2)):
+        (folder / "metrics.json").write_text(json.dumps({"options": {"relevance_level": level,
+                                                                     "ignore_identical_ids": False}}))
+    with pytest.raises(HardnegError, match="a was evaluated with relevance_level 1 and c with 2"):
+        compare([a, c])
 
 
 # ------------------------------------------------------------------------------------------- reproduce

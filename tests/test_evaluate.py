@@ -108,17 +108,22 @@ def make_arguana_like(folder: Path, *, queries_are_documents: bool = True) -> Pa
 
 
 @pytest.mark.parametrize("name, copies, default", [("arguana", True, True), ("my-debates", True, True),
-                                                    ("arguana-ids-collide", False, True), ("scifact", False, False)])
+                                                    ("arguana-ids-collide", False, True), ("scifact", False, False),
+                                                    ("known-item", True, False)])
 def test_identical_ids_default_by_name_or_by_data(tmp_path, name, copies, default):
     """On for ArguAna/Quora by name, and for any folder whose queries are its documents (a copy under another
-    name would otherwise lose every query's rank-1 hit to its own copy); ids that only collide leave it off."""
-    dataset = load_beir(make_arguana_like(tmp_path / name, queries_are_documents=copies), "test")
+    name would otherwise lose every query's rank-1 hit to its own copy); ids that only collide leave it off, and
+    so does a known-item set, where each query's own document is judged its answer."""
+    folder = make_arguana_like(tmp_path / name, queries_are_documents=copies)
+    if name == "known-item":
+        (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\na1\ta1\t1\na2\ta2\t1\n")
+    dataset = load_beir(folder, "test")
     record = evaluate(dataset, SearchOnly(), metrics=("MRR@4", "P@1"), depth=4)
     assert record["options"]["ignore_identical_ids"] is default
     reason = record["options"]["ignore_identical_ids_reason"]
     assert ("BEIR/MTEB practice" in reason) == name.startswith("arguana")
     assert ("2 of the 2 queries are corpus documents themselves" in reason) == (name == "my-debates")
-    if copies:  # the query's own text matches itself best: with the self-hit kept, the relevant one is second
+    if copies and default:  # the query's own text matches itself best: kept, the relevant one would be second
         assert record["metrics"]["P@1"] == 1.0
         forced = evaluate(dataset, SearchOnly(), metrics=("P@1",), depth=4, ignore_identical_ids=False)
         assert forced["metrics"]["P@1"] == 0.0 and forced["options"]["ignore_identical_ids_reason"] == "given"
@@ -133,7 +138,16 @@ def test_a_query_judged_only_non_relevant_counts_zero_as_in_beir(tmp_path):
                       output_dir=tmp_path / "out")
     assert record["queries"] == 2 and record["queries_without_relevant"] == 1
     assert record["metrics"]["P@1"] == 0.5  # a1 finds a2 first; a2 has nothing to find
-    assert "1 of them have no document of grade >= 1" in (tmp_path / "out" / "report.md").read_text()
+    assert "with no document of grade >= 1 (0 on the binary metrics; nDCG keeps graded gains): 1" in \
+        (tmp_path / "out" / "report.md").read_text()
+    # At level 2 a query judged only grade 1 has no relevant document: 0 on P@1, but nDCG keeps its graded gain,
+    # as trec_eval does
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\na1\ta2\t2\na2\ta1\t1\n")
+    level2 = evaluate(load_beir(folder, "test"), SearchOnly(), metrics=("nDCG@4", "P@1"), depth=4,
+                      relevance_level=2)
+    assert level2["queries"] == 2 and level2["queries_without_relevant"] == 1
+    assert level2["per_query"]["P@1"] == {"a1": 1.0, "a2": 0.0}
+    assert level2["per_query"]["nDCG@4"] == {"a1": 1.0, "a2": 1.0}
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -214,18 +214,20 @@ def _interrupted_training(output: Path, config: dict) -> str | None:
                          "another output_dir")
 
 
-def _refuse_other_data(output: Path, config: dict) -> None:
-    """A recipe's ``output_dir`` stays the same when only ``data.path`` changes, as the recipes promise: a finished
-    run on other data in that folder is refused, before any work, rather than silently replaced by this one's."""
-    previous = _previous_config(output) if (output / "run.json").is_file() else None
-    if previous is None or not isinstance(previous.get("data"), dict):
+def _refuse_other_data(output: Path, split: Dataset) -> None:
+    """The recipes keep their ``output_dir`` when only ``data.path`` changes: a finished run in that folder whose
+    ``run.json`` records other input files than this run's training split is refused, before any work, rather than
+    silently replaced. Files, not paths, are compared: the same folder spelt otherwise (relative, with a trailing
+    slash, its bundled name) is the same data."""
+    try:
+        record = json.loads((output / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return
-    now, before = _flat(config["data"], "data."), _flat(previous["data"], "data.")
-    changed = [f"{key} was {before.get(key)}, now {value}" for key, value in sorted(now.items())
-               if before.get(key) != value]
-    if changed:
-        raise HardnegError(f"output_dir {output} holds a finished run on other data ({'; '.join(changed)}); "
-                           "choose another output_dir (--output-dir) or remove that one")
+    before = set((record.get("input_checksums") or {}).values()) if isinstance(record, dict) else set()
+    if before and not set(split.checksums().values()) <= before:
+        raise HardnegError(f"output_dir {output} holds a finished run on other data (its run.json names other input "
+                           f"files than {split.name}/{split.split}'s); choose another output_dir (--output-dir) "
+                           "or remove that one")
 
 
 def _check_training_queries(split: Dataset, dev_fraction: float | None, seed: int) -> int:
@@ -283,13 +285,13 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     if train_config.distills and train_config.distill_scope == "batch":
         check_batch_teacher(mining, remine_every=train_config.remine_every)
     output = check_output_folder(config["output_dir"], "output_dir")
-    _refuse_other_data(output, config)
     resume = training["resume"] or _interrupted_training(output, config)
     if resume:  # a missing checkpoint, or one of other training settings, is refused before any work
         resume = check_resume(output, resume, train_config, flag="train.resume")
     encode = encode_options(config["encode"], show_progress=show_progress)
     precision_note = describe_precision(encode["precision"], default_device())  # fp16 on a CPU fails here
     mine_split, eval_splits = _datasets(config)
+    _refuse_other_data(output, mine_split)
     check_index_fits(mining.index, len(mine_split.corpus))  # before the evaluation that comes first writes
     held_out = _check_training_queries(mine_split, train_config.dev_fraction, seed)
     echo(f"      {precision_note}")
