@@ -85,12 +85,13 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
         raise HardnegError(f"auc negatives per query must be >= 1, got {auc_negatives}")
     bases = {parse_metric(name)[0]: name for name in metrics}
     identical_reason = "given"
+    judged_ids, with_relevant = evaluated_queries(dataset.qrels), queries_with_relevant(dataset.qrels,
+                                                                                        relevance_level)
     if ignore_identical_ids is None:
-        judged = {query_id: dataset.queries[query_id] for query_id in evaluated_queries(dataset.qrels)
-                  if query_id in dataset.queries}
+        judged = {query_id: dataset.queries[query_id] for query_id in judged_ids if query_id in dataset.queries}
         ignore_identical_ids, identical_reason = identical_id_default(dataset.name, judged, dataset.corpus,
                                                                       dataset.qrels)
-    if not queries_with_relevant(dataset.qrels, relevance_level):
+    if not with_relevant:
         raise HardnegError(f"no query of {dataset.name}/{dataset.split} has a document of grade >= "
                            f"{relevance_level}; lower the relevance level")
 
@@ -144,10 +145,9 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
     record = {
         "dataset": dataset.name, "split": dataset.split, "retriever": name,
         "model": retriever if isinstance(retriever, str) else name, "metrics": means,
-        "queries": len(evaluated_queries(dataset.qrels)),
+        "queries": len(judged_ids),
         # judged, but nothing of grade >= relevance_level: in the mean, 0 on the binary metrics (trec_eval/BEIR)
-        "queries_without_relevant": (len(evaluated_queries(dataset.qrels))
-                                     - len(queries_with_relevant(dataset.qrels, relevance_level))),
+        "queries_without_relevant": len(judged_ids) - len(with_relevant),
         "queries_per_metric": {metric: len(v) for metric, v in values.items()},
         "depth": depth,
         "options": {"relevance_level": relevance_level, "ignore_identical_ids": ignore_identical_ids,
