@@ -146,7 +146,7 @@ def recipe_config(recipe: Path, args: argparse.Namespace, seed: int, output: Pat
     and held-out fraction, this seed and output folder."""
     return load_config(recipe, [f"data.path={args.data}", f"model={args.model}", f"seed={seed}",
                                 f"output_dir={output / 'run'}", f"train.dev_fraction={args.dev_fraction}",
-                                "evaluate.before=false", *overrides])
+                                "evaluate.before=false", *(args.set or []), *overrides])
 
 
 def method_settings(what: object, args: argparse.Namespace, seed: int) -> dict:
@@ -201,7 +201,54 @@ def table(output: Path) -> str:
         lines.append(row(f"**peer, budget chosen on dev over seeds {', '.join(map(str, sorted(shared)))} "
                          f"({best})**", peers[best]))
         lines.append(_verdict(results, peers[best], best))
-    return "\n".join(lines)
+    ablations = ablation_table(results)
+    return "\n".join(lines) + (f"\n\n{ablations}" if ablations else "")
+
+
+def ablation_table(results: dict[str, list[dict]]) -> str:
+    """Each ablation (``<recipe>-<lever>``) against its recipe, seed by seed: what the lever changed (read from
+    the two runs' settings, so a custom ``NAME:key=value`` ablation describes itself) and the paired difference
+    on dev and test, mean ± sd over the seeds both have run. Paired, because the seeds' dev splits differ
+    (seed 44's held-out queries are harder for every method), which an unpaired mean would mix into the lever."""
+    recipes = [m for m in results if not m.startswith("peer-") and m != "untrained"]
+    lines = []
+    for method in sorted(results):
+        bases = [b for b in recipes if method.startswith(f"{b}-")]
+        if not bases:
+            continue
+        base = max(bases, key=len)
+        ours = {r["seed"]: r for r in results[method]}
+        theirs = {r["seed"]: r for r in results[base]}
+        seeds = sorted(ours.keys() & theirs.keys())
+        if not seeds:
+            continue
+        changed = _changed(theirs[seeds[0]]["settings"], ours[seeds[0]]["settings"])
+        cells = []
+        for split, metric in [("dev", SELECT)] + [("test", m) for m in METRICS]:
+            mine = statistics.mean(ours[s]["metrics"][split][metric] for s in seeds)
+            delta = [ours[s]["metrics"][split][metric] - theirs[s]["metrics"][split][metric] for s in seeds]
+            sd = f" ± {statistics.stdev(delta):.4f}" if len(delta) > 1 else ""
+            cells.append(f"{mine:.4f} ({statistics.mean(delta):+.4f}{sd})")
+        lines.append(f"| {method} | {base} | {changed} | {', '.join(map(str, seeds))} | "
+                     + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    header = (f"| ablation | against | what changes | seeds | dev {SELECT} (Δ) | "
+              + " | ".join(f"test {m} (Δ)" for m in METRICS) + " |")
+    return "\n".join([header, "|---|---|---|---|---|" + "---|" * len(METRICS), *lines])
+
+
+def _changed(base: dict, other: dict, prefix: str = "") -> str:
+    """The settings ``other`` has that ``base`` does not, as ``key: old → new`` (nested keys dotted)."""
+    changes = []
+    for key in sorted(base.keys() | other.keys()):
+        old, new = base.get(key), other.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = _changed(old, new, f"{prefix}{key}.")
+            changes += [inner] if inner else []
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old} → {new}")
+    return ", ".join(changes)
 
 
 def _verdict(results: dict[str, list[dict]], peer: list[dict], peer_name: str) -> str:
@@ -237,6 +284,9 @@ def main() -> None:
     parser.add_argument("--ablation", action="append", default=[],
                         help=f"a lever switched in the first recipe: one of {', '.join(LEVERS)}, 'all' of them, or "
                         "NAME:key=value,key=value (repeatable)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a key of every recipe (and ablation), e.g. mine.teacher=FOLDER: a table of "
+                        "the teacher's embeddings (hardneg encode) where the teacher model cannot go (repeatable)")
     parser.add_argument("--dev-fraction", type=float, default=0.2)
     parser.add_argument("--precision", default="auto", help="evaluation encoding precision (both sides)")
     parser.add_argument("--output", required=True, help="folder of the result.json files (small; commit them)")

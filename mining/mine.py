@@ -42,6 +42,7 @@ from mining.settings import DEFAULT_SHARD_SIZE, SAMPLINGS
 from mining.sources import Rescored, ranked
 from retriever.data import POOLS_FILE, POOLS_META, Candidate, Dataset, Pool, corpus_fingerprint, read_pools
 from retriever.dense import DenseRetriever, encoder_identity, encoding_record
+from retriever.embedding_table import check_tables
 from retriever.factory import as_retriever
 from retriever.index import check_index_fits
 from retriever.io import (
@@ -197,6 +198,7 @@ def mine(dataset: Dataset, retriever: object, *, depth: int = 100, num_negatives
     queries = {query_id: text for query_id, text in dataset.queries.items() if positives[query_id]}
     if not queries:
         raise HardnegError(f"no query of split {dataset.split!r} has a relevant document to mine for")
+    check_tables(source, dataset.corpus, queries)  # precomputed embeddings lacking a document or query
     if chain.needs_anchor and not isinstance(source, Scorer):
         raise HardnegError(f"filter {flt.name!r} needs the positives' scores, but {describe(source)} has no "
                            "score() method (hybrid RRF scores are ranks); add a teacher or a cross-encoder to "

@@ -39,8 +39,9 @@ class MineSettings:
                                               "its scores")
     cross_encoder_batch_size: int = setting(32, "pairs per cross-encoder batch", ge=1)
     teacher: str | None = setting(None, "a bi-encoder (path or name) that scores candidates and positives instead "
-                                        "of the retriever, e.g. a larger model than the one you will train; its "
-                                        "scores are the soft labels of distillation")
+                                        "of the retriever, e.g. a larger model than the one you will train, or a "
+                                        "folder of its precomputed embeddings (hardneg encode); its scores are the "
+                                        "soft labels of distillation")
     fuse_bm25: float | None = setting(None, "a hybrid teacher: the scores the filters and distillation use become "
                                             "z(teacher, else the dense retriever) + this weight x z(BM25), each "
                                             "standardised per query over the whole corpus (0.3 is a good start; distil "
@@ -108,6 +109,7 @@ def check_source_settings(specs: Sequence[str], *, bm25_backend: str = "bm25s", 
     together with a teacher), because a miner that quietly drops a setting is what users complain about.
     """
     from retriever.bm25 import BACKENDS
+    from retriever.embedding_table import EmbeddingTable, is_embedding_table
     from retriever.encoder import resolve_model
     from retriever.index import check_index_spec
 
@@ -136,6 +138,9 @@ def check_source_settings(specs: Sequence[str], *, bm25_backend: str = "bm25s", 
     roles += [(role, spec) for role, spec in (("cross-encoder", cross_encoder), ("teacher", teacher)) if spec]
     for role, spec in roles:
         try:
+            if role != "cross-encoder" and is_embedding_table(spec):
+                EmbeddingTable(spec)  # vectors computed elsewhere: a bad table is refused here
+                continue
             resolve_model(spec)  # a path that does not exist is refused here
         except HardnegError as err:
             raise HardnegError(f"{role}: {err}") from None

@@ -696,3 +696,12 @@ def load_corpus_of(data: str | os.PathLike | None = None, corpus: str | os.PathL
     if data is None:
         raise HardnegError("give a dataset folder (--data) or a corpus file (--corpus)")
     return load_corpus(_first_existing(dataset_folder(data), ["corpus.jsonl", "corpus.jsonl.gz"]))
+
+
+def load_queries_of(data: str | os.PathLike | None = None, queries: str | os.PathLike | None = None) -> Queries:
+    """Every query of a dataset folder's queries file (or bundled name), or of an explicit queries file."""
+    if queries is not None:
+        return load_queries(queries)
+    if data is None:
+        raise HardnegError("give a dataset folder (--data) or a queries file (--queries)")
+    return load_queries(_first_existing(dataset_folder(data), ["queries.jsonl", "queries.jsonl.gz"]))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from retriever.bm25 import BM25Retriever
 from retriever.dense import DenseRetriever
+from retriever.embedding_table import PrecomputedRetriever, is_embedding_table
 from retriever.encoder import DualEncoder, SentenceTransformerEncoder, is_sentence_transformer
 from retriever.io import HardnegError
 from retriever.protocol import Encoder, Retriever
@@ -24,7 +25,8 @@ def as_retriever(spec: object, **options) -> Retriever:
     ``encode_query`` / ``encode_document`` prompts apply), ``"bm25"``, or a model name/path. Mining, evaluation
     and the CLI all build their retrievers here, so each accepts the same things.
 
-    ``"bm25"`` uses bm25s; ``"bm25:rank-bm25"`` the reference rank-bm25 backend. Any other string is a
+    ``"bm25"`` uses bm25s; ``"bm25:rank-bm25"`` the reference rank-bm25 backend. A folder holding
+    ``embeddings.json`` is a table of precomputed embeddings (:mod:`retriever.embedding_table`). Any other string is a
     model directory or a Hugging Face / sentence-transformers model name; ``options`` go to
     :meth:`retriever.encoder.DualEncoder.load` and the dense retriever (``DENSE_OPTIONS``: faiss index
     string, nprobe, ef_search, GPU use, embedding cache folder).
@@ -38,6 +40,8 @@ def as_retriever(spec: object, **options) -> Retriever:
     if isinstance(spec, str) and spec.split(":")[0].lower() == "bm25":
         backend = spec.split(":", 1)[1] if ":" in spec else "bm25s"
         return BM25Retriever(backend=backend, show_progress=options.get("show_progress", True))
+    if isinstance(spec, str) and is_embedding_table(spec):  # vectors computed elsewhere, looked up by id
+        return PrecomputedRetriever(spec, **{key: value for key, value in options.items() if key in DENSE_OPTIONS})
     if isinstance(spec, str):
         _refuse_near_miss(spec)
         search_options = {key: options.pop(key) for key in DENSE_OPTIONS if key in options}

@@ -59,6 +59,7 @@ from retriever.checkpoint import (
     set_rng_state,
 )
 from retriever.data import Corpus, Dataset, Pool
+from retriever.embedding_table import check_tables
 from retriever.encoder import DualEncoder, is_sentence_transformer
 from retriever.encoding import default_device, resolve_training_precision
 from retriever.gradcache import encode_and_backward
@@ -376,6 +377,8 @@ class Trainer:
             raise HardnegError("train: distill_scope 'batch' needs the teacher to score each batch with (the CLI and "
                                "`run` rebuild it from the pools' pools.meta.json; in Python pass teacher=, e.g. "
                                "mining.remine.recorded_teacher(...))")
+        if self.teacher is not None:  # a table of precomputed embeddings must hold every training query
+            check_tables(self.teacher, self.corpus, {pool.query_id: pool.query for pool in pools})
         if self.teacher is not None and self.mixed:
             raise HardnegError("train: distill_scope 'batch' scores one dataset's batches; train on several datasets "
                                "with distill_scope 'pools'")

@@ -31,6 +31,7 @@ _EXPORTS = {
     # what a custom model implements, and the built-in models
     "Encoder": "retriever.protocol", "Retriever": "retriever.protocol", "Scorer": "retriever.protocol",
     "DualEncoder": "retriever.encoder", "as_retriever": "retriever.factory", "resolve_model": "retriever.encoder",
+    "write_embedding_table": "retriever.embedding_table", "PrecomputedRetriever": "retriever.embedding_table",
     # mining
     "mine": "mining.mine", "MiningResult": "mining.mine", "Remining": "mining.remine",
     "TopK": "mining.filters", "TopKAbs": "mining.filters", "TopKMarginPos": "mining.filters",

@@ -123,6 +123,31 @@ def cmd_mine(args) -> None:
     print(f"mined {result.summary()}\nwrote {args.output}/pools.jsonl, pools.meta.json and pools.scores.png")
 
 
+def cmd_encode(args) -> None:
+    from retriever.data import load_corpus_of, load_dataset, load_queries_of
+    from retriever.dense import DenseRetriever
+    from retriever.embedding_table import encode_embedding_table
+    from retriever.encoding import check_precision
+    from retriever.factory import as_retriever
+
+    check_precision(args.encode_precision)
+    if not (args.data or (args.corpus and args.queries)):
+        raise HardnegError("give a dataset folder (--data) or both --corpus and --queries")
+    check_output_folder(args.output, "--output")
+    if args.split:  # the queries judged in these splits only
+        splits = [load_dataset(args.data, split.strip(), corpus=args.corpus, queries=args.queries)
+                  for split in args.split.split(",") if split.strip()]
+        corpus, queries = splits[0].corpus, {q: t for data in splits for q, t in data.queries.items()}
+    else:  # every query of the queries file
+        corpus, queries = load_corpus_of(args.data, args.corpus), load_queries_of(args.data, args.queries)
+    retriever = as_retriever(args.model, **_encode_options(args))
+    if not isinstance(retriever, DenseRetriever):
+        raise HardnegError(f"--model {args.model}: not a dense model (BM25 has no embeddings to write)")
+    folder = encode_embedding_table(retriever, corpus, queries, args.output, name=args.model, dtype=args.dtype)
+    print(f"wrote the embeddings of {len(corpus):,} documents and {len(queries):,} queries to {folder}: use it "
+          f"as --teacher {folder} (mine.teacher) or --retriever {folder}")
+
+
 def cmd_train(args) -> None:
     from mining.export import is_exported_pools, load_pools
     from retriever.data import load_corpus_of, pools_file, pools_scorer, read_pools_meta
@@ -406,6 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p.add_argument_group("mining (the mine: section of a config)"), MineSettings)
     p.add_argument("--output", required=True, help="folder for pools.jsonl and pools.meta.json")
     p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser("encode", help="write a model's embeddings of a corpus and its queries, to use as a teacher "
+                       "(--teacher FOLDER) or retriever where the model cannot run")
+    p.add_argument("--model", required=True, help="the model to encode with (a folder or a hub name)")
+    group = p.add_argument_group("data (a BEIR folder or bundled name, or explicit files)")
+    group.add_argument("--data", action=_Once, help="BEIR folder, bundled dataset name, or beir:NAME")
+    group.add_argument("--split", help="only the queries judged in these qrels splits, comma-separated (default: "
+                                       "every query of the queries file)")
+    group.add_argument("--corpus", help="corpus file: BEIR corpus.jsonl[.gz] or MS MARCO collection.tsv")
+    group.add_argument("--queries", help="queries file: BEIR queries.jsonl or MS MARCO queries.*.tsv")
+    _encoder_arguments(p)
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="how the vectors are stored: float16 halves the folder, scores then agree with the model's "
+                        "to about 1e-3 (default: float32)")
+    p.add_argument("--output", required=True, help="folder for embeddings.json, corpus.npy, queries.npy and their "
+                                                  "ids")
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="train a dual encoder on mined pools (torchrun for several GPUs/processes)")
     p.add_argument("--pools", required=True, action="append",
