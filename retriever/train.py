@@ -377,11 +377,11 @@ class Trainer:
             raise HardnegError("train: distill_scope 'batch' needs the teacher to score each batch with (the CLI and "
                                "`run` rebuild it from the pools' pools.meta.json; in Python pass teacher=, e.g. "
                                "mining.remine.recorded_teacher(...))")
-        if self.teacher is not None:  # a table of precomputed embeddings must hold every training query
-            check_tables(self.teacher, self.corpus, {pool.query_id: pool.query for pool in pools})
         if self.teacher is not None and self.mixed:
             raise HardnegError("train: distill_scope 'batch' scores one dataset's batches; train on several datasets "
                                "with distill_scope 'pools'")
+        if self.teacher is not None:  # a table of precomputed embeddings must hold every training query
+            check_tables(self.teacher, self.corpus, {pool.query_id: pool.query for pool in pools})
         if self.distills and self.teacher is None:
             unscored = [(pool.query_id, c.doc_id) for pool in pools for c in [*pool.positives, *pool.negatives]
                         if c.score is None]

@@ -124,10 +124,47 @@ def test_a_table_missing_a_query_or_document_is_refused_before_mining(demo_train
                                         rf"embedding \(first: '{data.corpus.ids[0]}'\)"):
         mine(data, build_source(["bm25"], show_progress=False), rescorer=build_rescorer(teacher=str(folder)))
 
-    edited = Corpus(data.corpus.ids, data.corpus.titles, ["changed"] + data.corpus.bodies[1:])
-    folder = _table(tmp_path / "v", edited, data.queries, corpus=edited)
-    with pytest.raises(DataError, match="other texts"):
+    # text hashes tie each vector to its text: an edited document, or another dataset's query under the same id,
+    # is refused; the same documents in another order, or a superset, are not
+    texts = [data.corpus.text(i) for i in range(len(data.corpus))]
+    folder = _table(tmp_path / "v", data.corpus, data.queries, corpus_texts=["changed"] + texts[1:],
+                    query_texts=list(data.queries.values()))
+    with pytest.raises(DataError, match=rf"field 'corpus': 1 of the {len(data.corpus)} documents asked for have "
+                                        rf"other texts .* \(first: '{data.corpus.ids[0]}'\)"):
         PrecomputedRetriever(folder).check(data.corpus, data.queries)
+    folder = _table(tmp_path / "w", data.corpus, data.queries, corpus_texts=texts,
+                    query_texts=["another dataset's query"] + list(data.queries.values())[1:])
+    with pytest.raises(DataError, match="field 'queries': 1 of the 10 queries asked for have other texts"):
+        PrecomputedRetriever(folder).check(data.corpus, data.queries)
+    order = list(reversed(range(len(data.corpus))))
+    folder = _table(tmp_path / "x", Corpus([data.corpus.ids[i] for i in order], [data.corpus.titles[i] for i in order],
+                                           [data.corpus.bodies[i] for i in order]),
+                    data.queries, corpus_texts=[texts[i] for i in order], query_texts=list(data.queries.values()))
+    table = PrecomputedRetriever(folder)
+    table.check(data.corpus, data.queries)
+    fewer = Corpus(data.corpus.ids[1:], data.corpus.titles[1:], data.corpus.bodies[1:])
+    table.check(fewer, some)  # the table holds more than this data: fine
+    vectors = np.load(folder / "corpus.npy")
+    assert np.array_equal(table.corpus_embeddings(fewer), vectors[order][1:])  # gathered in the corpus's order
+
+
+def test_a_folder_of_other_files_is_never_replaced(demo_train, tmp_path, capsys):
+    data = small(demo_train, queries=5, documents=20)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("mine")
+    with pytest.raises(HardnegError, match="exists and is not an embedding table"):
+        _table(tmp_path / "out", data.corpus, data.queries)
+    assert main(["--quiet", "encode", "--model", "nowhere/model", "--data", "nfcorpus-demo",
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "exists and is not an embedding table" in capsys.readouterr().err
+    assert (tmp_path / "out" / "precious.txt").read_text() == "mine"
+    first = _table(tmp_path / "table", data.corpus, data.queries, seed=1)
+    _table(first, data.corpus, data.queries, seed=2)  # a table is replaced by the new one
+    assert np.load(first / "corpus.npy").shape == (len(data.corpus), 4)
+    with pytest.raises(ValueError, match=r"queries: the vector of '\S+' \(row 0\) holds NaN or infinity"):
+        _table(tmp_path / "nan", data.corpus, data.queries,
+               query_vectors=np.vstack([[np.nan] * 4, np.ones((len(data.queries) - 1, 4))]))
+    assert PrecomputedRetriever(first).query_embeddings({}).shape == (0, 4)
 
 
 def test_bad_tables_are_refused_with_the_file_and_line(demo_train, tmp_path, capsys):
@@ -143,7 +180,7 @@ def test_bad_tables_are_refused_with_the_file_and_line(demo_train, tmp_path, cap
     with pytest.raises(DataError, match=r"corpus_ids\.txt:3: id '' is empty"):
         EmbeddingTable(folder)
     (folder / "corpus_ids.txt").write_text("\r\n".join(ids) + "\r\n")  # CRLF line ends are read
-    assert EmbeddingTable(folder).corpus_ids == ids
+    assert EmbeddingTable(folder).ids["corpus"] == ids
     (folder / "corpus_ids.txt").write_text("\n".join(ids[:-1]) + "\n")
     with pytest.raises(DataError, match=rf"corpus_ids\.txt: {len(ids) - 1} ids for {len(ids)} rows"):
         EmbeddingTable(folder)

@@ -126,7 +126,7 @@ def cmd_mine(args) -> None:
 def cmd_encode(args) -> None:
     from retriever.data import load_corpus_of, load_dataset, load_queries_of
     from retriever.dense import DenseRetriever
-    from retriever.embedding_table import encode_embedding_table
+    from retriever.embedding_table import check_table_folder, encode_embedding_table
     from retriever.encoding import check_precision
     from retriever.factory import as_retriever
 
@@ -134,6 +134,9 @@ def cmd_encode(args) -> None:
     if not (args.data or (args.corpus and args.queries)):
         raise HardnegError("give a dataset folder (--data) or both --corpus and --queries")
     check_output_folder(args.output, "--output")
+    check_table_folder(args.output)  # it is swapped whole: never over a folder of other files
+    if args.split and not args.data:
+        raise HardnegError("--split reads the qrels of a dataset folder: give --data")
     if args.split:  # the queries judged in these splits only
         splits = [load_dataset(args.data, split.strip(), corpus=args.corpus, queries=args.queries)
                   for split in args.split.split(",") if split.strip()]
@@ -311,6 +314,7 @@ def cmd_evaluate(args) -> None:
     from eval.runs import read_run
     from hardneg.pipeline import format_metrics
     from retriever.data import load_dataset
+    from retriever.embedding_table import check_tables
     from retriever.encoding import check_precision
 
     check_precision(args.encode_precision)
@@ -325,6 +329,8 @@ def cmd_evaluate(args) -> None:
         raise HardnegError("--corpus/--queries/--qrels replace the files of one dataset; give one --data with them")
     datasets = [load_dataset(data, args.split, corpus=args.corpus, queries=args.queries, qrels=args.qrels)
                 for data in (args.data or [None])]  # every dataset read before any is scored
+    for dataset in datasets if args.retriever else ():  # a table of embeddings must cover every one of them
+        check_tables(args.retriever, dataset.corpus, dataset.queries)
     output = args.output or default_evaluation_folder(args.run_file or args.retriever, datasets)
     check_output_folder(output, "--output")
     options = settings.options() | {"output_dir": output, "config": _recorded(args), "plots": not args.no_plots,
@@ -534,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SHARDED_COMMANDS = ("mine", "evaluate")  # split their corpus encode and search over torchrun's processes
+SHARDED_COMMANDS = ("mine", "evaluate", "encode")  # split their corpus encode and search over torchrun's processes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from retriever.data import (
     pools_dataset,
     read_pools,
 )
+from retriever.embedding_table import check_tables
 from retriever.encoding import EncodeSettings, default_device, describe_precision, encode_options
 from retriever.factory import as_retriever
 from retriever.index import check_index_fits
@@ -294,6 +295,9 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     _refuse_other_data(output, mine_split)
     check_index_fits(mining.index, len(mine_split.corpus))  # before the evaluation that comes first writes
     held_out = _check_training_queries(mine_split, train_config.dev_fraction, seed)
+    trainable = {query_id: text for query_id, text in mine_split.queries.items() if mine_split.relevant(query_id)}
+    for spec in [mining.teacher, *mining.retriever]:  # a table of embeddings lacking a document or query
+        check_tables(spec, mine_split.corpus, trainable)
     echo(f"      {precision_note}")
     if 0 < held_out < FEW_DEV_QUERIES:
         echo(f"      note: train.dev_fraction holds out only {held_out} training queries to select on: each moves "
