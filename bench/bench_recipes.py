@@ -51,7 +51,7 @@ from eval.evaluate import evaluate  # noqa: E402
 from hardneg.pipeline import load_config, run_pipeline  # noqa: E402
 from retriever.data import Dataset, held_out_ids, load_dataset  # noqa: E402
 from retriever.encoder import resolve_model  # noqa: E402
-from retriever.encoding import default_device, resolve_training_precision  # noqa: E402
+from retriever.encoding import default_device, resolve_precision, resolve_training_precision  # noqa: E402
 from retriever.factory import as_retriever  # noqa: E402
 from retriever.io import write_json  # noqa: E402
 
@@ -146,19 +146,32 @@ def recipe_config(recipe: Path, args: argparse.Namespace, seed: int, output: Pat
     and held-out fraction, this seed and output folder."""
     return load_config(recipe, [f"data.path={args.data}", f"model={args.model}", f"seed={seed}",
                                 f"output_dir={output / 'run'}", f"train.dev_fraction={args.dev_fraction}",
+                                f"encode.precision={args.precision}", f"train.precision={args.precision}",
                                 "evaluate.before=false", *(args.set or []), *overrides])
 
 
 def method_settings(what: object, args: argparse.Namespace, seed: int) -> dict:
     """What a method's result depends on, stored in its result.json: a result of other settings (a recipe edited
-    since) is run again instead of being reported."""
+    since) is run again instead of being reported. The precisions are left out here: what they resolve to on the
+    machine is stored beside (:func:`resolved_precision`), since ``auto`` is fp32 on one CPU and bf16 on another."""
     if what is None:
         return {"model": args.model}
     if isinstance(what, int):
         return {"model": args.model, "epochs": what, "peer": PEER}
     recipe, overrides = what
     config = recipe_config(recipe, args, seed, Path("."), overrides)
+    for section in ("encode", "train"):
+        config[section] = {key: value for key, value in config[section].items() if key != "precision"}
     return {key: value for key, value in config.items() if key != "output_dir"}
+
+
+def resolved_precision(what: object, args: argparse.Namespace, device: str) -> dict[str, str]:
+    """The precisions a method runs in on this machine (``auto`` decided: bf16 on a CPU with AVX-512 BF16 or AMX,
+    fp32 on one with AVX2 only), stored beside the settings: the same settings on another CPU are another run."""
+    resolved = {"encode": resolve_precision(args.precision, device)}
+    if what is not None:
+        resolved["train"] = resolve_training_precision(args.precision, device)
+    return resolved
 
 
 def run_recipe(config: dict, output: Path) -> Path:
@@ -223,13 +236,15 @@ def ablation_table(results: dict[str, list[dict]]) -> str:
         if not seeds:
             continue
         changed = _changed(theirs[seeds[0]]["settings"], ours[seeds[0]]["settings"])
+        changed += _changed({"precision": theirs[seeds[0]].get("resolved_precision")},
+                            {"precision": ours[seeds[0]].get("resolved_precision")})
         cells = []
         for split, metric in [("dev", SELECT)] + [("test", m) for m in METRICS]:
             mine = statistics.mean(ours[s]["metrics"][split][metric] for s in seeds)
             delta = [ours[s]["metrics"][split][metric] - theirs[s]["metrics"][split][metric] for s in seeds]
             sd = f" ± {statistics.stdev(delta):.4f}" if len(delta) > 1 else ""
             cells.append(f"{mine:.4f} ({statistics.mean(delta):+.4f}{sd})")
-        lines.append(f"| {method} | {base} | {changed} | {', '.join(map(str, seeds))} | "
+        lines.append(f"| {method} | {base} | {', '.join(changed)} | {', '.join(map(str, seeds))} | "
                      + " | ".join(cells) + " |")
     if not lines:
         return ""
@@ -238,17 +253,16 @@ def ablation_table(results: dict[str, list[dict]]) -> str:
     return "\n".join([header, "|---|---|---|---|---|" + "---|" * len(METRICS), *lines])
 
 
-def _changed(base: dict, other: dict, prefix: str = "") -> str:
+def _changed(base: dict, other: dict, prefix: str = "") -> list[str]:
     """The settings ``other`` has that ``base`` does not, as ``key: old → new`` (nested keys dotted)."""
     changes = []
     for key in sorted(base.keys() | other.keys()):
         old, new = base.get(key), other.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            inner = _changed(old, new, f"{prefix}{key}.")
-            changes += [inner] if inner else []
+            changes += _changed(old, new, f"{prefix}{key}.")
         elif old != new:
             changes.append(f"{prefix}{key}: {old} → {new}")
-    return ", ".join(changes)
+    return changes
 
 
 def _verdict(results: dict[str, list[dict]], peer: list[dict], peer_name: str) -> str:
@@ -288,7 +302,9 @@ def main() -> None:
                         help="override a key of every recipe (and ablation), e.g. mine.teacher=FOLDER: a table of "
                         "the teacher's embeddings (hardneg encode) where the teacher model cannot go (repeatable)")
     parser.add_argument("--dev-fraction", type=float, default=0.2)
-    parser.add_argument("--precision", default="auto", help="evaluation encoding precision (both sides)")
+    parser.add_argument("--precision", default="auto", help="encoding and training precision of both sides: auto "
+                        "(bf16 where the CPU or GPU runs it natively, else fp32), fp32 or bf16; each result records "
+                        "what it resolved to, and one of another resolved precision is run again")
     parser.add_argument("--output", required=True, help="folder of the result.json files (small; commit them)")
     parser.add_argument("--work", help="folder for the models and run outputs (default: --output)")
     parser.add_argument("--only", help="comma-separated method names to run (e.g. peer-3ep,recipe-minilm): "
@@ -305,7 +321,7 @@ def main() -> None:
     test = load_dataset(args.data, "test")
     test.corpus = train.corpus
     device = str(default_device())
-    bf16 = resolve_training_precision("auto", device) == "bf16"  # the peer trains as hardneg's `auto` picks
+    bf16 = resolve_training_precision(args.precision, device) == "bf16"  # the peer trains as hardneg does
     methods: list[tuple[str, object]] = [("untrained", None)]
     methods += [(f"peer-{e}ep", int(e)) for e in args.peer_epochs.split(",") if e]
     methods += [(recipe.stem, (recipe, [])) for recipe in recipes]
@@ -330,8 +346,10 @@ def main() -> None:
         for method, what in methods:
             result = output / method / f"seed-{seed}" / "result.json"
             folder = Path(args.work or output) / method / f"seed-{seed}"
-            settings = method_settings(what, args, seed)
-            if result.is_file() and json.loads(result.read_text()).get("settings") == settings:
+            settings, precision = method_settings(what, args, seed), resolved_precision(what, args, device)
+            if result.is_file() and {key: json.loads(result.read_text()).get(key) for key in
+                                     ("settings", "resolved_precision")} == {"settings": settings,
+                                                                             "resolved_precision": precision}:
                 continue
             started = time.time()
             if what is None:
@@ -342,8 +360,8 @@ def main() -> None:
                 recipe, overrides = what
                 model = run_recipe(recipe_config(recipe, args, seed, folder, overrides), folder)
             metrics = scores(str(model), {"dev": dev, "test": test}, folder / "eval", args.precision)
-            write_json(result, {"method": method, "seed": seed, "settings": settings, "metrics": metrics,
-                                                "seconds": round(time.time() - started, 1), "model": str(model)})
+            write_json(result, {"method": method, "seed": seed, "settings": settings, "resolved_precision": precision,
+                                "metrics": metrics, "seconds": round(time.time() - started, 1), "model": str(model)})
             print(f"{method} seed {seed}: dev {metrics['dev'][SELECT]:.4f} test "
                   + " ".join(f"{m} {metrics['test'][m]:.4f}" for m in METRICS), flush=True)
     print(table(output))

@@ -245,3 +245,18 @@ def test_query_blocks_shared_between_ranks_give_the_lists_of_one_process(tmp_pat
     assert [rank["documents_held"] for rank in two["ranks"]] == [3 * BLOCK_MIN, 5000 - 3 * BLOCK_MIN]
     mapped = next(run for run in record["runs"] if run["name"] == "mmap-1")
     assert mapped["ranks"][0]["documents_encoded"] == 5000
+
+
+def test_two_processes_encode_the_table_of_one(folder, tiny_model, tmp_path):
+    """`torchrun hardneg encode`: each rank encodes its shard, rank 0 writes the one table, byte for byte what one
+    process writes; and the table then mines with two processes as with one."""
+    common = ["encode", "--model", str(tiny_model), "--data", str(folder), "--max-length", "32", "--no-cache"]
+    _ok(_hardneg([*common, "--output", "one"], 1, tmp_path))
+    _ok(_hardneg([*common, "--output", "two"], 2, tmp_path))
+    for name in ("corpus.npy", "queries.npy", "corpus_ids.txt", "query_ids.txt", "corpus_text_hashes.npy"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    mine = ["mine", "--data", str(folder), "--split", "train", "--retriever", str(tmp_path / "one"), "--depth", "30",
+            "--num-negatives", "4"]
+    _ok(_hardneg([*mine, "--output", "pools-one"], 1, tmp_path))
+    _ok(_hardneg([*mine, "--output", "pools-two"], 2, tmp_path))
+    assert (tmp_path / "pools-one" / POOLS_FILE).read_bytes() == (tmp_path / "pools-two" / POOLS_FILE).read_bytes()
