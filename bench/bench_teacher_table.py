@@ -27,7 +27,7 @@ from mining.mine import mine  # noqa: E402
 from mining.sources import build_rescorer, build_source  # noqa: E402
 from retriever.data import load_dataset  # noqa: E402
 from retriever.embedding_table import encode_embedding_table  # noqa: E402
-from retriever.encoding import encode_options  # noqa: E402
+from retriever.encoding import default_device, encode_options, resolve_precision  # noqa: E402
 from retriever.factory import as_retriever  # noqa: E402
 from retriever.io import write_json  # noqa: E402
 from retriever.train import batch_teacher_scores, epoch_batches  # noqa: E402
@@ -57,7 +57,8 @@ def main() -> None:
     train = load_dataset(args.data, "train")
     options = encode_options({"batch_size": 32}, show_progress=False)
     teachers: dict[str, str] = {"model": args.teacher}
-    result: dict = {"data": args.data, "teacher": args.teacher, "student": args.student, "seconds": {}}
+    result: dict = {"data": args.data, "teacher": args.teacher, "student": args.student, "seconds": {},
+                    "encoding_precision": resolve_precision("auto", default_device())}
     with tempfile.TemporaryDirectory() as scratch:
         started = time.time()
         model = as_retriever(args.teacher, **options)
