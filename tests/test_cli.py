@@ -100,18 +100,26 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_teacher_recipe_runs_whole(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("teacher", ["model", "table"])
+def test_the_teacher_recipe_runs_whole(tiny_model, tmp_path, capsys, teacher):
     """configs/recipe-distill.yaml as shipped (a BM25-fused teacher scores the pools, then every cell of each step)
-    through `hardneg run`, the tiny model standing in for both all-MiniLM-L6-v2 and all-mpnet-base-v2."""
+    through `hardneg run`, the tiny model standing in for both all-MiniLM-L6-v2 and all-mpnet-base-v2, or a table
+    of its embeddings (`hardneg encode`) for the teacher: mining, the in-batch teacher and the evaluation then run
+    without the teacher model."""
+    if teacher == "table":
+        assert main(["--quiet", "encode", "--model", str(tiny_model), "--data", "nfcorpus-demo", "--max-length",
+                     "32", "--output", str(tmp_path / "teacher")]) == 0, capsys.readouterr().err
+    where = tiny_model if teacher == "model" else tmp_path / "teacher"
     code = main(["--quiet", "run", str(REPO / "configs" / "recipe-distill.yaml"), "--model", str(tiny_model),
-                 "--output-dir", str(tmp_path / "out"), "--set", f"mine.teacher={tiny_model}",
+                 "--output-dir", str(tmp_path / "out"), "--set", f"mine.teacher={where}",
                  "--set", "encode.max_length=32", "--set", "train.max_length=32", "--set", "train.max_steps=2",
                  "--set", "train.epochs=1", "--set", "evaluate.depth=100", "--set", "evaluate.before=false",
                  "--set", "encode.cache=false"])
     assert code == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     meta = json.loads((tmp_path / "out" / "pools" / "pools.meta.json").read_text())
-    assert meta["settings"]["rescorer"].startswith("fused-z(")
+    assert meta["settings"]["rescorer"].startswith("fused-z(1*embeddings:" if teacher == "table" else "fused-z(")
+    assert meta["counts"]["queries_with_hard_negatives"] > 0
     trained = json.loads((tmp_path / "out" / "training_config.json").read_text())
     assert trained["config"]["distill_scope"] == "batch" and trained["summary"]["steps"] == 2
     assert set(record["metrics"]["after"]["test"]) == {"nDCG@10", "Recall@100", "MRR@10", "AUC"}

@@ -212,21 +212,3 @@ def test_float16_tables_load_as_float32(demo_train, tmp_path):
     scored = as_retriever(str(folder)).score(data.corpus, data.queries, {q: data.corpus.ids[:2] for q in data.queries})
     assert all(value == 2.0 for row in scored.values() for value in row.values())
 
-
-@pytest.mark.slow
-def test_the_teacher_recipe_runs_on_a_table(tiny_model, tmp_path, capsys):
-    """configs/recipe-distill.yaml through `hardneg run` with `mine.teacher` a table: mining, the in-batch teacher
-    and the evaluation all run without the teacher model."""
-    teacher = tmp_path / "teacher"
-    assert main(["--quiet", "encode", "--model", str(tiny_model), "--data", "nfcorpus-demo", "--max-length", "32",
-                 "--output", str(teacher)]) == 0, capsys.readouterr().err
-    code = main(["--quiet", "run", str(REPO / "configs" / "recipe-distill.yaml"), "--model", str(tiny_model),
-                 "--output-dir", str(tmp_path / "out"), "--set", f"mine.teacher={teacher}",
-                 "--set", "encode.max_length=32", "--set", "train.max_length=32", "--set", "train.max_steps=2",
-                 "--set", "train.epochs=1", "--set", "evaluate.depth=100", "--set", "evaluate.before=false",
-                 "--set", "encode.cache=false"])
-    assert code == 0, capsys.readouterr().err
-    meta = json.loads((tmp_path / "out" / "pools" / "pools.meta.json").read_text())
-    assert meta["settings"]["rescorer"].startswith("fused-z(1*embeddings:")
-    assert meta["counts"]["queries_with_hard_negatives"] > 0
-    assert json.loads((tmp_path / "out" / "training_config.json").read_text())["summary"]["steps"] == 2
