@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import small
 
 from hardneg.cli import main
 from retriever.data import Corpus
@@ -21,7 +22,6 @@ from retriever.embedding_table import (
 )
 from retriever.factory import as_retriever
 from retriever.io import DataError, HardnegError
-from tests.conftest import small
 
 REPO = Path(__file__).resolve().parents[1]
 
