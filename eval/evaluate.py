@@ -10,6 +10,7 @@ bad input or a crash leaves no half-written folder.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from eval.metrics import (
 )
 from eval.report import markdown_report
 from eval.runs import write_run
-from retriever.data import Dataset, Run
+from retriever.data import Dataset, Run, dev_subset
 from retriever.dense import encoding_record
 from retriever.factory import as_retriever
 from retriever.io import HardnegError, atomic_write, check_output_folder, library_versions, write_json
@@ -180,11 +181,15 @@ def evaluate(dataset: Dataset, retriever: object, *, metrics: tuple[str, ...] = 
     return record
 
 
-def dev_evaluator(dev: Dataset, metric: str, *, batch_size: int = 64, precision: str = "auto"):
+def dev_evaluator(dev: Dataset, metric: str, *, batch_size: int = 64, precision: str = "auto",
+                  corpus_size: int | None = None, distractors: Iterable[str] = (), seed: int = 0):
     """The keep-best scorer of training: ``score(model)`` is ``metric`` of the model on ``dev``, higher better.
 
     The metric is checked now, so a bad name fails before training. The dev corpus is encoded in the
     encoding ``precision`` (training's own autocast is separate) and searched deep enough for the metric.
+    With ``corpus_size`` the search runs over :func:`~retriever.data.dev_subset` of that many documents (the dev
+    queries' judged documents, then ``distractors``, then random ones drawn with ``seed``), chosen once here, so
+    that every evaluation of a run ranks the same documents; ``score.documents`` says how many.
     """
     from retriever.dense import DenseRetriever
 
@@ -193,6 +198,8 @@ def dev_evaluator(dev: Dataset, metric: str, *, batch_size: int = 64, precision:
     except ValueError as err:
         raise HardnegError(f"dev metric: {err}") from None
     depth = max(cut or 1000, 100)
+    if corpus_size is not None:
+        dev = dev_subset(dev, corpus_size, seed, distractors)
 
     def score(model) -> float:
         trained_precision = getattr(model, "precision", None)
@@ -206,6 +213,7 @@ def dev_evaluator(dev: Dataset, metric: str, *, batch_size: int = 64, precision:
                 model.precision = trained_precision
 
     score.metric = metric  # the name training logs and plots the dev score under
+    score.documents = len(dev.corpus)
     return score
 
 

@@ -596,6 +596,42 @@ def pools_dataset(pools: list[Pool], corpus: Corpus, source: Dataset | None = No
     return Dataset(name, split, corpus, queries, qrels, list(source.files) if source is not None else [])
 
 
+def mined_negatives(pools: Iterable[Pool]) -> list[str]:
+    """The negatives of ``pools``, query by query: the hard distractors :func:`dev_subset` keeps first."""
+    return [negative.doc_id for pool in pools for negative in pool.negatives]
+
+
+def dev_subset(dev: Dataset, size: int, seed: int, distractors: Iterable[str] = ()) -> Dataset:
+    """``dev`` over a sub-corpus of ``size`` documents, so that selecting on it does not re-encode a whole corpus
+    (MS MARCO's 8.8M passages) at every dev evaluation.
+
+    The sub-corpus keeps, in this order of priority: every judged document of the dev queries (so each query's
+    metric counts all its relevant documents), then ``distractors`` (the dev queries' mined negatives: without them
+    the rest is random documents, which make the ranking easier than the whole corpus does), then documents drawn at
+    random with ``seed`` until ``size``. The judged documents are always all kept, even beyond ``size``. Scores on
+    it rank models against each other; they are higher than on the whole corpus, so are not comparable with them.
+    """
+    if size < 1:
+        raise HardnegError(f"dev_corpus_size must be >= 1, got {size}")
+    corpus = dev.corpus
+    if size >= len(corpus):
+        return dev
+    kept = {corpus.position[doc_id] for judged in dev.qrels.values() for doc_id in judged if doc_id in corpus}
+    for doc_id in distractors:
+        if len(kept) >= size:
+            break
+        if doc_id in corpus:
+            kept.add(corpus.position[doc_id])
+    missing = size - len(kept)
+    if missing > 0:  # a sample of range() is drawn without listing the corpus; the kept ones it hits are dropped
+        drawn = random.Random(seed).sample(range(len(corpus)), missing + len(kept))
+        kept.update([i for i in drawn if i not in kept][:missing])
+    order = sorted(kept)
+    sub = Corpus([corpus.ids[i] for i in order], [corpus.titles[i] for i in order],
+                 [corpus.bodies[i] for i in order])
+    return Dataset(dev.name, dev.split, sub, dev.queries, dev.qrels, dev.files)
+
+
 def write_pools(path: str | os.PathLike, pools: Iterable[Pool]) -> int:
     """Atomically write pools as JSON lines; returns how many were written."""
     count = 0

@@ -24,7 +24,8 @@ _ANCHORS = {"min": "lowest-scored", "max": "highest-scored", "mean": "mean"}
 _TRAINING_KEYS = ("loss", "temperature", "learnable_temperature", "distill_weight", "distill_form",
                   "teacher_temperature", "mw_weight", "epochs", "max_steps", "batch_size", "learning_rate",
                   "warmup_ratio", "weight_decay", "positives_per_query", "negatives_per_query", "random_negatives",
-                  "remine_every", "dev_fraction", "patience", "soup", "precision", "cache_chunk", "seed")
+                  "remine_every", "dev_fraction", "dev_corpus_size", "patience", "soup", "precision", "cache_chunk",
+                  "seed")
 
 
 def write_model_card(folder: str | os.PathLike, record: dict, evaluation: dict | None = None) -> Path:

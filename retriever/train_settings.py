@@ -90,6 +90,11 @@ class TrainConfig:
     dev_fraction: float | None = setting(None, "hold out this share of the training queries (seeded, by query) "
                                                "as the dev set for keep-best and early stopping, for data with "
                                                "no dev split", gt=0, le=0.5)
+    dev_corpus_size: int | None = setting(None, "score dev over this many documents instead of the whole corpus: "
+                                                "every judged document of the dev queries, their mined negatives, "
+                                                "then seeded random ones (for corpora too large to re-encode at "
+                                                "every evaluation; scores rank models, not comparable with the "
+                                                "whole corpus's)", gt=0)
     patience: int | None = setting(None, "stop after this many dev evaluations without a new best", gt=0)
     soup: int | None = setting(None, "greedy model soup (Wortsman et al.) over the N best dev-evaluated models: "
                                      "each averaged in only if dev rises; kept only if it beats the best one",
@@ -139,6 +144,10 @@ class TrainConfig:
                                    f"each query's scored documents, but {self.positives_per_query} positive(s) + "
                                    f"{self.negatives_per_query} negative(s) per query is one document, so the term "
                                    "is always 0: raise negatives_per_query, or use distill_scope 'batch'")
+        if self.dev_corpus_size is not None and not self.scores_on_dev:
+            raise HardnegError(f"train: dev_corpus_size {self.dev_corpus_size} sizes the corpus dev is scored on, "
+                               "but nothing scores on dev: set dev_fraction (or eval_steps, patience or soup with a "
+                               "dev split), or drop dev_corpus_size")
         if self.loss == "kd" and self.distill_weight:
             raise HardnegError("train: loss 'kd' is the distillation alone; distill_weight adds it to a "
                                "contrastive loss (infonce, mw, decoupled): give one or the other")

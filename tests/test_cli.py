@@ -65,7 +65,7 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
                  "--output-dir", str(tmp_path / "out"), "--set", "train.batch_size=32",
                  "--set", "encode.max_length=32", "--set", "train.max_length=32",
                  "--set", "train.positives_per_query=1", "--set", "evaluate.depth=100",
-                 "--set", "train.epochs=2", "--set", "train.remine_every=1"])
+                 "--set", "train.epochs=2", "--set", "train.remine_every=1", "--set", "train.dev_corpus_size=600"])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed
@@ -77,6 +77,8 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
     assert "max_length: 32" in config and str(tiny_model) in config
     # the 320 training queries are re-mined; the 80 held out to select on (train.dev_fraction 0.2) are not
     assert [r["round"] for r in record["remining"]] == [1] and record["remining"][0]["queries"] == 320
+    trained = json.loads((tmp_path / "out" / "training_config.json").read_text())
+    assert trained["config"]["dev_corpus_size"] == 600 and trained["summary"]["best_dev"] is not None
     for produced in ("pools/pools.jsonl", "logs/train_log.jsonl", "eval/test/metrics.json", "model/README.md",
                      "eval-before/test/run.trec", "remined/round-1/pools.meta.json", "training_config.json"):
         assert (tmp_path / "out" / produced).is_file(), produced

@@ -16,7 +16,7 @@ from conftest import small as small_dataset
 
 from mining.filters import make_filter
 from mining.mine import mine
-from retriever.data import Candidate, Pool, hold_out, pools_dataset, write_pools
+from retriever.data import Candidate, Pool, dev_subset, hold_out, mined_negatives, pools_dataset, write_pools
 from retriever.io import HardnegError
 from retriever.losses import DistilledLoss, distillation, info_nce
 from retriever.train import MODEL_DIR, TRAIN_LOG, TrainConfig, epoch_batches, train
@@ -197,6 +197,8 @@ def test_cli_refuses_bad_distillation_and_selection_settings(small, tiny_model, 
     for extra, message in ((["--loss", "kd"], "distillation needs pools mined with a teacher"),
                            (["--distill-weight", "0.5"], "distillation needs pools mined with a teacher"),
                            (["--dev-fraction", "0.7"], "dev_fraction: must be <= 0.5"),
+                           (["--dev-corpus-size", "100"], "nothing scores on dev"),
+                           (["--dev-fraction", "0.2", "--dev-corpus-size", "0"], "dev_corpus_size: must be > 0"),
                            (["--patience", "2"], "no qrels for split 'dev'"),
                            (["--dev-fraction", "0.2", "--dev-split", "test"], "give one or the other")):
         assert main(base + extra) == 2, extra
@@ -220,6 +222,69 @@ def test_cli_selects_on_held_out_training_queries(small, tiny_model, tmp_path, c
     kept = len(pools) - round(0.2 * len(pools))
     assert [r["step"] for r in log if "dev" in r] == [math.ceil(kept / 8), 2 * math.ceil(kept / 8)]
     assert "on held-out training queries" in out and (tmp_path / "out" / MODEL_DIR / "model.safetensors").is_file()
+
+
+def test_dev_subset_keeps_every_judged_document_then_the_distractors_then_random_ones(small):
+    """Against the rule written out: judged documents, then distractors in their order, then a seeded draw of the
+    rest, to exactly ``size`` documents in corpus order."""
+    data, pools = small
+    _, held = hold_out(pools, 0.25, seed=1)
+    dev = pools_dataset(held, data.corpus, data)
+    judged = {d for q in dev.qrels for d in dev.qrels[q] if d in data.corpus}
+    distractors = [d for d in mined_negatives(held) if d not in judged]
+    size = len(judged) + 3 + 40
+    sub = dev_subset(dev, size, seed=5, distractors=mined_negatives(held))
+    ids = sub.corpus.ids
+    assert len(ids) == size and len(set(ids)) == size
+    assert judged <= set(ids) and set(distractors[:3]) <= set(ids)
+    assert ids == [d for d in data.corpus.ids if d in set(ids)]  # corpus order
+    assert all(sub.corpus.text_of(d) == data.corpus.text_of(d) for d in ids)
+    assert sub.queries == dev.queries and sub.qrels == dev.qrels
+    assert dev_subset(dev, size, seed=5, distractors=mined_negatives(held)).corpus.ids == ids  # seeded
+    assert dev_subset(dev, size, seed=6, distractors=mined_negatives(held)).corpus.ids != ids
+    few = dev_subset(dev, len(judged) + 2, seed=5, distractors=distractors)  # full before the distractors end
+    assert set(few.corpus.ids) == judged | set(distractors[:2])
+    assert set(dev_subset(dev, 1, seed=5).corpus.ids) == judged  # the judged ones stay, whatever the size
+    assert dev_subset(dev, len(data.corpus), seed=5) is dev
+
+
+def test_the_dev_evaluator_over_a_subset_scores_as_evaluation_on_that_subset(small, tiny_model):
+    from eval.evaluate import dev_evaluator, evaluate
+    from retriever.data import Corpus
+    from retriever.dense import DenseRetriever
+    from retriever.encoder import DualEncoder
+
+    data, pools = small
+    _, held = hold_out(pools, 0.25, seed=1)
+    dev = pools_dataset(held, data.corpus, data)
+    score = dev_evaluator(dev, "nDCG@10", corpus_size=120, distractors=mined_negatives(held), seed=3)
+    chosen = set(dev_subset(dev, 120, seed=3, distractors=mined_negatives(held)).corpus.ids)
+    rows = [i for i, d in enumerate(data.corpus.ids) if d in chosen]
+    by_hand = replace(dev, corpus=Corpus([data.corpus.ids[i] for i in rows], [data.corpus.titles[i] for i in rows],
+                                         [data.corpus.bodies[i] for i in rows]))
+    model = DualEncoder.load(str(tiny_model))
+    expected = evaluate(by_hand, DenseRetriever(model, show_progress=False), metrics=("nDCG@10",),
+                        depth=100)["metrics"]["nDCG@10"]
+    assert score.documents == 120
+    assert score(model) == pytest.approx(expected, abs=1e-9)
+    whole = dev_evaluator(dev, "nDCG@10")
+    assert whole.documents == len(data.corpus)
+
+
+def test_cli_selects_over_a_subset_of_the_corpus(small, tiny_model, tmp_path, capsys):
+    from hardneg.cli import main
+
+    _, pools = small
+    write_pools(tmp_path / "pools.jsonl", pools)
+    code = main(["train", "--pools", str(tmp_path / "pools.jsonl"), "--data", "nfcorpus-demo",
+                 "--model", str(tiny_model), "--output", str(tmp_path / "out"), "--batch-size", "8",
+                 "--max-length", "24", "--epochs", "1", "--dev-fraction", "0.2", "--dev-corpus-size", "300"])
+    assert code == 0
+    assert "over 300 of its 2,000 documents" in capsys.readouterr().err
+    log = [json.loads(line) for line in (tmp_path / "out" / TRAIN_LOG).read_text().splitlines()]
+    assert any("dev" in record for record in log)
+    recorded = json.loads((tmp_path / "out" / "training_config.json").read_text())
+    assert recorded["config"]["dev_corpus_size"] == 300
 
 
 # ------------------------------------------------------------------------- in-batch distillation (distill_scope)

@@ -227,7 +227,7 @@ def cmd_train(args) -> None:
     pools, corpus, groups = mix(parts)
     evaluator = _mean_evaluator(evaluators, args.dev_metric) if evaluators else None
     if evaluator is None and config.scores_on_dev:
-        evaluator = _dev_evaluator(args)
+        evaluator = _dev_evaluator(args, config)
     remine = teacher = None
     if config.remine_every:
         from mining.remine import remining_for_pools
@@ -259,7 +259,7 @@ def cmd_train(args) -> None:
     distributed.cleanup()
 
 
-def _dev_evaluator(args):
+def _dev_evaluator(args, config):
     """A dev-set scorer for keep-best (loaded now, so a bad split fails before training)."""
     from eval.evaluate import dev_evaluator
     from retriever.data import load_dataset
@@ -270,21 +270,24 @@ def _dev_evaluator(args):
     except HardnegError as err:
         raise HardnegError(f"{err}; or hold out training queries to select on with --dev-fraction 0.1") from None
     options = _encode_options(args)
-    return dev_evaluator(dev, args.dev_metric, batch_size=options["batch_size"], precision=options["precision"])
+    return dev_evaluator(dev, args.dev_metric, batch_size=options["batch_size"], precision=options["precision"],
+                         corpus_size=config.dev_corpus_size, seed=config.seed)
 
 
 def _held_out_evaluator(pools, corpus, config, args, name: str):
     """``--dev-fraction``: the training pools without the held-out queries, and a scorer on those queries."""
     from eval.evaluate import dev_evaluator
-    from retriever.data import hold_out, pools_dataset
+    from retriever.data import hold_out, mined_negatives, pools_dataset
 
     kept, held = hold_out(pools, config.dev_fraction, config.seed)
     options = _encode_options(args)
+    evaluator = dev_evaluator(pools_dataset(held, corpus), args.dev_metric, batch_size=options["batch_size"],
+                              precision=options["precision"], corpus_size=config.dev_corpus_size,
+                              distractors=mined_negatives(held), seed=config.seed)
     if not args.quiet:
-        print(f"hardneg: selecting on {len(held)} held-out training queries of {name} ({len(kept)} train)",
-              file=sys.stderr)
-    return kept, dev_evaluator(pools_dataset(held, corpus), args.dev_metric, batch_size=options["batch_size"],
-                               precision=options["precision"])
+        print(f"hardneg: selecting on {len(held)} held-out training queries of {name} ({len(kept)} train), over "
+              f"{evaluator.documents:,} of its {len(corpus):,} documents", file=sys.stderr)
+    return kept, evaluator
 
 
 def _mean_evaluator(evaluators: list, metric: str):

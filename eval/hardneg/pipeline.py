@@ -32,6 +32,7 @@ from retriever.data import (
     held_out_ids,
     hold_out,
     load_dataset,
+    mined_negatives,
     pools_dataset,
     read_pools,
 )
@@ -231,6 +232,13 @@ def _refuse_other_data(output: Path, split: Dataset) -> None:
                            "or remove that one")
 
 
+def _dev_documents(evaluator, dataset: Dataset) -> str:
+    """What the progress line says of a dev set scored over a subset of the corpus (train.dev_corpus_size)."""
+    if evaluator.documents == len(dataset.corpus):
+        return ""
+    return f", over {evaluator.documents:,} of the {len(dataset.corpus):,} documents (train.dev_corpus_size)"
+
+
 def _check_training_queries(split: Dataset, dev_fraction: float | None, seed: int) -> int:
     """Refuse, before the evaluation and mining that come first, a split with nothing to train on or too few
     queries to hold some out; returns how many ``dev_fraction`` holds out (the same ones training will)."""
@@ -338,12 +346,17 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     if train_config.dev_fraction:
         pools, held = hold_out(pools, train_config.dev_fraction, seed)
         dev_name = f"{len(held)} held-out {mine_split.split} queries"
-        echo(f"      selecting on {dev_name}, training on {len(pools)}")
         evaluator = dev_evaluator(pools_dataset(held, mine_split.corpus, mine_split), training["dev_metric"],
-                                  batch_size=encode["batch_size"], precision=encode["precision"])
+                                  batch_size=encode["batch_size"], precision=encode["precision"],
+                                  corpus_size=train_config.dev_corpus_size, distractors=mined_negatives(held),
+                                  seed=seed)
+        echo(f"      selecting on {dev_name}, training on {len(pools)}" + _dev_documents(evaluator, mine_split))
     elif selects:
         evaluator = dev_evaluator(eval_splits[0], training["dev_metric"], batch_size=encode["batch_size"],
-                                  precision=encode["precision"])
+                                  precision=encode["precision"], corpus_size=train_config.dev_corpus_size,
+                                  seed=seed)
+        if train_config.dev_corpus_size:
+            echo(f"      selecting on {eval_splits[0].split}" + _dev_documents(evaluator, eval_splits[0]))
     remine = None
     if train_config.remine_every:
         remine = remining_for_pools(pools, mine_split.corpus, mining, output, source=mine_split,
