@@ -285,8 +285,10 @@ def _held_out_evaluator(pools, corpus, config, args, name: str):
                               precision=options["precision"], corpus_size=config.dev_corpus_size,
                               distractors=mined_negatives(held), seed=config.seed)
     if not args.quiet:
-        print(f"hardneg: selecting on {len(held)} held-out training queries of {name} ({len(kept)} train), over "
-              f"{evaluator.documents:,} of its {len(corpus):,} documents", file=sys.stderr)
+        subset = f", over {evaluator.documents:,} of its {len(corpus):,} documents" \
+            if evaluator.documents < len(corpus) else ""
+        print(f"hardneg: selecting on {len(held)} held-out training queries of {name} ({len(kept)} train){subset}",
+              file=sys.stderr)
     return kept, evaluator
 
 
