@@ -73,6 +73,11 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
     assert set(record["metrics"]) == {"before", "after"}
     assert set(record["metrics"]["after"]) == {"test"}
     assert record["metrics"]["before"]["test"] != record["metrics"]["after"]["test"]
+    for metric, test in record["changes"]["test"].items():  # each change with its paired test, as printed
+        change = test["against"][0]
+        assert change["difference"] == pytest.approx(record["metrics"]["after"]["test"][metric]
+                                                     - record["metrics"]["before"]["test"][metric], abs=1e-9)
+        assert 0 < change["p_randomization"] <= 1 and f"{change['wins']}/{change['losses']}" in printed
     config = (tmp_path / "out" / "config.yaml").read_text()
     assert "max_length: 32" in config and str(tiny_model) in config
     # the 320 training queries are re-mined; the 80 held out to select on (train.dev_fraction 0.2) are not

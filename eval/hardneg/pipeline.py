@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from eval.compare import compare, p_value
 from eval.evaluate import dev_evaluator, evaluate
 from eval.metrics import check_metrics
 from eval.settings import EvaluateSettings
@@ -377,13 +378,17 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                 for stage, by_split in results.items()}
     training_record = json.loads((output / TRAIN_CONFIG).read_text(encoding="utf-8"))
     write_model_card(trained, training_record, labelled)  # the card now with its metrics
-    for split, after in results["after"].items():
-        if "before" in results:
-            echo(f"{eval_splits[0].name}/{split}:\n" + format_comparison(results["before"][split], after))
+    changes = {}
+    if "before" in results:  # is each change more than the noise of these queries? (paired, per query)
+        for split, after in results["after"].items():
+            changes[split] = compare([output / "eval-before" / split, output / "eval" / split],
+                                     labels=["before", "after"])["metrics"]
+            echo(f"{eval_splits[0].name}/{split}:\n" + format_comparison(results["before"][split], after,
+                                                                         changes[split]))
     checksums = {}
     for dataset in [mine_split, *eval_splits]:
         checksums |= dataset.checksums()
-    record = {"name": config["name"], "seed": seed, "metrics": results, "training": summary,
+    record = {"name": config["name"], "seed": seed, "metrics": results, "changes": changes, "training": summary,
               "mining": mined.meta["counts"], "remining": remine.rounds if remine is not None else [],
               "library_versions": library_versions(), "input_checksums": checksums}
     write_json(output / "run.json", record)
@@ -395,8 +400,19 @@ def format_metrics(metrics: dict[str, float], label: str = "") -> str:
     return f"      {label + ': ' if label else ''}{cells}"
 
 
-def format_comparison(before: dict[str, float], after: dict[str, float]) -> str:
-    lines = [f"      {'metric':<12}{'before':>9}{'after':>9}{'change':>9}"]
+def format_comparison(before: dict[str, float], after: dict[str, float], tests: dict | None = None) -> str:
+    """The before/after table; with ``tests`` (:func:`eval.compare.compare`'s metrics) each change's paired
+    randomization p-value and per-query wins/losses, so that a change within the noise of a few queries reads so."""
+    head = f"      {'metric':<12}{'before':>9}{'after':>9}{'change':>9}"
+    lines = [head + (f"{'p':>8}  queries better/worse" if tests else "")]
     for name in after:
-        lines.append(f"      {name:<12}{before[name]:>9.4f}{after[name]:>9.4f}{after[name] - before[name]:>+9.4f}")
+        line = f"      {name:<12}{before[name]:>9.4f}{after[name]:>9.4f}{after[name] - before[name]:>+9.4f}"
+        if tests and name in tests:
+            row = tests[name]["against"][0]
+            line += f"{p_value(row['p_randomization']):>8}  {row['wins']}/{row['losses']}"
+        lines.append(line)
+    if tests:
+        queries = max(test["against"][0]["queries"] for test in tests.values())
+        lines.append(f"      p: paired randomization test over the {queries} queries (as `hardneg compare`); p > 0.05: "
+                     "a change these queries cannot tell from chance")
     return "\n".join(lines)
