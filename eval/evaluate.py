@@ -189,7 +189,9 @@ def dev_evaluator(dev: Dataset, metric: str, *, batch_size: int = 64, precision:
     encoding ``precision`` (training's own autocast is separate) and searched deep enough for the metric.
     With ``corpus_size`` the search runs over :func:`~retriever.data.dev_subset` of that many documents (the dev
     queries' judged documents, then ``distractors``, then random ones drawn with ``seed``), chosen once here, so
-    that every evaluation of a run ranks the same documents; ``score.documents`` says how many.
+    that every evaluation of a run ranks the same documents; ``score.subset_note`` says what it holds. Whether a
+    query's own id is ignored as a hit is decided on the whole corpus (the subset would drop most of the copies
+    that decide it).
     """
     from retriever.dense import DenseRetriever
 
@@ -198,8 +200,12 @@ def dev_evaluator(dev: Dataset, metric: str, *, batch_size: int = 64, precision:
     except ValueError as err:
         raise HardnegError(f"dev metric: {err}") from None
     depth = max(cut or 1000, 100)
+    judged = {query_id: dev.queries[query_id] for query_id in evaluated_queries(dev.qrels) if query_id in dev.queries}
+    ignore_identical_ids = identical_id_default(dev.name, judged, dev.corpus, dev.qrels)[0]
+    whole = len(dev.corpus)
+    kinds = {}
     if corpus_size is not None:
-        dev = dev_subset(dev, corpus_size, seed, distractors)
+        dev, kinds = dev_subset(dev, corpus_size, seed, distractors)
 
     def score(model) -> float:
         trained_precision = getattr(model, "precision", None)
@@ -207,14 +213,30 @@ def dev_evaluator(dev: Dataset, metric: str, *, batch_size: int = 64, precision:
             model.precision = precision
         try:
             retriever = DenseRetriever(model, batch_size=batch_size, show_progress=False)
-            return evaluate(dev, retriever, metrics=(metric,), depth=depth)["metrics"][metric]
+            return evaluate(dev, retriever, metrics=(metric,), depth=depth,
+                            ignore_identical_ids=ignore_identical_ids)["metrics"][metric]
         finally:
             if trained_precision is not None:
                 model.precision = trained_precision
 
     score.metric = metric  # the name training logs and plots the dev score under
     score.documents = len(dev.corpus)
+    score.subset_note = _subset_note(kinds, len(dev.corpus), whole, corpus_size)
     return score
+
+
+def _subset_note(kinds: dict[str, int], documents: int, whole: int, size: int | None) -> str:
+    """What a progress line says of a dev set scored over a subset of its corpus; empty for the whole corpus."""
+    if not kinds:
+        return ""
+    note = (f"over {documents:,} of the {whole:,} documents (" + ", ".join(f"{count:,} {kind}"
+                                                                         for kind, count in kinds.items()) + ")")
+    if kinds["judged"] >= size:
+        note += (f"; the judged documents alone fill dev_corpus_size {size:,}, so no query meets a hard or random "
+                 "distractor: raise it, or hold out fewer queries")
+    elif not kinds["mined negatives"]:
+        note += "; no mined negatives (they come with held-out training queries, dev_fraction), so an easier ranking"
+    return note
 
 
 def _cut(run: Run, depth: int) -> Run:

@@ -23,7 +23,7 @@ import os
 import random
 import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -597,13 +597,17 @@ def pools_dataset(pools: list[Pool], corpus: Corpus, source: Dataset | None = No
 
 
 def mined_negatives(pools: Iterable[Pool]) -> list[str]:
-    """The negatives of ``pools``, query by query: the hard distractors :func:`dev_subset` keeps first."""
-    return [negative.doc_id for pool in pools for negative in pool.negatives]
+    """The negatives of ``pools``, every query's first, then every query's second, ...: the hard distractors
+    :func:`dev_subset` keeps first, interleaved so that a tight budget still gives each query its hardest ones."""
+    lists = [[negative.doc_id for negative in pool.negatives] for pool in pools]
+    return [doc_ids[rank] for rank in range(max(map(len, lists), default=0)) for doc_ids in lists
+            if rank < len(doc_ids)]
 
 
-def dev_subset(dev: Dataset, size: int, seed: int, distractors: Iterable[str] = ()) -> Dataset:
+def dev_subset(dev: Dataset, size: int, seed: int, distractors: Iterable[str] = ()) -> tuple[Dataset, dict[str, int]]:
     """``dev`` over a sub-corpus of ``size`` documents, so that selecting on it does not re-encode a whole corpus
-    (MS MARCO's 8.8M passages) at every dev evaluation.
+    (MS MARCO's 8.8M passages) at every dev evaluation; and how many documents of each kind it holds (empty when
+    ``size`` covers the corpus and ``dev`` is returned as it is).
 
     The sub-corpus keeps, in this order of priority: every judged document of the dev queries (so each query's
     metric counts all its relevant documents), then ``distractors`` (the dev queries' mined negatives: without them
@@ -615,13 +619,15 @@ def dev_subset(dev: Dataset, size: int, seed: int, distractors: Iterable[str] = 
         raise HardnegError(f"dev_corpus_size must be >= 1, got {size}")
     corpus = dev.corpus
     if size >= len(corpus):
-        return dev
+        return dev, {}
     kept = {corpus.position[doc_id] for judged in dev.qrels.values() for doc_id in judged if doc_id in corpus}
+    judged = len(kept)
     for doc_id in distractors:
         if len(kept) >= size:
             break
         if doc_id in corpus:
             kept.add(corpus.position[doc_id])
+    negatives = len(kept) - judged
     missing = size - len(kept)
     if missing > 0:  # a sample of range() is drawn without listing the corpus; the kept ones it hits are dropped
         drawn = random.Random(seed).sample(range(len(corpus)), missing + len(kept))
@@ -629,7 +635,8 @@ def dev_subset(dev: Dataset, size: int, seed: int, distractors: Iterable[str] = 
     order = sorted(kept)
     sub = Corpus([corpus.ids[i] for i in order], [corpus.titles[i] for i in order],
                  [corpus.bodies[i] for i in order])
-    return Dataset(dev.name, dev.split, sub, dev.queries, dev.qrels, dev.files)
+    return replace(dev, corpus=sub), {"judged": judged, "mined negatives": negatives,
+                                      "random": len(kept) - judged - negatives}
 
 
 def write_pools(path: str | os.PathLike, pools: Iterable[Pool]) -> int:

@@ -90,11 +90,11 @@ class TrainConfig:
     dev_fraction: float | None = setting(None, "hold out this share of the training queries (seeded, by query) "
                                                "as the dev set for keep-best and early stopping, for data with "
                                                "no dev split", gt=0, le=0.5)
-    dev_corpus_size: int | None = setting(None, "score dev over this many documents instead of the whole corpus: "
-                                                "every judged document of the dev queries, their mined negatives, "
-                                                "then seeded random ones (for corpora too large to re-encode at "
-                                                "every evaluation; scores rank models, not comparable with the "
-                                                "whole corpus's)", gt=0)
+    dev_corpus_size: int | None = setting(None, "score dev over this many documents (per dataset) instead of the "
+                                                "whole corpus: every judged document of the dev queries, then with "
+                                                "dev_fraction their mined negatives, then seeded random ones (for "
+                                                "corpora too large to re-encode at every evaluation; the scores "
+                                                "rank models, not comparable with the whole corpus's)", gt=0)
     patience: int | None = setting(None, "stop after this many dev evaluations without a new best", gt=0)
     soup: int | None = setting(None, "greedy model soup (Wortsman et al.) over the N best dev-evaluated models: "
                                      "each averaged in only if dev rises; kept only if it beats the best one",

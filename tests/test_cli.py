@@ -73,11 +73,16 @@ def test_run_config_whole_pipeline(tiny_model, tmp_path, capsys):
     assert set(record["metrics"]) == {"before", "after"}
     assert set(record["metrics"]["after"]) == {"test"}
     assert record["metrics"]["before"]["test"] != record["metrics"]["after"]["test"]
-    for metric, test in record["changes"]["test"].items():  # each change with its paired test, as printed
+    from eval.compare import compare, p_value
+
+    paired = compare([tmp_path / "out" / "eval-before" / "test", tmp_path / "out" / "eval" / "test"],
+                     labels=["before", "after"])
+    assert record["significance"]["test"] == json.loads(json.dumps(paired))  # the change of each metric, tested
+    for metric, test in paired["metrics"].items():  # and printed on the metric's own row
         change = test["against"][0]
-        assert change["difference"] == pytest.approx(record["metrics"]["after"]["test"][metric]
-                                                     - record["metrics"]["before"]["test"][metric], abs=1e-9)
-        assert 0 < change["p_randomization"] <= 1 and f"{change['wins']}/{change['losses']}" in printed
+        row = next(line for line in printed.splitlines() if line.split()[:1] == [metric])
+        assert row.split()[4:6] == [p_value(change["p_randomization"]), f"{change['wins']}/{change['losses']}"], row
+    assert "over 600 of the 2,000 documents (" in printed  # train.dev_corpus_size, said as it starts
     config = (tmp_path / "out" / "config.yaml").read_text()
     assert "max_length: 32" in config and str(tiny_model) in config
     # the 320 training queries are re-mined; the 80 held out to select on (train.dev_fraction 0.2) are not

@@ -188,3 +188,24 @@ def test_checked_in_configs_load_and_have_expected_scores():
     assert load_benchmark_config(REPO / "configs" / "eval-nfcorpus-minilm.yaml")[0]["encode"]["precision"] == "fp32"
     bm25 = table["eval-nfcorpus-bm25"]["metrics"]["nDCG@10"]
     assert bm25["published"] == 0.32 and bm25["published_tolerance"] == 0.02
+
+
+def test_the_runs_paired_tests_never_stop_a_finished_run(tmp_path):
+    """`hardneg run` tests each before/after change after training: a metric with no query in common or no
+    per-query values (pooled AUC) is left out, and an error gives a note, never an exit that would lose the run's
+    record."""
+    from hardneg.pipeline import _paired_tests, format_comparison
+
+    notes = []
+    ndcg = {"q1": 0.2, "q2": 0.4, "q3": 0.1}
+    before = write_per_query(tmp_path / "before", {"nDCG@10": ndcg, "AUC": {"q1": 0.5}})
+    after = write_per_query(tmp_path / "after", {"nDCG@10": {"q1": 0.3, "q2": 0.5, "q3": 0.1}, "AUC": {"q2": 0.7}})
+    assert list(_paired_tests(before, after, notes.append)["metrics"]) == ["nDCG@10"]
+    assert _paired_tests(write_per_query(tmp_path / "b", {}), write_per_query(tmp_path / "a", {}), notes.append) == {}
+    fewer = write_per_query(tmp_path / "fewer", {"nDCG@10": {"q1": 0.3}})  # not comparable: a note, no test
+    assert _paired_tests(before, fewer, notes.append) == {} and "scored on 3 queries" in notes[0]
+    after = write_per_query(tmp_path / "after2", {"nDCG@10": {"q1": 0.3, "q2": 0.5, "q3": 0.1},
+                                                  "AUC": {"q1": 0.6, "q2": 0.7}})
+    tests = _paired_tests(before, after, notes.append)["metrics"]
+    table = format_comparison({"nDCG@10": 0.2333, "AUC": 0.5}, {"nDCG@10": 0.3, "AUC": 0.65}, tests).splitlines()
+    assert table[1].split()[5] == "2/0" and "(tested on the 1 queries both define it for)" in table[2]

@@ -225,27 +225,33 @@ def test_cli_selects_on_held_out_training_queries(small, tiny_model, tmp_path, c
 
 
 def test_dev_subset_keeps_every_judged_document_then_the_distractors_then_random_ones(small):
-    """Against the rule written out: judged documents, then distractors in their order, then a seeded draw of the
-    rest, to exactly ``size`` documents in corpus order."""
+    """Against the rule written out: judged documents, then distractors in their order (every query's hardest
+    negative before any query's second), then a seeded draw of the rest, to exactly ``size`` documents in corpus
+    order."""
     data, pools = small
     _, held = hold_out(pools, 0.25, seed=1)
     dev = pools_dataset(held, data.corpus, data)
     judged = {d for q in dev.qrels for d in dev.qrels[q] if d in data.corpus}
-    distractors = [d for d in mined_negatives(held) if d not in judged]
-    size = len(judged) + 3 + 40
-    sub = dev_subset(dev, size, seed=5, distractors=mined_negatives(held))
+    by_rank = [pool.negatives[rank].doc_id for rank in range(8) for pool in held if rank < len(pool.negatives)]
+    assert mined_negatives(held) == by_rank
+    distractors = list(dict.fromkeys(d for d in by_rank if d not in judged))  # the new ones, first time seen
+    assert len(distractors) > 2
+    size = len(judged) + len(distractors) + 40
+    sub, kinds = dev_subset(dev, size, seed=5, distractors=mined_negatives(held))
     ids = sub.corpus.ids
     assert len(ids) == size and len(set(ids)) == size
-    assert judged <= set(ids) and set(distractors[:3]) <= set(ids)
+    assert kinds == {"judged": len(judged), "mined negatives": len(distractors), "random": 40}
+    assert judged | set(distractors) <= set(ids)
     assert ids == [d for d in data.corpus.ids if d in set(ids)]  # corpus order
     assert all(sub.corpus.text_of(d) == data.corpus.text_of(d) for d in ids)
     assert sub.queries == dev.queries and sub.qrels == dev.qrels
-    assert dev_subset(dev, size, seed=5, distractors=mined_negatives(held)).corpus.ids == ids  # seeded
-    assert dev_subset(dev, size, seed=6, distractors=mined_negatives(held)).corpus.ids != ids
-    few = dev_subset(dev, len(judged) + 2, seed=5, distractors=distractors)  # full before the distractors end
+    assert dev_subset(dev, size, seed=5, distractors=mined_negatives(held))[0].corpus.ids == ids  # seeded
+    assert dev_subset(dev, size, seed=6, distractors=mined_negatives(held))[0].corpus.ids != ids
+    few, _ = dev_subset(dev, len(judged) + 2, seed=5, distractors=by_rank)  # full before the distractors end
     assert set(few.corpus.ids) == judged | set(distractors[:2])
-    assert set(dev_subset(dev, 1, seed=5).corpus.ids) == judged  # the judged ones stay, whatever the size
-    assert dev_subset(dev, len(data.corpus), seed=5) is dev
+    alone, kinds = dev_subset(dev, 1, seed=5)
+    assert set(alone.corpus.ids) == judged and kinds["judged"] == len(judged)  # the judged stay, whatever the size
+    assert dev_subset(dev, len(data.corpus), seed=5) == (dev, {})
 
 
 def test_the_dev_evaluator_over_a_subset_scores_as_evaluation_on_that_subset(small, tiny_model):
@@ -258,17 +264,19 @@ def test_the_dev_evaluator_over_a_subset_scores_as_evaluation_on_that_subset(sma
     _, held = hold_out(pools, 0.25, seed=1)
     dev = pools_dataset(held, data.corpus, data)
     score = dev_evaluator(dev, "nDCG@10", corpus_size=120, distractors=mined_negatives(held), seed=3)
-    chosen = set(dev_subset(dev, 120, seed=3, distractors=mined_negatives(held)).corpus.ids)
+    chosen = set(dev_subset(dev, 120, seed=3, distractors=mined_negatives(held))[0].corpus.ids)
     rows = [i for i, d in enumerate(data.corpus.ids) if d in chosen]
     by_hand = replace(dev, corpus=Corpus([data.corpus.ids[i] for i in rows], [data.corpus.titles[i] for i in rows],
                                          [data.corpus.bodies[i] for i in rows]))
     model = DualEncoder.load(str(tiny_model))
     expected = evaluate(by_hand, DenseRetriever(model, show_progress=False), metrics=("nDCG@10",),
                         depth=100)["metrics"]["nDCG@10"]
-    assert score.documents == 120
+    assert score.documents == 120 and score.subset_note.startswith(f"over 120 of the {len(data.corpus):,} documents")
     assert score(model) == pytest.approx(expected, abs=1e-9)
     whole = dev_evaluator(dev, "nDCG@10")
-    assert whole.documents == len(data.corpus)
+    assert whole.documents == len(data.corpus) and whole.subset_note == ""
+    crowded = dev_evaluator(dev, "nDCG@10", corpus_size=5, distractors=mined_negatives(held))
+    assert "the judged documents alone fill dev_corpus_size 5" in crowded.subset_note
 
 
 def test_cli_selects_over_a_subset_of_the_corpus(small, tiny_model, tmp_path, capsys):
@@ -280,7 +288,7 @@ def test_cli_selects_over_a_subset_of_the_corpus(small, tiny_model, tmp_path, ca
                  "--model", str(tiny_model), "--output", str(tmp_path / "out"), "--batch-size", "8",
                  "--max-length", "24", "--epochs", "1", "--dev-fraction", "0.2", "--dev-corpus-size", "300"])
     assert code == 0
-    assert "over 300 of its 2,000 documents" in capsys.readouterr().err
+    assert "over 300 of the 2,000 documents (" in capsys.readouterr().err
     log = [json.loads(line) for line in (tmp_path / "out" / TRAIN_LOG).read_text().splitlines()]
     assert any("dev" in record for record in log)
     recorded = json.loads((tmp_path / "out" / "training_config.json").read_text())

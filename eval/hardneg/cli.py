@@ -270,8 +270,11 @@ def _dev_evaluator(args, config):
     except HardnegError as err:
         raise HardnegError(f"{err}; or hold out training queries to select on with --dev-fraction 0.1") from None
     options = _encode_options(args)
-    return dev_evaluator(dev, args.dev_metric, batch_size=options["batch_size"], precision=options["precision"],
-                         corpus_size=config.dev_corpus_size, seed=config.seed)
+    evaluator = dev_evaluator(dev, args.dev_metric, batch_size=options["batch_size"], precision=options["precision"],
+                              corpus_size=config.dev_corpus_size, seed=config.seed)
+    if evaluator.subset_note and not args.quiet:
+        print(f"hardneg: selecting on {dev.name}/{dev.split}, {evaluator.subset_note}", file=sys.stderr)
+    return evaluator
 
 
 def _held_out_evaluator(pools, corpus, config, args, name: str):
@@ -285,8 +288,7 @@ def _held_out_evaluator(pools, corpus, config, args, name: str):
                               precision=options["precision"], corpus_size=config.dev_corpus_size,
                               distractors=mined_negatives(held), seed=config.seed)
     if not args.quiet:
-        subset = f", over {evaluator.documents:,} of its {len(corpus):,} documents" \
-            if evaluator.documents < len(corpus) else ""
+        subset = f", {evaluator.subset_note}" if evaluator.subset_note else ""
         print(f"hardneg: selecting on {len(held)} held-out training queries of {name} ({len(kept)} train){subset}",
               file=sys.stderr)
     return kept, evaluator

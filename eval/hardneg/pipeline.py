@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from eval.compare import compare, p_value
+from eval.compare import compare, load_evaluation, p_value
 from eval.evaluate import dev_evaluator, evaluate
 from eval.metrics import check_metrics
 from eval.settings import EvaluateSettings
@@ -233,13 +233,6 @@ def _refuse_other_data(output: Path, split: Dataset) -> None:
                            "or remove that one")
 
 
-def _dev_documents(evaluator, dataset: Dataset) -> str:
-    """What the progress line says of a dev set scored over a subset of the corpus (train.dev_corpus_size)."""
-    if evaluator.documents == len(dataset.corpus):
-        return ""
-    return f", over {evaluator.documents:,} of the {len(dataset.corpus):,} documents (train.dev_corpus_size)"
-
-
 def _check_training_queries(split: Dataset, dev_fraction: float | None, seed: int) -> int:
     """Refuse, before the evaluation and mining that come first, a split with nothing to train on or too few
     queries to hold some out; returns how many ``dev_fraction`` holds out (the same ones training will)."""
@@ -351,13 +344,14 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                                   batch_size=encode["batch_size"], precision=encode["precision"],
                                   corpus_size=train_config.dev_corpus_size, distractors=mined_negatives(held),
                                   seed=seed)
-        echo(f"      selecting on {dev_name}, training on {len(pools)}" + _dev_documents(evaluator, mine_split))
+        echo(f"      selecting on {dev_name}, training on {len(pools)}"
+             + (f", {evaluator.subset_note}" if evaluator.subset_note else ""))
     elif selects:
         evaluator = dev_evaluator(eval_splits[0], training["dev_metric"], batch_size=encode["batch_size"],
                                   precision=encode["precision"], corpus_size=train_config.dev_corpus_size,
                                   seed=seed)
-        if train_config.dev_corpus_size:
-            echo(f"      selecting on {eval_splits[0].split}" + _dev_documents(evaluator, eval_splits[0]))
+        if evaluator.subset_note:
+            echo(f"      selecting on {eval_splits[0].split}, {evaluator.subset_note}")
     remine = None
     if train_config.remine_every:
         remine = remining_for_pools(pools, mine_split.corpus, mining, output, source=mine_split,
@@ -378,17 +372,17 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
                 for stage, by_split in results.items()}
     training_record = json.loads((output / TRAIN_CONFIG).read_text(encoding="utf-8"))
     write_model_card(trained, training_record, labelled)  # the card now with its metrics
-    changes = {}
+    significance = {}
     if "before" in results:  # is each change more than the noise of these queries? (paired, per query)
         for split, after in results["after"].items():
-            changes[split] = compare([output / "eval-before" / split, output / "eval" / split],
-                                     labels=["before", "after"])["metrics"]
-            echo(f"{eval_splits[0].name}/{split}:\n" + format_comparison(results["before"][split], after,
-                                                                         changes[split]))
+            significance[split] = _paired_tests(output / "eval-before" / split, output / "eval" / split, echo)
+            echo(f"{eval_splits[0].name}/{split}:\n" + format_comparison(
+                results["before"][split], after, significance[split].get("metrics")))
     checksums = {}
     for dataset in [mine_split, *eval_splits]:
         checksums |= dataset.checksums()
-    record = {"name": config["name"], "seed": seed, "metrics": results, "changes": changes, "training": summary,
+    record = {"name": config["name"], "seed": seed, "metrics": results, "significance": significance,
+              "training": summary,
               "mining": mined.meta["counts"], "remining": remine.rounds if remine is not None else [],
               "library_versions": library_versions(), "input_checksums": checksums}
     write_json(output / "run.json", record)
@@ -400,19 +394,34 @@ def format_metrics(metrics: dict[str, float], label: str = "") -> str:
     return f"      {label + ': ' if label else ''}{cells}"
 
 
+def _paired_tests(before: Path, after: Path, echo) -> dict:
+    """:func:`eval.compare.compare` of the two evaluations over the metrics both scored on a common query; empty,
+    or with a note, where there is nothing to pair (a pooled AUC has no per-query values): the run is written
+    anyway."""
+    try:
+        scored = [load_evaluation(folder).per_query for folder in (before, after)]
+        shared = [name for name in scored[0] if set(scored[0][name]) & set(scored[1].get(name, {}))]
+        return compare([before, after], metrics=shared, labels=["before", "after"]) if shared else {}
+    except HardnegError as err:
+        echo(f"      no paired test of the change: {err}")
+        return {}
+
+
 def format_comparison(before: dict[str, float], after: dict[str, float], tests: dict | None = None) -> str:
     """The before/after table; with ``tests`` (:func:`eval.compare.compare`'s metrics) each change's paired
     randomization p-value and per-query wins/losses, so that a change within the noise of a few queries reads so."""
     head = f"      {'metric':<12}{'before':>9}{'after':>9}{'change':>9}"
     lines = [head + (f"{'p':>8}  queries better/worse" if tests else "")]
+    queries = max((test["against"][0]["queries"] for test in (tests or {}).values()), default=0)
     for name in after:
         line = f"      {name:<12}{before[name]:>9.4f}{after[name]:>9.4f}{after[name] - before[name]:>+9.4f}"
         if tests and name in tests:
             row = tests[name]["against"][0]
             line += f"{p_value(row['p_randomization']):>8}  {row['wins']}/{row['losses']}"
+            if row["queries"] < queries:  # AUC is undefined on some queries: tested on those both runs define
+                line += f" (tested on the {row['queries']} queries both define it for)"
         lines.append(line)
     if tests:
-        queries = max(test["against"][0]["queries"] for test in tests.values())
         lines.append(f"      p: paired randomization test over the {queries} queries (as `hardneg compare`); p > 0.05: "
                      "a change these queries cannot tell from chance")
     return "\n".join(lines)
