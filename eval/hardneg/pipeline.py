@@ -382,8 +382,8 @@ def run_pipeline(config: dict, *, show_progress: bool = True, echo=print) -> dic
     for dataset in [mine_split, *eval_splits]:
         checksums |= dataset.checksums()
     record = {"name": config["name"], "seed": seed, "metrics": results, "significance": significance,
-              "training": summary,
-              "mining": mined.meta["counts"], "remining": remine.rounds if remine is not None else [],
+              "training": summary, "mining": mined.meta["counts"],
+              "remining": remine.rounds if remine is not None else [],
               "library_versions": library_versions(), "input_checksums": checksums}
     write_json(output / "run.json", record)
     return record
